@@ -1,0 +1,561 @@
+"""kiagateway: route TCP connections by domain, TLS by SNI and plain HTTP by Host.
+
+It reads only the first bytes of each connection, never decrypts TLS and
+never rewrites HTTP: the bytes it read are forwarded as they came, then the
+relay moves the rest both ways.
+
+Usage:
+  kiagateway [--http-listen=ADDR]... [--https-listen=ADDR]... [--workers=N]
+             [--log-format=FORMAT] [--user=NAME] [CONFIG]
+  kiagateway --check [CONFIG]
+  kiagateway -h | --help
+  kiagateway --version
+
+Arguments:
+  CONFIG                The TOML route table [default: servers.toml].
+
+Options:
+  --http-listen=ADDR    Listen for plain HTTP on ADDR, e.g. 0.0.0.0:80 or [::]:80.
+                        Repeatable; replaces the config's http_listen.
+  --https-listen=ADDR   Listen for TLS on ADDR. Repeatable; replaces https_listen.
+  --workers=N           Worker processes sharing the listeners, or "auto".
+  --log-format=FORMAT   text or json.
+  --user=NAME           Drop privileges to this user after binding.
+  --check               Validate CONFIG, print its route table, exit 0 or 1.
+  -h --help             Show this text.
+  --version             Print the version.
+
+Exit status: 0 after a graceful stop or a good --check, 1 for a bad config,
+a listener that cannot be bound or a fatal error, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import itertools
+import json
+import os
+import signal
+import socket as stdlib_socket
+import struct
+import sys
+import time
+from typing import Callable, Optional, TextIO
+
+import docopt
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.server
+from gevent import socket
+
+import config
+import relay
+import sniff
+from config import Address, Backend, Config, ConfigError, Settings
+
+__version__ = "0.2.0"
+
+LISTENERS = ("http", "https")
+READ_SIZE = 16384  # one recv while reading the preamble; most heads and hellos fit whole
+REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving up on it
+LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
+LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
+SHUTDOWN_GRACE = 30.0  # seconds open relays get to finish after SIGTERM
+
+
+# ---------------------------------------------------------------------------
+# Logs: one line per event, text or JSON, on stderr.
+
+
+class Log:
+    """Operator log: start-up lines, one line per finished connection, errors with their cause."""
+
+    def __init__(self, fmt: str = "text", stream: Optional[TextIO] = None) -> None:
+        self.json = fmt == "json"
+        self.stream = stream or sys.stderr
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # one strftime per second, however many lines
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def write(self, level: str, message: str, **fields: object) -> None:
+        if self.json:
+            line = json.dumps({"time": self._time(), "level": level, "message": message, **fields})
+        else:
+            extra = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
+            line = f"{self._time()} {level} {message}{extra}"
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def info(self, message: str, **fields: object) -> None:
+        self.write("info", message, **fields)
+
+    def warning(self, message: str, **fields: object) -> None:
+        self.write("warning", message, **fields)
+
+    def error(self, message: str, **fields: object) -> None:
+        self.write("error", message, **fields)
+
+
+def _text_value(value: object) -> str:
+    text = "-" if value is None else str(value)
+    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Replies for refused connections, one place for every GatewayError.
+
+_HTTP_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    421: "Misdirected Request",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    504: "Gateway Timeout",
+}
+
+
+def http_response(status: int, detail: str) -> bytes:
+    body = f"{status} {_HTTP_REASONS[status]}: {detail}\n".encode("ascii", "replace")
+    head = (
+        f"HTTP/1.1 {status} {_HTTP_REASONS[status]}\r\n"
+        "Content-Type: text/plain; charset=us-ascii\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def tls_alert(description: int) -> bytes:
+    """A fatal alert record (RFC 8446 section 6): content type 21, legacy version 3.3, level 2."""
+    return bytes((21, 3, 3, 0, 2, 2, description))
+
+
+def error_reply(error: sniff.GatewayError, listener: str) -> bytes:
+    """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing."""
+    if listener == "http" or isinstance(error, sniff.HttpOnTlsPort):
+        return http_response(error.http_status, error.reason)
+    if error.tls_alert is not None:
+        return tls_alert(error.tls_alert)
+    return b""
+
+
+# ---------------------------------------------------------------------------
+# PROXY protocol header for backends that ask for the client's address
+# (haproxy.org/download/2.6/doc/proxy-protocol.txt).
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
+    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``."""
+    v6 = ":" in client[0]
+    if version == "v1":
+        return f"PROXY TCP{6 if v6 else 4} {client[0]} {local[0]} {client[1]} {local[1]}\r\n".encode("ascii")
+    family = stdlib_socket.AF_INET6 if v6 else stdlib_socket.AF_INET
+    addresses = (
+        stdlib_socket.inet_pton(family, client[0])
+        + stdlib_socket.inet_pton(family, local[0])
+        + struct.pack("!HH", client[1], local[1])
+    )
+    # version 2, command PROXY; TCP over IPv6 (0x21) or IPv4 (0x11)
+    return PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x21 if v6 else 0x11, len(addresses)) + addresses
+
+
+# ---------------------------------------------------------------------------
+# Listening sockets: bound once, before workers fork or privileges drop.
+
+
+class FatalError(Exception):
+    """Start-up cannot go on; the message says why. main() turns it into exit status 1."""
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process is listening there",
+    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
+    errno.EADDRNOTAVAIL: "no interface on this host has that address",
+}
+
+
+def bind_listener(address: Address) -> stdlib_socket.socket:
+    family = stdlib_socket.AF_INET6 if address.ip and address.ip.version == 6 else stdlib_socket.AF_INET
+    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
+        if family == stdlib_socket.AF_INET6:  # "[::]:80" and "0.0.0.0:80" may both be listed
+            sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(stdlib_socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = _BIND_HINTS.get(exc.errno)
+        raise FatalError(f"cannot listen on {address}: {exc.strerror}" + (f" ({hint})" if hint else "")) from None
+    return sock
+
+
+class _AcceptPaused(Exception):
+    """Raised from accept when the process is out of descriptors: gevent backs off and retries."""
+
+
+class _Server(gevent.server.StreamServer):
+    """StreamServer whose accept failures give one log line, not a traceback."""
+
+    def __init__(self, listener: stdlib_socket.socket, handle: Callable, spawn: gevent.pool.Pool, log: Log) -> None:
+        super().__init__(listener, handle, spawn=spawn)
+        self.log = log
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
+                return None  # the client left before we accepted it
+            self.log.error("accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc))
+            raise _AcceptPaused() from exc
+
+
+def _format_address(address: tuple) -> str:
+    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
+
+
+# ---------------------------------------------------------------------------
+# The gateway: one greenlet per connection.
+
+
+class Gateway:
+    """Serves the listeners; ``reload`` swaps the route table without dropping a connection."""
+
+    def __init__(self, cfg: Config, log: Log, worker: int = 0) -> None:
+        self.config = cfg
+        self.log = log
+        self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
+        self.pool = gevent.pool.Pool(cfg.settings.max_connections)
+        self.servers: list[_Server] = []
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{worker}." if worker else ""
+
+    def serve(self, listeners: list[tuple[str, stdlib_socket.socket]]) -> None:
+        for name, sock in listeners:
+            server = _Server(sock, self._handler(name), self.pool, self.log)
+            server.start()
+            self.servers.append(server)
+
+    def _handler(self, listener: str) -> Callable:
+        def handle(client: socket.socket, address: tuple) -> None:
+            self.handle(client, address, listener)
+
+        return handle
+
+    def reload(self, cfg: Config) -> None:
+        self.config = cfg
+        self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
+
+    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, give open connections ``grace`` seconds, then cut them."""
+        for server in self.servers:
+            server.close()
+        if not self.pool.join(timeout=grace):
+            self.log.warning("grace period over, closing open connections", open=len(self.pool))
+            self.pool.kill(block=True, timeout=5)
+
+    def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
+        started = time.monotonic()
+        settings = self.config.settings
+        fields: dict = {
+            "id": self._id_prefix + str(next(self._ids)),
+            "listener": listener,
+            "client": _format_address(address),
+            "domain": None,
+            "backend": None,
+        }
+        result = relay.RelayResult(outcome="error")
+        backend_sock = None
+        try:
+            preamble, buffered = self._read_preamble(client, listener, settings)
+            fields["domain"] = preamble.domain
+            backend = self.routes[listener].lookup(preamble.domain)
+            if backend is None:
+                name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
+                raise sniff.NoRoute(f"no route for {name}")
+            fields["backend"] = str(backend)
+            backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
+            if backend.proxy_protocol:
+                buffered = proxy_header(backend.proxy_protocol, address, client.getsockname()) + buffered
+            client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+            backend_sock.sendall(buffered)
+            result = relay.relay(client, backend_sock, settings.idle_timeout)
+            result.bytes_up += len(buffered)
+        except sniff.GatewayError as exc:
+            result.outcome = exc.outcome
+            fields["reason"] = exc.reason
+            _answer(client, error_reply(exc, listener))
+        except _ClientGone as exc:
+            result.outcome = exc.outcome
+        except OSError as exc:  # the backend broke before the relay began
+            result.outcome = "backend_reset"
+            fields["reason"] = str(exc)
+        finally:
+            if backend_sock is not None:
+                backend_sock.close()
+            client.close()
+            self.log.write(
+                "info",
+                "connection",
+                **fields,
+                outcome=result.outcome,
+                bytes_up=result.bytes_up,
+                bytes_down=result.bytes_down,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
+    def _read_preamble(self, client: socket.socket, listener: str, settings: Settings) -> tuple[sniff.Preamble, bytes]:
+        """Read until the sniffer decides, under one deadline counted from accept."""
+        sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
+        deadline = gevent.Timeout(settings.preamble_timeout)
+        deadline.start()
+        try:
+            result = sniff.NEED_MORE
+            while result is sniff.NEED_MORE:
+                try:
+                    data = client.recv(READ_SIZE)
+                except OSError:
+                    raise _ClientGone("client_reset") from None
+                if not data:
+                    raise _ClientGone("client_closed")
+                result = sniffer.feed(data)
+        except gevent.Timeout as exc:
+            if exc is not deadline:
+                raise
+            raise sniff.PreambleTimeout(
+                f"no complete {'request head' if listener == 'http' else 'ClientHello'} "
+                f"within {settings.preamble_timeout:g}s"
+            ) from None
+        finally:
+            deadline.close()
+        return result, bytes(sniffer.buffer)
+
+    def _connect(self, backend: Backend, domain: Optional[str], timeout: float) -> socket.socket:
+        address = backend.address
+        deadline = gevent.Timeout(timeout)
+        deadline.start()
+        sock = None
+        try:
+            if address.ip is not None:  # no resolver round-trip for IP literals
+                family = stdlib_socket.AF_INET6 if address.ip.version == 6 else stdlib_socket.AF_INET
+                sock = socket.socket(family, stdlib_socket.SOCK_STREAM)
+                sock.connect((address.host, address.port))
+            else:  # names resolve at connect time, so DNS changes need no restart
+                sock = socket.create_connection((address.host, address.port))
+            sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
+            return sock
+        except gevent.Timeout as exc:
+            if sock is not None:
+                sock.close()
+            if exc is not deadline:
+                raise
+            raise sniff.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
+        except stdlib_socket.gaierror as exc:
+            raise sniff.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
+        except OSError as exc:
+            if sock is not None:
+                sock.close()
+            raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
+        finally:
+            deadline.close()
+
+
+class _ClientGone(Exception):
+    """The client closed or reset before the preamble was in: nothing to answer."""
+
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+def _answer(client: socket.socket, reply: bytes) -> None:
+    """Send an error reply, then drain briefly so that closing does not reset it away."""
+    if not reply:
+        return
+    client.settimeout(REPLY_TIMEOUT)
+    try:
+        client.sendall(reply)
+        client.shutdown(stdlib_socket.SHUT_WR)
+        client.settimeout(LINGER_SECONDS)
+        drained = 0
+        deadline = time.monotonic() + LINGER_SECONDS
+        while drained < LINGER_BYTES and time.monotonic() < deadline:
+            data = client.recv(READ_SIZE)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:  # the client is gone or too slow: the close below is all it gets
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Process: config, binding, privileges, signals.
+
+
+def load_config(path: str, args: dict) -> Config:
+    """The file, with the command line's options put over its [gateway] table."""
+    cfg = config.load(path)
+    overrides: dict = {}
+    try:
+        if args.get("--http-listen"):
+            overrides["http_listen"] = tuple(config.parse_address(a, need_ip=True) for a in args["--http-listen"])
+        if args.get("--https-listen"):
+            overrides["https_listen"] = tuple(config.parse_address(a, need_ip=True) for a in args["--https-listen"])
+    except ValueError as exc:
+        raise ConfigError([f"command line: listen address {exc}"]) from None
+    if args.get("--workers"):
+        workers = args["--workers"]
+        if workers != "auto" and not (workers.isdigit() and 0 < int(workers) <= 1024):
+            raise ConfigError([f"command line: --workers must be a whole number from 1 to 1024 or auto, got {workers!r}"])
+        overrides["workers"] = workers if workers == "auto" else int(workers)
+    if args.get("--log-format"):
+        if args["--log-format"] not in config.LOG_FORMATS:
+            raise ConfigError([f"command line: --log-format must be text or json, got {args['--log-format']!r}"])
+        overrides["log_format"] = args["--log-format"]
+    if args.get("--user"):
+        overrides["user"] = args["--user"]
+    if overrides:
+        cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, **overrides))
+    return cfg
+
+
+def print_routes(cfg: Config, out: TextIO) -> None:
+    s = cfg.settings
+    out.write(f"{cfg.source}: OK\n")
+    for name, table, listen in (
+        ("http", cfg.http_routes, s.http_listen),
+        ("https", cfg.https_routes, s.https_listen),
+    ):
+        where = ", ".join(map(str, listen)) or "off"
+        out.write(f"{name} listener: {where}; {len(table)} route{'s' if len(table) != 1 else ''}\n")
+        rows = table.rows()
+        width = max((len(pattern) for pattern, _ in rows), default=0)
+        for pattern, backend in rows:
+            extra = f"  (proxy_protocol {backend.proxy_protocol})" if backend.proxy_protocol else ""
+            out.write(f"  {pattern.ljust(width)}  ->  {backend}{extra}\n")
+
+
+def drop_privileges(user: str) -> None:
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise FatalError(f"--user {user}: no such user") from None
+    if os.getuid() == entry.pw_uid:
+        return
+    try:
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    except PermissionError:
+        raise FatalError(f"cannot switch to user {user}: only root can (running as uid {os.getuid()})") from None
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), path)
+        except OSError:
+            pass
+
+
+def run(cfg: Config, args: dict, log: Log) -> int:
+    """Bind, drop privileges, serve until SIGTERM/SIGINT; SIGHUP reloads."""
+    s = cfg.settings
+    for warning in cfg.warnings:
+        log.warning(warning)
+    listeners = [("http", bind_listener(a)) for a in s.http_listen]
+    listeners += [("https", bind_listener(a)) for a in s.https_listen]
+    if not listeners:
+        raise FatalError("no listeners: http_listen and https_listen are both empty")
+    if s.user:
+        drop_privileges(s.user)
+    log.info(
+        f"kiagateway {__version__} starting",
+        config=cfg.source,
+        http_routes=len(cfg.http_routes),
+        https_routes=len(cfg.https_routes),
+        pid=os.getpid(),
+    )
+    gateway = Gateway(cfg, log)
+    gateway.serve(listeners)
+    for name, sock in listeners:
+        log.info(f"listening for {name}", address=_format_address(sock.getsockname()))
+    stopping = gevent.event.Event()
+
+    def reload() -> None:
+        try:
+            new = load_config(cfg.source, args)
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error(f"reload failed, keeping the running config: {line}")
+            return
+        for warning in new.warnings:
+            log.warning(warning)
+        gateway.reload(new)
+        log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes))
+
+    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+    sd_notify("READY=1")
+    stopping.wait()
+    sd_notify("STOPPING=1")
+    log.info("stopping: no new connections", open=len(gateway.pool))
+    gateway.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        args = docopt.docopt(__doc__, argv=argv, version=f"kiagateway {__version__}")
+    except docopt.DocoptExit as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 2
+    except SystemExit as exc:  # --help and --version print and exit
+        return 0 if exc.code in (None, 0) else 2
+    path = args["CONFIG"] or "servers.toml"
+    try:
+        cfg = load_config(path, args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            sys.stderr.write(f"error: {line}\n")
+        return 1
+    if args["--check"]:
+        for warning in cfg.warnings:
+            sys.stderr.write(f"warning: {warning}\n")
+        print_routes(cfg, sys.stdout)
+        return 0
+    log = Log(cfg.settings.log_format)
+    try:
+        return run(cfg, args, log)
+    except FatalError as exc:
+        log.error(str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

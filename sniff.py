@@ -1,0 +1,548 @@
+"""Read the domain out of a connection's first bytes: sans-IO, bytes in, result out.
+
+Two incremental sniffers, one per listener: ``TlsSniffer`` walks TLS records
+until the whole ClientHello is in and returns its SNI; ``HttpSniffer`` reads the
+request head line by line and returns the Host. Each ``feed(data)`` returns one
+of three things, never anything else:
+
+- a ``Preamble`` (frozen): the domain, or ``None`` when the client named none;
+- the sentinel ``NEED_MORE``: nothing wrong yet, the answer needs more bytes;
+- it raises a ``GatewayError`` subclass that carries the reply the contract
+  gives for it (``http_status`` on the HTTP listener, ``tls_alert`` on the TLS
+  one). Routing and backend failures belong to the same family, so the
+  connection handler maps error to reply in one place.
+
+Each byte is examined a bounded number of times however the input is split,
+so a client trickling one byte per packet costs linear time. This module opens
+no socket, imports no gevent and never logs.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = [
+    "NEED_MORE",
+    "BackendTimeout",
+    "BackendUnreachable",
+    "BadClientHello",
+    "BadRequest",
+    "GatewayError",
+    "HeadTooLarge",
+    "HttpOnTlsPort",
+    "HttpSniffer",
+    "NoRoute",
+    "NotTls",
+    "Preamble",
+    "PreambleTimeout",
+    "TlsSniffer",
+    "normalize_domain",
+    "sniff_http",
+    "sniff_tls",
+    "split_host_port",
+]
+
+# The default bound on a preamble. Chromium's post-quantum ClientHello is about
+# 1.8 KB and nginx's default large_client_header_buffers is 8 KB per line;
+# 32 KiB leaves room for big cookies while keeping a slow client cheap.
+MAX_PREAMBLE = 32768
+
+
+class _NeedMore:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+
+NEED_MORE = _NeedMore()
+
+
+@dataclass(frozen=True)
+class Preamble:
+    """What the first bytes say: the normalised domain, or None if none was named."""
+
+    domain: str | None
+
+
+SniffResult = Union[Preamble, _NeedMore]
+
+
+# TLS alert descriptions, RFC 8446 section 6.
+ALERT_UNEXPECTED_MESSAGE = 10
+ALERT_RECORD_OVERFLOW = 22
+ALERT_HANDSHAKE_FAILURE = 40
+ALERT_DECODE_ERROR = 50
+ALERT_INTERNAL_ERROR = 80
+ALERT_UNRECOGNIZED_NAME = 112  # RFC 6066 section 3
+
+
+class GatewayError(Exception):
+    """A connection ends early; the class says how the client is answered.
+
+    ``http_status`` is the reply on the HTTP listener, ``tls_alert`` the fatal
+    alert on the TLS listener (None: close without one), ``outcome`` the word
+    in the connection's log line.
+    """
+
+    http_status: int = 502
+    tls_alert: int | None = ALERT_INTERNAL_ERROR
+    outcome: str = "error"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BadRequest(GatewayError):
+    http_status = 400
+    tls_alert = ALERT_DECODE_ERROR
+    outcome = "bad_request"
+
+
+class HeadTooLarge(GatewayError):
+    http_status = 431
+    tls_alert = ALERT_HANDSHAKE_FAILURE
+    outcome = "too_large"
+
+
+class PreambleTimeout(GatewayError):
+    http_status = 408
+    tls_alert = None  # a client that stalls mid-hello gets a plain close
+    outcome = "preamble_timeout"
+
+
+class NoRoute(GatewayError):
+    http_status = 421
+    tls_alert = ALERT_UNRECOGNIZED_NAME
+    outcome = "no_route"
+
+
+class BackendUnreachable(GatewayError):
+    http_status = 502
+    tls_alert = ALERT_INTERNAL_ERROR
+    outcome = "backend_unreachable"
+
+
+class BackendTimeout(GatewayError):
+    http_status = 504
+    tls_alert = ALERT_INTERNAL_ERROR
+    outcome = "backend_timeout"
+
+
+class BadClientHello(BadRequest):
+    """TLS framing that is wrong: a decode_error alert, as a TLS server would send."""
+
+
+class UnexpectedTlsMessage(BadClientHello):
+    tls_alert = ALERT_UNEXPECTED_MESSAGE
+
+
+class TlsRecordOverflow(BadClientHello):
+    tls_alert = ALERT_RECORD_OVERFLOW
+
+
+class NotTls(GatewayError):
+    """Not TLS at all on the TLS port: close at once, no alert."""
+
+    http_status = 400
+    tls_alert = None
+    outcome = "not_tls"
+
+
+class HttpOnTlsPort(NotTls):
+    """Plain HTTP sent to the TLS port: the one case the TLS listener answers in HTTP."""
+
+    outcome = "http_on_tls_port"
+
+
+# --------------------------------------------------------------------------
+# Domain names
+
+
+_LABEL_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def normalize_domain(name: str | bytes) -> str:
+    """Lower-case, drop one trailing dot, and check DNS name syntax.
+
+    Used by the config loader and both parsers so that a name compares equal
+    wherever it came from. Accepts letters, digits, hyphen and underscore in
+    labels of 1-63 characters, 253 in all (RFC 1035 section 2.3.4), and IPv6
+    literals in brackets. Raises ValueError with the reason.
+    """
+    raw = name.encode("ascii", "replace") if isinstance(name, str) else bytes(name)
+    if raw.startswith(b"[") and raw.endswith(b"]"):
+        try:
+            address = ipaddress.IPv6Address(raw[1:-1].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"not an IPv6 literal: {raw!r}") from None
+        return f"[{address.compressed}]"
+    lowered = raw.lower()
+    if lowered.endswith(b"."):
+        lowered = lowered[:-1]
+    if not lowered:
+        raise ValueError("empty name")
+    if len(lowered) > 253:
+        raise ValueError("name longer than 253 characters")
+    for label in lowered.split(b"."):
+        if not label:
+            raise ValueError(f"empty label in {raw!r}")
+        if len(label) > 63:
+            raise ValueError(f"label longer than 63 characters in {raw!r}")
+        if not _LABEL_CHARS.issuperset(label):
+            raise ValueError(f"invalid character in {raw!r}")
+        if label[0] == 0x2D or label[-1] == 0x2D:  # '-'
+            raise ValueError(f"label starts or ends with '-' in {raw!r}")
+    return lowered.decode("ascii")
+
+
+def split_host_port(authority: bytes) -> bytes:
+    """Return the host part of ``host[:port]`` or ``[v6][:port]``; ValueError if malformed."""
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        if end < 0:
+            raise ValueError("unterminated IPv6 literal")
+        host, rest = authority[: end + 1], authority[end + 1 :]
+        if rest and not rest.startswith(b":"):
+            raise ValueError("junk after IPv6 literal")
+        port = rest[1:]
+    else:
+        host, _, port = authority.partition(b":")
+    if port and not (port.isdigit() and len(port) <= 5 and int(port) <= 65535):
+        raise ValueError(f"bad port {port!r}")
+    return host
+
+
+# --------------------------------------------------------------------------
+# TLS: RFC 8446 section 5.1 (records), 4 (handshake), 4.1.2 (ClientHello);
+# RFC 6066 section 3 (server_name).
+
+TLS_CONTENT_HANDSHAKE = 22
+TLS_HANDSHAKE_CLIENT_HELLO = 1
+TLS_RECORD_HEADER = 5
+TLS_MAX_FRAGMENT = 2**14  # RFC 8446 5.1: a TLSPlaintext fragment is at most 2^14 bytes
+EXT_SERVER_NAME = 0
+SNI_HOST_NAME = 0
+
+_HTTP_METHOD_STARTS = tuple(
+    m + b" " for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE", b"PRI")
+)
+
+
+class TlsSniffer:
+    """Reassemble the ClientHello from records fed in any pieces; report its SNI."""
+
+    def __init__(self, max_preamble: int = MAX_PREAMBLE) -> None:
+        self.max_preamble = max_preamble
+        self.buffer = bytearray()  # every byte fed, to be forwarded untouched
+        self._record_at = 0  # offset of the next record header not yet walked
+        self._handshake = bytearray()  # handshake bytes collected from records so far
+        self._hello_length: int | None = None  # 4 + body length, once known
+        self.result: Preamble | None = None
+
+    def feed(self, data: bytes) -> SniffResult:
+        if self.result is not None:
+            return self.result
+        self.buffer += data
+        if not self.buffer:
+            return NEED_MORE
+        first = self.buffer[0]
+        if first & 0x80:
+            return self._sslv2()
+        if first != TLS_CONTENT_HANDSHAKE:
+            return self._not_tls(first)
+        while self._hello_length is None or len(self._handshake) < self._hello_length:
+            if not self._next_record():
+                if len(self.buffer) >= self.max_preamble:
+                    raise HeadTooLarge(f"no complete ClientHello in {self.max_preamble} bytes")
+                return NEED_MORE
+        self.result = Preamble(_parse_client_hello(bytes(self._handshake[4 : self._hello_length])))
+        return self.result
+
+    def _not_tls(self, first: int) -> SniffResult:
+        if first in (20, 21, 23):  # change_cipher_spec, alert, application_data
+            raise UnexpectedTlsMessage(f"TLS record type {first} before the ClientHello")
+        head = bytes(self.buffer[:8])
+        if any(head.startswith(method) for method in _HTTP_METHOD_STARTS):
+            raise HttpOnTlsPort("plain HTTP sent to the TLS port")
+        if any(method.startswith(head) for method in _HTTP_METHOD_STARTS):
+            return NEED_MORE  # may still become an HTTP request line: worth a 400 that says so
+        raise NotTls(f"not TLS: first byte 0x{first:02x}")
+
+    def _sslv2(self) -> SniffResult:
+        # SSL 2.0-compatible ClientHello (RFC 5246 appendix E.2): a 2-byte length
+        # with the high bit set, then msg_type 1. It has no extensions, so no SNI.
+        if len(self.buffer) < 3:
+            return NEED_MORE
+        if self.buffer[2] != TLS_HANDSHAKE_CLIENT_HELLO:
+            raise NotTls("SSLv2 record that is not a ClientHello")
+        self.result = Preamble(None)
+        return self.result
+
+    def _next_record(self) -> bool:
+        """Move one whole record's payload into the handshake buffer; False if it is not all in."""
+        at = self._record_at
+        header = self.buffer[at : at + TLS_RECORD_HEADER]
+        if len(header) >= 1 and header[0] != TLS_CONTENT_HANDSHAKE:
+            raise UnexpectedTlsMessage(f"TLS record type {header[0]} inside the ClientHello")
+        if len(header) >= 2 and header[1] != 3:
+            raise BadClientHello(f"TLS record version major {header[1]}")
+        if len(header) < TLS_RECORD_HEADER:
+            return False
+        length = int.from_bytes(header[3:5], "big")
+        if length == 0:
+            raise BadClientHello("empty handshake record")  # RFC 8446 5.1 forbids it
+        if length > TLS_MAX_FRAGMENT:
+            raise TlsRecordOverflow(f"TLS record of {length} bytes")
+        end = at + TLS_RECORD_HEADER + length
+        if len(self.buffer) < end:
+            if end > self.max_preamble:
+                raise HeadTooLarge(f"ClientHello records exceed {self.max_preamble} bytes")
+            return False
+        self._handshake += self.buffer[at + TLS_RECORD_HEADER : end]
+        self._record_at = end
+        if self._hello_length is None and len(self._handshake) >= 4:
+            if self._handshake[0] != TLS_HANDSHAKE_CLIENT_HELLO:
+                raise UnexpectedTlsMessage(f"handshake type {self._handshake[0]} is not a ClientHello")
+            self._hello_length = 4 + int.from_bytes(self._handshake[1:4], "big")
+            if self._hello_length > self.max_preamble:
+                raise HeadTooLarge(f"ClientHello of {self._hello_length} bytes")
+        return True
+
+
+class _Reader:
+    """Bounds-checked cursor over a ClientHello body: a lying length raises, never truncates."""
+
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise BadClientHello(f"{what}: length {n} runs past the ClientHello")
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def integer(self, n: int, what: str) -> int:
+        return int.from_bytes(self.take(n, what), "big")
+
+    def vector(self, length_bytes: int, what: str) -> bytes:
+        return self.take(self.integer(length_bytes, what), what)
+
+    def at_end(self) -> bool:
+        return self.pos == len(self.data)
+
+
+def _parse_client_hello(body: bytes) -> str | None:
+    hello = _Reader(body)
+    version = hello.integer(2, "legacy_version")
+    if version >> 8 != 3:
+        raise BadClientHello(f"ClientHello version 0x{version:04x}")
+    hello.take(32, "random")
+    if len(hello.vector(1, "legacy_session_id")) > 32:
+        raise BadClientHello("session id longer than 32 bytes")
+    suites = hello.vector(2, "cipher_suites")
+    if not suites or len(suites) % 2:
+        raise BadClientHello("bad cipher_suites length")
+    if not hello.vector(1, "legacy_compression_methods"):
+        raise BadClientHello("no compression method")
+    if hello.at_end():
+        return None  # no extensions at all (TLS 1.0-style hello)
+    extensions = _Reader(hello.vector(2, "extensions"))
+    if not hello.at_end():
+        raise BadClientHello("bytes after the extensions")
+    seen = set()
+    server_name = None
+    while not extensions.at_end():
+        kind = extensions.integer(2, "extension type")
+        data = extensions.vector(2, f"extension {kind}")
+        if kind in seen:
+            raise BadClientHello(f"extension {kind} appears twice")
+        seen.add(kind)
+        if kind == EXT_SERVER_NAME:
+            server_name = _parse_server_name(data)
+    return server_name
+
+
+def _parse_server_name(data: bytes) -> str | None:
+    outer = _Reader(data)
+    names = _Reader(outer.vector(2, "server_name_list"))
+    if not outer.at_end():
+        raise BadClientHello("bytes after server_name_list")
+    host_name = None
+    while not names.at_end():
+        name_type = names.integer(1, "server name type")
+        name = names.vector(2, "server name")
+        if name_type != SNI_HOST_NAME:
+            continue  # unknown name types are skipped (RFC 6066 section 3)
+        if host_name is not None:
+            raise BadClientHello("two host_name entries in server_name")
+        try:
+            host_name = normalize_domain(name)
+        except ValueError as exc:
+            raise BadClientHello(f"invalid SNI: {exc}") from None
+        if host_name.startswith("["):
+            raise BadClientHello("IP literal in SNI")  # RFC 6066 section 3 forbids it
+    return host_name
+
+
+# --------------------------------------------------------------------------
+# HTTP/1.x request head: RFC 9112 sections 2-3 and 5, RFC 9110 section 7.2.
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_VCHAR = frozenset(range(0x21, 0x7F))
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+_FIELD_VALUE_BAD = frozenset(range(0x20)) - {0x09}  # CTLs but HTAB
+_HOST_VALUE_BAD = _FIELD_VALUE_BAD | {0x7F}
+
+
+class HttpSniffer:
+    """Read a request head fed in any pieces; report the host it names."""
+
+    def __init__(self, max_preamble: int = MAX_PREAMBLE) -> None:
+        self.max_preamble = max_preamble
+        self.buffer = bytearray()  # every byte fed, to be forwarded untouched
+        self._line_start = 0  # offset of the first line not yet parsed
+        self._checked = 0  # bytes of the request line already checked as a prefix
+        self._part = 0  # which part of the request line the prefix check is in
+        self._part_start = 0
+        self._version: bytes | None = None
+        self._target_host: bytes | None = None  # host from an absolute-form target
+        self._hosts: list = []
+        self.result: Preamble | None = None
+
+    def feed(self, data: bytes) -> SniffResult:
+        if self.result is not None:
+            return self.result
+        search_from = max(self._line_start, len(self.buffer))  # earlier bytes hold no LF
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\n", search_from)
+            if end < 0:
+                break
+            if end + 1 > self.max_preamble:
+                raise HeadTooLarge(f"request head exceeds {self.max_preamble} bytes")
+            line = bytes(self.buffer[self._line_start : end + 1])
+            self._line_start = search_from = end + 1
+            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+                raise BadRequest("bare CR or LF in the request head")
+            if self._version is None:
+                self._request_line(line[:-2])
+            elif line == b"\r\n":
+                self.result = Preamble(self._domain())
+                return self.result
+            else:
+                self._header_line(line[:-2])
+        if self._version is None:
+            self._check_request_line_prefix()
+        if len(self.buffer) >= self.max_preamble:
+            raise HeadTooLarge(f"request head exceeds {self.max_preamble} bytes")
+        return NEED_MORE
+
+    def _check_request_line_prefix(self) -> None:
+        """Refuse at once a first line that no further bytes could make valid.
+
+        Only the bytes added since the last call are checked, so a request line
+        trickled one byte at a time still costs linear time.
+        """
+        buf = self.buffer
+        while self._checked < len(buf):
+            pos = self._checked
+            if self._part == 2:  # version: short, so re-check it whole
+                version = bytes(buf[self._part_start :])
+                if version.endswith(b"\r"):
+                    version = version[:-1]
+                if not any(v.startswith(version) for v in _VERSIONS):
+                    raise BadRequest("unsupported HTTP version (want HTTP/1.0 or HTTP/1.1)")
+                self._checked = len(buf)
+                return
+            space = buf.find(b" ", pos)
+            chunk = buf[pos : space if space >= 0 else len(buf)]
+            allowed, what = (_TCHAR, "method") if self._part == 0 else (_VCHAR, "target")
+            if not allowed.issuperset(chunk) or space == self._part_start:
+                raise BadRequest(f"invalid request {what}")
+            if space < 0:
+                self._checked = len(buf)
+                return
+            self._part += 1
+            self._checked = self._part_start = space + 1
+
+    def _request_line(self, line: bytes) -> None:
+        parts = line.split(b" ")
+        if len(parts) != 3:
+            raise BadRequest("request line is not 'METHOD target HTTP/1.x'")
+        method, target, version = parts
+        if not method or not _TCHAR.issuperset(method):
+            raise BadRequest("invalid request method")
+        if not target or not _VCHAR.issuperset(target):
+            raise BadRequest("invalid request target")
+        if version not in _VERSIONS:
+            raise BadRequest("unsupported HTTP version (want HTTP/1.0 or HTTP/1.1)")
+        self._version = version
+        scheme, sep, rest = target.partition(b"://")
+        if sep and scheme.lower() in (b"http", b"https"):
+            authority = rest
+            for stop in b"/?#":
+                authority = authority.split(bytes((stop,)), 1)[0]
+            if b"@" in authority:
+                raise BadRequest("userinfo in the request target")
+            self._target_host = self._host(authority, "request target")
+            if not self._target_host:
+                raise BadRequest("empty host in the request target")
+
+    def _header_line(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest("obsolete line folding in the request head")
+        name, colon, value = line.partition(b":")
+        if not colon:
+            raise BadRequest("header line without a colon")
+        if not name or not _TCHAR.issuperset(name):
+            raise BadRequest("invalid header name (whitespace before the colon?)")
+        if b"\x00" in value:
+            raise BadRequest("NUL in a header value")
+        if name.lower() == b"host":
+            self._hosts.append(value.strip(b" \t"))
+
+    def _host(self, authority: bytes, where: str) -> bytes:
+        if _HOST_VALUE_BAD.intersection(authority):
+            raise BadRequest(f"control byte in the {where} host")
+        try:
+            return split_host_port(authority)
+        except ValueError as exc:
+            raise BadRequest(f"invalid host in the {where}: {exc}") from None
+
+    def _domain(self) -> str | None:
+        if len(self._hosts) > 1:
+            raise BadRequest("more than one Host header")
+        if not self._hosts and self._version == b"HTTP/1.1":
+            raise BadRequest("missing Host header (required in HTTP/1.1)")
+        header_host = self._host(self._hosts[0], "Host header") if self._hosts else None
+        host = self._target_host if self._target_host is not None else header_host
+        domain = _normalize_or_400(host) if host else None
+        if self._target_host is not None and header_host and _normalize_or_400(header_host) != domain:
+            raise BadRequest("Host header disagrees with the request target")
+        return domain
+
+
+def _normalize_or_400(host: bytes) -> str:
+    try:
+        return normalize_domain(host)
+    except ValueError as exc:
+        raise BadRequest(f"invalid host: {exc}") from None
+
+
+def sniff_tls(data: bytes, max_preamble: int = MAX_PREAMBLE) -> SniffResult:
+    """One-shot form of ``TlsSniffer``: the answer for these bytes alone."""
+    return TlsSniffer(max_preamble).feed(data)
+
+
+def sniff_http(data: bytes, max_preamble: int = MAX_PREAMBLE) -> SniffResult:
+    """One-shot form of ``HttpSniffer``: the answer for these bytes alone."""
+    return HttpSniffer(max_preamble).feed(data)
