@@ -117,8 +117,11 @@ class ConfigError(Exception):
         self.errors = errors
 
 
-def parse_address(text: Any, *, need_ip: bool = False) -> Address:
-    """``host:port``, ``[v6]:port`` or ``ip:port``; ValueError says what is wrong."""
+def parse_address(text: Any, *, listen: bool = False) -> Address:
+    """``host:port``, ``[v6]:port`` or ``ip:port``; ValueError says what is wrong.
+
+    A listen address must be an IP literal and may use port 0 (any free port).
+    """
     if not isinstance(text, str):
         raise ValueError(f"expected a string 'host:port', got {type(text).__name__}")
     if text.startswith("["):
@@ -131,12 +134,12 @@ def parse_address(text: Any, *, need_ip: bool = False) -> Address:
             raise ValueError(f"{text!r} has no port (write 'host:port')")
         if ":" in host:
             raise ValueError(f"{text!r}: put an IPv6 address in brackets, '[{host}]:{port}'")
-    if not (port.isdigit() and 0 < int(port) < 65536):
+    if not (port.isdigit() and (listen or int(port) > 0) and int(port) < 65536):
         raise ValueError(f"{text!r} has a bad port {port!r} (1-65535)")
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        if need_ip or text.startswith("["):
+        if listen or text.startswith("["):
             raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
         try:
             host = normalize_domain(host)
@@ -279,7 +282,7 @@ def _settings(table: Any, source: str, errors: list[str]) -> Settings:
 def _listen(value: Any) -> tuple[Address, ...]:
     if not isinstance(value, list):
         raise ValueError("must be a list of 'ip:port' strings")
-    return tuple(parse_address(item, need_ip=True) for item in value)
+    return tuple(parse_address(item, listen=True) for item in value)
 
 
 def _positive(value: Any) -> float:

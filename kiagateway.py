@@ -279,6 +279,7 @@ class Gateway:
             "domain": None,
             "backend": None,
         }
+        reason = None
         result = relay.RelayResult(outcome="error")
         backend_sock = None
         try:
@@ -298,13 +299,13 @@ class Gateway:
             result.bytes_up += len(buffered)
         except sniff.GatewayError as exc:
             result.outcome = exc.outcome
-            fields["reason"] = exc.reason
+            reason = exc.reason
             _answer(client, error_reply(exc, listener))
         except _ClientGone as exc:
             result.outcome = exc.outcome
         except OSError as exc:  # the backend broke before the relay began
             result.outcome = "backend_reset"
-            fields["reason"] = str(exc)
+            reason = str(exc)
         finally:
             if backend_sock is not None:
                 backend_sock.close()
@@ -317,6 +318,7 @@ class Gateway:
                 bytes_up=result.bytes_up,
                 bytes_down=result.bytes_down,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                **({"reason": reason} if reason else {}),
             )
 
     def _read_preamble(self, client: socket.socket, listener: str, settings: Settings) -> tuple[sniff.Preamble, bytes]:
@@ -413,9 +415,9 @@ def load_config(path: str, args: dict) -> Config:
     overrides: dict = {}
     try:
         if args.get("--http-listen"):
-            overrides["http_listen"] = tuple(config.parse_address(a, need_ip=True) for a in args["--http-listen"])
+            overrides["http_listen"] = tuple(config.parse_address(a, listen=True) for a in args["--http-listen"])
         if args.get("--https-listen"):
-            overrides["https_listen"] = tuple(config.parse_address(a, need_ip=True) for a in args["--https-listen"])
+            overrides["https_listen"] = tuple(config.parse_address(a, listen=True) for a in args["--https-listen"])
     except ValueError as exc:
         raise ConfigError([f"command line: listen address {exc}"]) from None
     if args.get("--workers"):
@@ -521,6 +523,7 @@ def run(cfg: Config, args: dict, log: Log) -> int:
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
     sd_notify("READY=1")
+    log.info("ready")
     stopping.wait()
     sd_notify("STOPPING=1")
     log.info("stopping: no new connections", open=len(gateway.pool))
@@ -538,15 +541,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     except SystemExit as exc:  # --help and --version print and exit
         return 0 if exc.code in (None, 0) else 2
     path = args["CONFIG"] or "servers.toml"
+    log = Log("json" if args["--log-format"] == "json" else "text")
     try:
         cfg = load_config(path, args)
     except ConfigError as exc:
         for line in exc.errors:
-            sys.stderr.write(f"error: {line}\n")
+            log.error(line)
         return 1
     if args["--check"]:
         for warning in cfg.warnings:
-            sys.stderr.write(f"warning: {warning}\n")
+            log.warning(warning)
         print_routes(cfg, sys.stdout)
         return 0
     log = Log(cfg.settings.log_format)
