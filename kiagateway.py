@@ -221,7 +221,9 @@ class _Server(gevent.server.StreamServer):
         except OSError as exc:
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
                 return None  # the client left before we accepted it
-            self.log.error("accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc))
+            self.log.error(
+                "accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc)
+            )
             raise _AcceptPaused() from exc
 
 
@@ -423,7 +425,9 @@ def load_config(path: str, args: dict) -> Config:
     if args.get("--workers"):
         workers = args["--workers"]
         if workers != "auto" and not (workers.isdigit() and 0 < int(workers) <= 1024):
-            raise ConfigError([f"command line: --workers must be a whole number from 1 to 1024 or auto, got {workers!r}"])
+            raise ConfigError(
+                [f"command line: --workers must be a whole number from 1 to 1024 or auto, got {workers!r}"]
+            )
         overrides["workers"] = workers if workers == "auto" else int(workers)
     if args.get("--log-format"):
         if args["--log-format"] not in config.LOG_FORMATS:

@@ -453,6 +453,8 @@ class HttpSniffer:
         trickled one byte at a time still costs linear time.
         """
         buf = self.buffer
+        if buf[:1] == b"\x16":
+            raise BadRequest("TLS handshake sent to the plain HTTP port")
         while self._checked < len(buf):
             pos = self._checked
             if self._part == 2:  # version: short, so re-check it whole
