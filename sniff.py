@@ -285,7 +285,9 @@ class TlsSniffer:
     def _next_record(self) -> bool:
         """Move one whole record's payload into the handshake buffer; False if it is not all in."""
         at = self._record_at
-        header = self.buffer[at : at + TLS_RECORD_HEADER]
+        # Bytes past max_preamble are never looked at, so the answer cannot
+        # depend on how much arrived in one read.
+        header = self.buffer[at : min(at + TLS_RECORD_HEADER, self.max_preamble)]
         if len(header) >= 1 and header[0] != TLS_CONTENT_HANDSHAKE:
             raise UnexpectedTlsMessage(f"TLS record type {header[0]} inside the ClientHello")
         if len(header) >= 2 and header[1] != 3:
@@ -298,9 +300,9 @@ class TlsSniffer:
         if length > TLS_MAX_FRAGMENT:
             raise TlsRecordOverflow(f"TLS record of {length} bytes")
         end = at + TLS_RECORD_HEADER + length
+        if end > self.max_preamble:
+            raise HeadTooLarge(f"ClientHello records exceed {self.max_preamble} bytes")
         if len(self.buffer) < end:
-            if end > self.max_preamble:
-                raise HeadTooLarge(f"ClientHello records exceed {self.max_preamble} bytes")
             return False
         self._handshake += self.buffer[at + TLS_RECORD_HEADER : end]
         self._record_at = end
