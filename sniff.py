@@ -175,6 +175,8 @@ def normalize_domain(name: str | bytes) -> str:
     """
     raw = name.encode("ascii", "replace") if isinstance(name, str) else bytes(name)
     if raw.startswith(b"[") and raw.endswith(b"]"):
+        if b"%" in raw:  # ipaddress would take any bytes after '%' as a zone id
+            raise ValueError(f"zone id in IPv6 literal: {raw!r}")
         try:
             address = ipaddress.IPv6Address(raw[1:-1].decode("ascii"))
         except (UnicodeDecodeError, ValueError):
