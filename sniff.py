@@ -392,9 +392,17 @@ def _parse_server_name(data: bytes) -> str | None:
             host_name = normalize_domain(name)
         except ValueError as exc:
             raise BadClientHello(f"invalid SNI: {exc}") from None
-        if host_name.startswith("["):
+        if host_name.startswith("[") or _is_ipv4(host_name):
             raise BadClientHello("IP literal in SNI")  # RFC 6066 section 3 forbids it
     return host_name
+
+
+def _is_ipv4(name: str) -> bool:
+    try:
+        ipaddress.IPv4Address(name)
+    except ValueError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------
