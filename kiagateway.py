@@ -41,7 +41,7 @@ import socket as stdlib_socket
 import struct
 import sys
 import time
-from typing import Callable, Optional, TextIO
+from typing import Callable, TextIO
 
 import docopt
 import gevent
@@ -72,7 +72,7 @@ SHUTDOWN_GRACE = 30.0  # seconds open relays get to finish after SIGTERM
 class Log:
     """Operator log: start-up lines, one line per finished connection, errors with their cause."""
 
-    def __init__(self, fmt: str = "text", stream: Optional[TextIO] = None) -> None:
+    def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
         self.json = fmt == "json"
         self.stream = stream or sys.stderr
         self._second = -1
@@ -349,7 +349,7 @@ class Gateway:
             deadline.close()
         return result, bytes(sniffer.buffer)
 
-    def _connect(self, backend: Backend, domain: Optional[str], timeout: float) -> socket.socket:
+    def _connect(self, backend: Backend, domain: str | None, timeout: float) -> socket.socket:
         address = backend.address
         deadline = gevent.Timeout(timeout)
         deadline.start()
@@ -536,7 +536,7 @@ def run(cfg: Config, args: dict, log: Log) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt.docopt(__doc__, argv=argv, version=f"kiagateway {__version__}")
     except docopt.DocoptExit as exc:

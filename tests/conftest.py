@@ -211,7 +211,9 @@ class Gateway:
             self.proc.stderr.close()
 
 
-def routes_toml(backends: dict, extra_gateway: str = "", listen_http: str = '"127.0.0.1:0"', listen_https: str = '"127.0.0.1:0"') -> str:
+def routes_toml(
+    backends: dict, extra_gateway: str = "", listen_http: str = '"127.0.0.1:0"', listen_https: str = '"127.0.0.1:0"'
+) -> str:
     b = backends
     return f"""
 [gateway]

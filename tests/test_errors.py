@@ -129,7 +129,7 @@ def blackhole():
         filler.setblocking(False)
         filler.connect_ex(server.getsockname())
         fillers.append(filler)
-    yield "127.0.0.1:%d" % server.getsockname()[1]
+    yield f"127.0.0.1:{server.getsockname()[1]}"
     for sock in [*fillers, server]:
         sock.close()
 

@@ -23,12 +23,11 @@ def tls_get(address, sni: str | None, client_context: ssl.SSLContext, verify: bo
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(address, timeout=TIMEOUT) as raw:
-        with ctx.wrap_socket(raw, server_hostname=sni) as tls:
-            tls.sendall(f"GET /whoami HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
-            chunks = []
-            while data := tls.recv(65536):
-                chunks.append(data)
+    with socket.create_connection(address, timeout=TIMEOUT) as raw, ctx.wrap_socket(raw, server_hostname=sni) as tls:
+        tls.sendall(f"GET /whoami HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while data := tls.recv(65536):
+            chunks.append(data)
     return b"".join(chunks)
 
 
@@ -76,7 +75,9 @@ def test_http_client_library(gateway):
 
 
 def test_absolute_form_target_wins(gateway):
-    response = exchange(gateway.http, b"GET http://b.example/whoami HTTP/1.1\r\nHost: B.example\r\nConnection: close\r\n\r\n")
+    response = exchange(
+        gateway.http, b"GET http://b.example/whoami HTTP/1.1\r\nHost: B.example\r\nConnection: close\r\n\r\n"
+    )
     assert b"beta http" in response
 
 
@@ -110,7 +111,15 @@ def test_curl_both_listeners(gateway, ca, tmp_path):
     ca.cert_pem.write_to_path(str(ca_file))
     http_host, http_port = gateway.http
     out = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "--connect-to", f"a.example:80:{http_host}:{http_port}", "http://a.example/whoami"],
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--connect-to",
+            f"a.example:80:{http_host}:{http_port}",
+            "http://a.example/whoami",
+        ],
         capture_output=True,
         timeout=TIMEOUT * 2,
     )
@@ -132,7 +141,17 @@ def test_curl_both_listeners(gateway, ca, tmp_path):
 def test_openssl_s_client(gateway, extra):
     host, port = gateway.https
     out = subprocess.run(
-        ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "x.b.example", "-quiet", "-ign_eof", *extra],
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"{host}:{port}",
+            "-servername",
+            "x.b.example",
+            "-quiet",
+            "-ign_eof",
+            *extra,
+        ],
         input=b"GET /whoami HTTP/1.1\r\nHost: x.b.example\r\nConnection: close\r\n\r\n",
         capture_output=True,
         timeout=TIMEOUT * 2,

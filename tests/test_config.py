@@ -1,0 +1,154 @@
+"""config.py: the pure validator and the route lookup."""
+
+from __future__ import annotations
+
+import pytest
+
+import config
+from config import ConfigError, validate
+
+
+def errors_of(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate(data, "servers.toml")
+    return info.value.errors
+
+
+def test_defaults():
+    cfg = validate({}, "servers.toml")
+    s = cfg.settings
+    assert [str(a) for a in s.http_listen] == ["0.0.0.0:80"]
+    assert [str(a) for a in s.https_listen] == ["0.0.0.0:443"]
+    assert (s.preamble_timeout, s.connect_timeout, s.idle_timeout) == (5.0, 3.0, 300.0)
+    assert (s.max_preamble, s.max_connections, s.workers, s.user, s.log_format) == (32768, 10000, 1, "", "text")
+
+
+def test_lookup_order():
+    cfg = validate(
+        {
+            "https_backends": {
+                "Example.COM.": "127.0.0.1:1",
+                "*.example.com": "127.0.0.1:2",
+                "*.deep.example.com": "127.0.0.1:3",
+                "*": "127.0.0.1:9",
+            }
+        }
+    )
+    table = cfg.https_routes
+    port = lambda name: table.lookup(name).address.port  # noqa: E731
+    assert port("example.com") == 1  # exact, normalised key
+    assert port("www.example.com") == 2  # wildcard
+    assert port("a.b.example.com") == 2  # any depth
+    assert port("x.deep.example.com") == 3  # longest suffix
+    assert port("deep.example.com") == 2  # *.deep.example.com does not match its apex
+    assert port("other.org") == 9  # default
+    assert table.lookup(None).address.port == 9  # no name at all
+    assert [pattern for pattern, _ in table.rows()] == ["example.com", "*.deep.example.com", "*.example.com", "*"]
+    assert validate({"https_backends": {"a.b": "127.0.0.1:1"}}).https_routes.lookup("c.d") is None
+
+
+def test_wildcard_apex_not_matched_without_exact():
+    table = validate({"http_backends": {"*.example.com": "127.0.0.1:2"}}).http_routes
+    assert table.lookup("example.com") is None
+    assert table.lookup("notexample.com") is None
+
+
+def test_backend_forms():
+    cfg = validate(
+        {
+            "https_backends": {
+                "a.example": "10.0.0.5:443",
+                "b.example": {"address": "[2001:db8::1]:8443", "proxy_protocol": "v2"},
+                "c.example": "backend.internal:443",
+            }
+        }
+    )
+    a, b, c = (cfg.https_routes.lookup(n) for n in ("a.example", "b.example", "c.example"))
+    assert (str(a), a.address.ip is not None, a.proxy_protocol) == ("10.0.0.5:443", True, None)
+    assert (str(b), b.proxy_protocol) == ("[2001:db8::1]:8443", "v2")
+    assert (c.address.host, c.address.ip) == ("backend.internal", None)  # resolved at connect time
+
+
+def test_legacy_backends_table_applies_to_both_with_warning():
+    cfg = validate({"backends": {"a.example": "127.0.0.1:1"}}, "old.toml")
+    assert cfg.http_routes.lookup("a.example") is cfg.https_routes.lookup("a.example") or (
+        cfg.http_routes.lookup("a.example") == cfg.https_routes.lookup("a.example")
+    )
+    assert any("deprecated" in w and "old.toml" in w for w in cfg.warnings)
+    assert "cannot be combined" in errors_of({"backends": {}, "http_backends": {}})[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"http_backend": {}}, "servers.toml: unknown table [http_backend] (did you mean 'http_backends'?)"),
+        (
+            {"gateway": {"idle_timout": 5}},
+            "servers.toml: [gateway] unknown key 'idle_timout' (did you mean 'idle_timeout'?)",
+        ),
+        (
+            {"http_backends": {"a.example": "127.0.0.1"}},
+            "servers.toml: [http_backends] 'a.example': '127.0.0.1' has no port",
+        ),
+        ({"http_backends": {"a.example": "127.0.0.1:0"}}, "bad port '0'"),
+        ({"http_backends": {"a.example": "127.0.0.1:70000"}}, "bad port '70000'"),
+        ({"http_backends": {"a.example": "::1:80"}}, "put an IPv6 address in brackets"),
+        ({"http_backends": {"a.example": 80}}, "expected a string 'host:port'"),
+        ({"http_backends": {"bad_name!": "127.0.0.1:1"}}, "[http_backends] 'bad_name!': not a valid domain"),
+        ({"http_backends": {"a..b": "127.0.0.1:1"}}, "not a valid domain"),
+        ({"http_backends": {"a.*.b": "127.0.0.1:1"}}, "not a valid domain"),
+        ({"http_backends": {"A.example": "127.0.0.1:1", "a.example.": "127.0.0.1:2"}}, "same domain as 'A.example'"),
+        (
+            {"https_backends": {"a.example": {"adress": "127.0.0.1:1"}}},
+            "unknown key 'adress' (did you mean 'address'?)",
+        ),
+        (
+            {"https_backends": {"a.example": {"address": "127.0.0.1:1", "proxy_protocol": "v3"}}},
+            "proxy_protocol must be",
+        ),
+        ({"gateway": {"preamble_timeout": 0}}, "[gateway] preamble_timeout: must be a positive number"),
+        ({"gateway": {"idle_timeout": "5"}}, "[gateway] idle_timeout: must be a positive number"),
+        ({"gateway": {"max_preamble": True}}, "[gateway] max_preamble: must be a whole number"),
+        ({"gateway": {"workers": 0}}, "[gateway] workers: must be a whole number from 1"),
+        ({"gateway": {"log_format": "xml"}}, "[gateway] log_format: must be one of text, json"),
+        ({"gateway": {"http_listen": "0.0.0.0:80"}}, "[gateway] http_listen: must be a list"),
+        ({"gateway": {"https_listen": ["example.com:443"]}}, "is not an IP address"),
+        ({"gateway": {"user": 5}}, "[gateway] user: must be a string"),
+        ({"gateway": []}, "[gateway] must be a table"),
+        ({"http_backends": []}, "[http_backends] must be a table"),
+    ],
+)
+def test_errors_name_file_table_and_key(data, expected):
+    errors = errors_of(data)
+    assert any(expected in e for e in errors), errors
+    assert all(e.startswith("servers.toml: ") for e in errors)
+
+
+def test_every_error_is_reported_at_once():
+    errors = errors_of({"gateway": {"idle_timeout": -1, "workers": "many"}, "http_backends": {"x": "nope"}})
+    assert len(errors) == 3
+
+
+def test_listen_accepts_ipv6_and_port_zero():
+    s = validate({"gateway": {"http_listen": ["[::]:80", "127.0.0.1:0"], "https_listen": []}}).settings
+    assert [str(a) for a in s.http_listen] == ["[::]:80", "127.0.0.1:0"]
+    assert s.https_listen == ()
+
+
+def test_listener_without_routes_warns():
+    cfg = validate({"gateway": {"https_listen": []}, "http_backends": {}})
+    assert any("http listener has no routes" in w for w in cfg.warnings)
+
+
+def test_workers_auto():
+    assert config.resolve_workers("auto") >= 1
+    assert config.resolve_workers(3) == 3
+
+
+def test_load_reports_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[http_backends\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
+        config.load(str(bad))

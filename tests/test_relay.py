@@ -1,0 +1,207 @@
+"""The relay through the gateway: bulk both ways at once, half-close, idle timeout, resets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from conftest import TIMEOUT, read_all
+
+HEAD = b"GET /stream HTTP/1.1\r\nHost: raw.example\r\n\r\n"
+
+
+class RawBackend:
+    """A TCP server on 127.0.0.1:0 that runs ``handler(conn)`` for each connection in a thread."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(TIMEOUT)
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.errors: list[BaseException] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+            with conn:
+                conn.settimeout(TIMEOUT * 3)
+                self.handler(conn)
+        except BaseException as exc:  # reported by the test through .check()
+            self.errors.append(exc)
+        finally:
+            self.done.set()
+
+    def check(self) -> None:
+        assert self.done.wait(TIMEOUT * 3), "backend handler did not finish"
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def raw_gateway(start_gateway, request):
+    """Start a gateway routing raw.example (HTTP) to a RawBackend running ``handler``."""
+    made = []
+
+    def start(handler, extra: str = ""):
+        backend = RawBackend(handler)
+        made.append(backend)
+        gw = start_gateway(
+            f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n{extra}\n'
+            f'[http_backends]\n"raw.example" = "{backend.address}"\n'
+        )
+        return gw, backend
+
+    yield start
+    for backend in made:
+        backend.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(min(65536, n - len(data)))
+        assert chunk, f"EOF after {len(data)} of {n} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def stream_both_ways(sock: socket.socket, outgoing: bytes, incoming_size: int) -> str:
+    """Send ``outgoing`` while receiving ``incoming_size`` bytes; return the sha256 of what came in."""
+    digest = hashlib.sha256()
+    sender = threading.Thread(target=sock.sendall, args=(outgoing,), daemon=True)
+    sender.start()
+    received = 0
+    while received < incoming_size:
+        chunk = sock.recv(1 << 20)
+        assert chunk, f"EOF after {received} of {incoming_size} bytes"
+        digest.update(chunk)
+        received += len(chunk)
+    sender.join(TIMEOUT * 3)
+    assert not sender.is_alive()
+    return digest.hexdigest()
+
+
+SIZE = 32 << 20
+
+
+def test_32_mib_each_way_at_once(raw_gateway):
+    up, down = os.urandom(SIZE), os.urandom(SIZE)
+    seen = {}
+
+    def backend(conn):
+        assert recv_exactly(conn, len(HEAD)) == HEAD
+        seen["up"] = stream_both_ways(conn, down, SIZE)
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT * 3) as sock:
+        sock.sendall(HEAD)
+        got_down = stream_both_ways(sock, up, SIZE)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+    be.check()
+    assert seen["up"] == hashlib.sha256(up).hexdigest()
+    assert got_down == hashlib.sha256(down).hexdigest()
+    line = gw.connection_log(domain="raw.example")
+    assert (line["outcome"], line["bytes_up"], line["bytes_down"]) == ("ok", len(HEAD) + SIZE, SIZE)
+
+
+def test_client_half_close_keeps_the_answer_flowing(raw_gateway):
+    def backend(conn):
+        request = read_all(conn)  # only ends when the client's EOF came through
+        conn.sendall(b"got " + str(len(request)).encode())
+        time.sleep(0.1)  # the answer is written after EOF, in two pieces
+        conn.sendall(b" bytes")
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD + b"payload")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b"got %d bytes" % (len(HEAD) + 7)
+    be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def test_backend_half_close_keeps_the_upload_flowing(raw_gateway):
+    def backend(conn):
+        assert recv_exactly(conn, len(HEAD)) == HEAD
+        conn.sendall(b"send me more")
+        conn.shutdown(socket.SHUT_WR)
+        assert read_all(conn) == b"more" * 1000
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        assert read_all(sock) == b"send me more"  # EOF from the backend reached us
+        sock.sendall(b"more" * 1000)  # and our direction still works
+        sock.shutdown(socket.SHUT_WR)
+    be.check()
+
+
+def test_idle_timeout_counts_silence_not_total_time(raw_gateway):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        for _ in range(10):  # 2.5 s of trickle, longer than the 1 s idle timeout
+            conn.sendall(b".")
+            time.sleep(0.25)
+        assert conn.recv(1) == b""  # then silence: the gateway closes us
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 1.0")
+    started = time.monotonic()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        assert read_all(sock) == b"." * 10
+    elapsed = time.monotonic() - started
+    assert 3.0 < elapsed < 6.0
+    be.check()
+    line = gw.connection_log(domain="raw.example")
+    assert line["outcome"] == "idle_timeout"
+    assert line["bytes_down"] == 10
+
+
+def test_backend_reset_is_passed_on(raw_gateway):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"partial")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        assert recv_exactly(sock, 7) == b"partial"
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "backend_reset"
+
+
+def test_client_reset_is_passed_on(raw_gateway):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        with pytest.raises(ConnectionResetError):
+            while conn.recv(65536):
+                pass
+
+    gw, be = raw_gateway(backend)
+    sock = socket.create_connection(gw.http, timeout=TIMEOUT)
+    sock.sendall(HEAD)
+    assert recv_exactly(sock, 5) == b"hello"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "client_reset"
