@@ -435,6 +435,8 @@ class HttpSniffer:
             return self.result
         search_from = max(self._line_start, len(self.buffer))  # earlier bytes hold no LF
         self.buffer += data
+        if self._version is None:
+            self._check_request_line_prefix()
         while True:
             end = self.buffer.find(b"\n", search_from)
             if end < 0:
@@ -452,8 +454,6 @@ class HttpSniffer:
                 return self.result
             else:
                 self._header_line(line[:-2])
-        if self._version is None:
-            self._check_request_line_prefix()
         if len(self.buffer) >= self.max_preamble:
             raise HeadTooLarge(f"request head exceeds {self.max_preamble} bytes")
         return NEED_MORE
@@ -462,28 +462,34 @@ class HttpSniffer:
         """Refuse at once a first line that no further bytes could make valid.
 
         Only the bytes added since the last call are checked, so a request line
-        trickled one byte at a time still costs linear time.
+        trickled one byte at a time still costs linear time. It runs before the
+        line is parsed whole and stops at the line end and at max_preamble, so
+        the answer is the same however the bytes were split.
         """
         buf = self.buffer
         if buf[:1] == b"\x16":
             raise BadRequest("TLS handshake sent to the plain HTTP port")
-        while self._checked < len(buf):
+        stop = min(len(buf), self.max_preamble)
+        line_end = buf.find(b"\n", self._checked, stop)
+        if line_end >= 0:
+            stop = line_end
+        while self._checked < stop:
             pos = self._checked
             if self._part == 2:  # version: short, so re-check it whole
-                version = bytes(buf[self._part_start :])
+                version = bytes(buf[self._part_start : stop])
                 if version.endswith(b"\r"):
                     version = version[:-1]
                 if not any(v.startswith(version) for v in _VERSIONS):
                     raise BadRequest("unsupported HTTP version (want HTTP/1.0 or HTTP/1.1)")
-                self._checked = len(buf)
+                self._checked = stop
                 return
-            space = buf.find(b" ", pos)
-            chunk = buf[pos : space if space >= 0 else len(buf)]
+            space = buf.find(b" ", pos, stop)
+            chunk = buf[pos : space if space >= 0 else stop]
             allowed, what = (_TCHAR, "method") if self._part == 0 else (_VCHAR, "target")
             if not allowed.issuperset(chunk) or space == self._part_start:
                 raise BadRequest(f"invalid request {what}")
             if space < 0:
-                self._checked = len(buf)
+                self._checked = stop
                 return
             self._part += 1
             self._checked = self._part_start = space + 1
