@@ -41,6 +41,7 @@ import socket as stdlib_socket
 import struct
 import sys
 import time
+import traceback
 from typing import Callable, TextIO
 
 import docopt
@@ -488,7 +489,7 @@ def sd_notify(message: str) -> None:
 
 
 def run(cfg: Config, args: dict, log: Log) -> int:
-    """Bind, drop privileges, serve until SIGTERM/SIGINT; SIGHUP reloads."""
+    """Bind once, drop privileges, then serve in this process or in supervised workers."""
     s = cfg.settings
     for warning in cfg.warnings:
         log.warning(warning)
@@ -498,42 +499,144 @@ def run(cfg: Config, args: dict, log: Log) -> int:
         raise FatalError("no listeners: http_listen and https_listen are both empty")
     if s.user:
         drop_privileges(s.user)
+    workers = config.resolve_workers(s.workers)
     log.info(
         f"kiagateway {__version__} starting",
         config=cfg.source,
         http_routes=len(cfg.http_routes),
         https_routes=len(cfg.https_routes),
+        workers=workers,
         pid=os.getpid(),
     )
-    gateway = Gateway(cfg, log)
-    gateway.serve(listeners)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=_format_address(sock.getsockname()))
+    if workers == 1:
+        return serve(cfg, args, log, listeners, worker=0)
+    return supervise(workers, lambda worker: serve(cfg, args, log, listeners, worker), cfg, args, log)
+
+
+def _reload(source: str, args: dict, log: Log) -> Config | None:
+    """The new config, or None (logged) if it is bad and the running one must stay."""
+    try:
+        new = load_config(source, args)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error(f"reload failed, keeping the running config: {line}")
+        return None
+    for warning in new.warnings:
+        log.warning(warning)
+    return new
+
+
+def serve(cfg: Config, args: dict, log: Log, listeners: list, worker: int) -> int:
+    """One gevent hub serving every listener until SIGTERM/SIGINT; SIGHUP reloads."""
+    gateway = Gateway(cfg, log, worker)
+    gateway.serve(listeners)
     stopping = gevent.event.Event()
 
     def reload() -> None:
-        try:
-            new = load_config(cfg.source, args)
-        except ConfigError as exc:
-            for line in exc.errors:
-                log.error(f"reload failed, keeping the running config: {line}")
-            return
-        for warning in new.warnings:
-            log.warning(warning)
-        gateway.reload(new)
-        log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes))
+        new = _reload(cfg.source, args, log)
+        if new is not None:
+            gateway.reload(new)
+            log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes))
 
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
-    sd_notify("READY=1")
-    log.info("ready")
+    if worker:
+        log.info("worker started", worker=worker, pid=os.getpid())
+    else:
+        sd_notify("READY=1")
+        log.info("ready")
     stopping.wait()
-    sd_notify("STOPPING=1")
-    log.info("stopping: no new connections", open=len(gateway.pool))
+    if not worker:
+        sd_notify("STOPPING=1")
+    log.info("stopping: no new connections", open=len(gateway.pool), **({"worker": worker} if worker else {}))
     gateway.stop()
+    log.info("stopped", **({"worker": worker} if worker else {}))
+    return 0
+
+
+_SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
+
+
+def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, log: Log) -> int:
+    """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
+    respawn: dict[int, float] = {}  # worker number -> when to start it again
+
+    def start(worker: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: its own hub, default signal handling
+            code = 1
+            try:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)
+                gevent.reinit()
+                code = work(worker)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children[pid] = (worker, time.monotonic())
+
+    for worker in range(1, count + 1):
+        start(worker)
+    sd_notify("READY=1")
+    log.info("ready", workers=count)
+    stopping = False
+    while children or (respawn and not stopping):
+        timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
+        info = signal.sigtimedwait(_SUPERVISED, timeout) if timeout is not None else signal.sigwaitinfo(_SUPERVISED)
+        if info is None or info.si_signo == signal.SIGCHLD:
+            while children:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    children.clear()
+                    break
+                if pid == 0:
+                    break
+                worker, started = children.pop(pid, (0, 0.0))
+                if not stopping and worker:
+                    log.error(
+                        "worker died, starting a new one",
+                        worker=worker,
+                        pid=pid,
+                        cause=_wait_status(status),
+                    )
+                    soon = time.monotonic() - started < RESPAWN_DELAY
+                    respawn[worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
+            for worker, due in list(respawn.items()):
+                if not stopping and due <= time.monotonic():
+                    del respawn[worker]
+                    start(worker)
+        elif info.si_signo == signal.SIGHUP:
+            if _reload(cfg.source, args, log) is not None:
+                _signal_all(children, signal.SIGHUP)
+        elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
+            stopping = True
+            respawn.clear()
+            sd_notify("STOPPING=1")
+            log.info("stopping workers", workers=len(children))
+            _signal_all(children, signal.SIGTERM)
     log.info("stopped")
     return 0
+
+
+def _signal_all(children: dict, signum: int) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
 
 
 def main(argv: list[str] | None = None) -> int:

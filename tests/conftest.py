@@ -209,6 +209,10 @@ class Gateway:
         finally:
             self._reader.join(TIMEOUT)
             self.proc.stderr.close()
+            while not self.lines.empty():  # keep every line for assertions after the stop
+                line = self.lines.get()
+                if line is not None:
+                    self.seen.append(line)
 
 
 def routes_toml(

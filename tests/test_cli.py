@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -154,3 +155,31 @@ def test_sighup_reloads_and_keeps_old_table_on_error(start_gateway, backends):
     gw.proc.send_signal(signal.SIGHUP)
     gw.wait_for(lambda line: "reload failed" in line.get("message", ""))
     assert b"beta http" in ask()  # the old table stays
+
+
+def test_workers_share_the_listeners_and_a_dead_one_is_replaced(start_gateway, backends):
+    gw = start_gateway(routes_toml(backends), "--workers=2")
+    started = [
+        gw.wait_for(lambda line, n=n: line.get("message") == "worker started" and line["worker"] == n) for n in (1, 2)
+    ]
+    request = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+
+    def ask() -> bytes:
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(request)
+            return b"".join(iter(lambda: sock.recv(65536), b""))
+
+    for _ in range(10):
+        assert b"alpha http" in ask()
+    os.kill(started[0]["pid"], signal.SIGKILL)
+    died = gw.wait_for(lambda line: line.get("message") == "worker died, starting a new one")
+    assert (died["worker"], died["cause"]) == (1, "killed by signal 9")
+    gw.wait_for(
+        lambda line: (
+            line.get("message") == "worker started" and line["pid"] != started[0]["pid"] and line["worker"] == 1
+        )
+    )
+    for _ in range(10):
+        assert b"alpha http" in ask()
+    assert gw.stop() == 0
+    assert sum(line.get("message") == "stopped" for line in gw.seen) == 3  # two workers and the supervisor
