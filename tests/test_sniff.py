@@ -7,7 +7,10 @@ case below is also a case of the incremental reassembly.
 
 from __future__ import annotations
 
+import json
+import random
 import ssl
+from pathlib import Path
 
 import pytest
 from hellos import (
@@ -850,3 +853,33 @@ def test_one_shot_helpers():
     assert sniff.sniff_http(b"GET / HTTP/1.1\r\n") is NEED_MORE
     with pytest.raises(BadRequest):
         sniff.sniff_http(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+
+
+# --------------------------------------------------------------------------
+# The real-client corpus: tests/data/clienthello/, made by capture_clienthellos.py
+
+CORPUS = Path(__file__).parent / "data" / "clienthello"
+CORPUS_CASES = sorted(CORPUS.glob("*.bin"))
+
+
+def corpus_case(path: Path) -> tuple[bytes, Preamble]:
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return path.read_bytes(), Preamble(meta["sni"])
+
+
+def test_corpus_has_real_clients():
+    clients = {json.loads(p.with_suffix(".json").read_text())["client"] for p in CORPUS_CASES}
+    assert len(clients - {"hand-made"}) >= 8
+
+
+@pytest.mark.parametrize("path", CORPUS_CASES, ids=[p.stem for p in CORPUS_CASES])
+def test_corpus(path):
+    data, expected = corpus_case(path)
+    assert sniff.sniff_tls(data) == expected
+    assert outcome(TlsSniffer(), bytewise(data)) == expected
+    rng = random.Random(path.stem)
+    for _ in range(20):
+        cuts = rng.sample(range(1, len(data)), rng.randint(1, min(10, len(data) - 1)))
+        assert outcome(TlsSniffer(), split_at(data, cuts)) == expected
+    if data[0] == sniff.TLS_CONTENT_HANDSHAKE:  # an SSLv2 hello is decided by its first 3 bytes
+        assert sniff.sniff_tls(data[:-1]) is NEED_MORE  # the hello is read to its last byte
