@@ -495,14 +495,10 @@ class HttpSniffer:
             self._checked = self._part_start = space + 1
 
     def _request_line(self, line: bytes) -> None:
-        parts = line.split(b" ")
-        if len(parts) != 3:
-            raise BadRequest("request line is not 'METHOD target HTTP/1.x'")
-        method, target, version = parts
-        if not method or not _TCHAR.issuperset(method):
-            raise BadRequest("invalid request method")
-        if not target or not _VCHAR.issuperset(target):
-            raise BadRequest("invalid request target")
+        # _check_request_line_prefix has already read this whole line: a method
+        # of tchars, one space, a target of vchars, one space, and a prefix of
+        # a version. Only the version can still be short ("HTTP/1.").
+        _method, target, version = line.split(b" ")
         if version not in _VERSIONS:
             raise BadRequest("unsupported HTTP version (want HTTP/1.0 or HTTP/1.1)")
         self._version = version

@@ -734,6 +734,9 @@ def test_http_every_strict_prefix_needs_more():
         head(b"Host: example.com", request=b"GET /\x00 HTTP/1.1"),
         head(b"Host: example.com", request=b"GET /\t HTTP/1.1"),
         head(b"Host: example.com", request=b""),
+        head(b"Host: example.com", request=b"GET / "),
+        head(b"Host: example.com", request=b"GET / HTTP/1."),
+        head(b"Host: example.com", request=b"GET / H"),
     ],
 )
 def test_http_rejections(data):
