@@ -47,7 +47,6 @@ from typing import Callable, TextIO
 import docopt
 import gevent
 import gevent.event
-import gevent.pool
 import gevent.server
 from gevent import socket
 
@@ -210,11 +209,14 @@ class _AcceptPaused(Exception):
 
 
 class _Server(gevent.server.StreamServer):
-    """StreamServer whose accept failures give one log line, not a traceback."""
+    """StreamServer that pauses accepting while the gateway is full and logs accept failures."""
 
-    def __init__(self, listener: stdlib_socket.socket, handle: Callable, spawn: gevent.pool.Pool, log: Log) -> None:
-        super().__init__(listener, handle, spawn=spawn)
-        self.log = log
+    def __init__(self, listener: stdlib_socket.socket, handle: Callable, gateway: Gateway) -> None:
+        super().__init__(listener, handle, spawn=gevent.spawn_raw)
+        self.gateway = gateway
+
+    def full(self) -> bool:
+        return self.gateway.open >= self.gateway.config.settings.max_connections
 
     def do_read(self):
         try:
@@ -222,7 +224,7 @@ class _Server(gevent.server.StreamServer):
         except OSError as exc:
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
                 return None  # the client left before we accepted it
-            self.log.error(
+            self.gateway.log.error(
                 "accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc)
             )
             raise _AcceptPaused() from exc
@@ -233,7 +235,8 @@ def _format_address(address: tuple) -> str:
 
 
 # ---------------------------------------------------------------------------
-# The gateway: one greenlet per connection.
+# The gateway: a greenlet per connection until the backend is connected, then
+# a callback-driven relay (relay.py) that holds no greenlet.
 
 
 class Gateway:
@@ -243,14 +246,16 @@ class Gateway:
         self.config = cfg
         self.log = log
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
-        self.pool = gevent.pool.Pool(cfg.settings.max_connections)
         self.servers: list[_Server] = []
+        self.open = 0  # connections accepted and not yet closed, relays included
+        self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
+        self._handlers = {name: self._handler(name) for name in LISTENERS}
 
     def serve(self, listeners: list[tuple[str, stdlib_socket.socket]]) -> None:
         for name, sock in listeners:
-            server = _Server(sock, self._handler(name), self.pool, self.log)
+            server = _Server(sock, self._handlers[name], self)
             server.start()
             self.servers.append(server)
 
@@ -264,65 +269,62 @@ class Gateway:
         self.config = cfg
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
 
-    def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting, give open connections ``grace`` seconds, then cut them."""
+    def stop(self, grace: float = SHUTDOWN_GRACE, **fields: object) -> None:
+        """Stop accepting, give open connections ``grace`` seconds, then leave them to the exit."""
         for server in self.servers:
             server.close()
-        if not self.pool.join(timeout=grace):
-            self.log.warning("grace period over, closing open connections", open=len(self.pool))
-            self.pool.kill(block=True, timeout=5)
+        self.log.info("stopping: no new connections", open=self.open, **fields)
+        if self.open and not self.drained.wait(timeout=grace):
+            self.log.warning("grace period over, closing open connections", open=self.open, **fields)
+
+    def _closed(self) -> None:
+        """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
+        self.open -= 1
+        if self.open == self.config.settings.max_connections - 1:
+            for server in self.servers:
+                server._start_accepting_if_started()
+        if not self.open:
+            self.drained.set()
 
     def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
-        started = time.monotonic()
+        self.open += 1
+        self.drained.clear()
+        conn = _Connection(self, listener, address)
         settings = self.config.settings
-        fields: dict = {
-            "id": self._id_prefix + str(next(self._ids)),
-            "listener": listener,
-            "client": _format_address(address),
-            "domain": None,
-            "backend": None,
-        }
-        reason = None
-        result = relay.RelayResult(outcome="error")
         backend_sock = None
         try:
             preamble, buffered = self._read_preamble(client, listener, settings)
-            fields["domain"] = preamble.domain
+            conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
             if backend is None:
                 name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
                 raise sniff.NoRoute(f"no route for {name}")
-            fields["backend"] = str(backend)
+            conn.backend = backend
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
             if backend.proxy_protocol:
                 buffered = proxy_header(backend.proxy_protocol, address, client.getsockname()) + buffered
             client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
             backend_sock.sendall(buffered)
-            result = relay.relay(client, backend_sock, settings.idle_timeout)
-            result.bytes_up += len(buffered)
+            conn.result.bytes_up = len(buffered)
         except sniff.GatewayError as exc:
-            result.outcome = exc.outcome
-            reason = exc.reason
+            conn.result.outcome = exc.outcome
+            conn.reason = exc.reason
             _answer(client, error_reply(exc, listener))
         except _ClientGone as exc:
-            result.outcome = exc.outcome
+            conn.result.outcome = exc.outcome
         except OSError as exc:  # the backend broke before the relay began
-            result.outcome = "backend_reset"
-            reason = str(exc)
-        finally:
-            if backend_sock is not None:
-                backend_sock.close()
-            client.close()
-            self.log.write(
-                "info",
-                "connection",
-                **fields,
-                outcome=result.outcome,
-                bytes_up=result.bytes_up,
-                bytes_down=result.bytes_down,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
-                **({"reason": reason} if reason else {}),
-            )
+            conn.result.outcome = "backend_reset"
+            conn.reason = str(exc)
+        except BaseException:
+            conn.result.outcome = "error"
+            _close(client, backend_sock)
+            conn.done(conn.result)
+            raise
+        else:
+            relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+            return
+        _close(client, backend_sock)
+        conn.done(conn.result)
 
     def _read_preamble(self, client: socket.socket, listener: str, settings: Settings) -> tuple[sniff.Preamble, bytes]:
         """Read until the sniffer decides, under one deadline counted from accept."""
@@ -380,12 +382,53 @@ class Gateway:
             deadline.close()
 
 
+class _Connection:
+    """What the log line of one connection needs, kept until the connection ends."""
+
+    __slots__ = ("backend", "domain", "gateway", "id", "listener", "peer", "reason", "result", "started")
+
+    def __init__(self, gateway: Gateway, listener: str, address: tuple) -> None:
+        self.gateway = gateway
+        self.id = gateway._id_prefix + str(next(gateway._ids))
+        self.listener = listener
+        self.peer = address
+        self.started = time.monotonic()
+        self.domain: str | None = None
+        self.backend: Backend | None = None
+        self.reason: str | None = None
+        self.result = relay.RelayResult()
+
+    def done(self, result: relay.RelayResult) -> None:
+        gateway = self.gateway
+        gateway._closed()
+        fields = {
+            "id": self.id,
+            "listener": self.listener,
+            "client": _format_address(self.peer),
+            "domain": self.domain,
+            "backend": str(self.backend) if self.backend else None,
+            "outcome": result.outcome,
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+        }
+        if self.reason:
+            fields["reason"] = self.reason
+        gateway.log.write("info", "connection", **fields)
+
+
 class _ClientGone(Exception):
     """The client closed or reset before the preamble was in: nothing to answer."""
 
     def __init__(self, outcome: str) -> None:
         super().__init__(outcome)
         self.outcome = outcome
+
+
+def _close(*socks: socket.socket | None) -> None:
+    for sock in socks:
+        if sock is not None:
+            sock.close()
 
 
 def _answer(client: socket.socket, reply: bytes) -> None:
@@ -512,7 +555,7 @@ def run(cfg: Config, args: dict, log: Log) -> int:
         log.info(f"listening for {name}", address=_format_address(sock.getsockname()))
     if workers == 1:
         return serve(cfg, args, log, listeners, worker=0)
-    return supervise(workers, lambda worker: serve(cfg, args, log, listeners, worker), cfg, args, log)
+    return supervise(workers, lambda worker: serve(cfg, args, log, listeners, worker), cfg, args, log, listeners)
 
 
 def _reload(source: str, args: dict, log: Log) -> Config | None:
@@ -551,9 +594,9 @@ def serve(cfg: Config, args: dict, log: Log, listeners: list, worker: int) -> in
     stopping.wait()
     if not worker:
         sd_notify("STOPPING=1")
-    log.info("stopping: no new connections", open=len(gateway.pool), **({"worker": worker} if worker else {}))
-    gateway.stop()
-    log.info("stopped", **({"worker": worker} if worker else {}))
+    fields = {"worker": worker} if worker else {}
+    gateway.stop(**fields)
+    log.info("stopped", **fields)
     return 0
 
 
@@ -561,8 +604,12 @@ _SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
 
 
-def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, log: Log) -> int:
-    """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on."""
+def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, log: Log, listeners: list) -> int:
+    """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on.
+
+    The supervisor keeps its copies of the listening sockets to hand to replacement
+    workers, and closes them when it stops so that new clients are refused at once.
+    """
     signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     respawn: dict[int, float] = {}  # worker number -> when to start it again
@@ -618,6 +665,8 @@ def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, l
         elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
             stopping = True
             respawn.clear()
+            for _, sock in listeners:
+                sock.close()
             sd_notify("STOPPING=1")
             log.info("stopping workers", workers=len(children))
             _signal_all(children, signal.SIGTERM)

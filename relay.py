@@ -1,87 +1,328 @@
-"""Move bytes both ways between two connected gevent sockets until both ends are done.
+"""Move bytes both ways between two connected sockets until both ends are done.
 
-One pump per direction. EOF on one side becomes ``shutdown(SHUT_WR)`` on the
-other while the opposite direction keeps flowing (half-close). Silence in
-both directions together for ``idle_timeout`` ends the relay; so does a reset
-on either side, which is passed on as a reset to the other side so that
-neither peer mistakes a broken stream for a complete one. A pump holds no
-buffer while it waits. This module never closes the sockets it is given,
-never touches the server, and never logs: it returns what happened.
+One pump per direction, driven by the event loop's readiness callbacks rather
+than by a parked greenlet: an idle relay costs two small io watchers and a
+timer, and holds no buffer and no pipe. A direction reads while its source is
+readable and writes what it read at once; when the destination is full it
+stops reading and waits for the destination to drain (backpressure). After the
+first ``SPLICE_AFTER`` bytes a direction switches to ``os.splice`` through a
+pipe borrowed from a pool for as long as data is in flight (Linux, Python
+3.10+), so bulk data never enters Python.
+
+EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
+direction keeps flowing (half-close). Silence in both directions together for
+``idle_timeout`` ends the relay with a FIN; a reset on either side ends it and
+is passed on as a reset, so neither peer mistakes a broken stream for a
+complete one. This module never logs and never touches the servers: it calls
+``on_done(result)`` once, after both sockets are closed.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
-import time
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import gevent
+import gevent.event
 
-CHUNK = 65536  # bytes per recv: the default socket buffer size, one syscall per 64 KiB
+CHUNK = 65536  # bytes per recv: the default socket buffer, one syscall per 64 KiB
+SPLICE_AFTER = 1 << 17  # bytes a direction copies before switching to splice: short exchanges never need a pipe
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ for pooled pipes: 1 MiB moves bulk data in few syscalls
+PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs more than a small connection
+ROUNDS = 16  # transfers per readiness callback before other connections get their turn
 
-# SO_LINGER on, 0 seconds: close() sends RST instead of FIN.
-_LINGER_RESET = struct.pack("ii", 1, 0)
+# KIAGATEWAY_NO_SPLICE=1 forces the copy path (kernels or sandboxes where splice misbehaves, and tests).
+HAVE_SPLICE = sys.platform.startswith("linux") and hasattr(os, "splice") and not os.environ.get("KIAGATEWAY_NO_SPLICE")
+if HAVE_SPLICE:
+    _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    _splice = os.splice
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux (named in fcntl only from Python 3.10)
+
+_READ, _WRITE = 1, 2  # libev event masks
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 
 @dataclass
 class RelayResult:
     bytes_up: int = 0  # client -> backend
     bytes_down: int = 0  # backend -> client
-    outcome: str = "ok"  # ok | idle_timeout | client_reset | backend_reset
+    outcome: str = "ok"  # ok | idle_timeout | client_reset | backend_reset | error
 
 
-class _Relay:
-    __slots__ = ("backend", "client", "idle_timeout", "last_activity", "pumps", "result")
+class PipePool:
+    """Empty, pre-sized pipes lent to directions while they splice."""
 
-    def __init__(self, client: socket.socket, backend: socket.socket, idle_timeout: float) -> None:
-        self.client = client
-        self.backend = backend
-        self.idle_timeout = idle_timeout
-        self.last_activity = time.monotonic()
-        self.pumps: list[gevent.Greenlet] = []
-        self.result = RelayResult()
+    def __init__(self, keep: int = PIPES_KEPT) -> None:
+        self.keep = keep
+        self.free: list[tuple[int, int]] = []
 
-    def pump(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
-        src_name, dst_name = ("client", "backend") if up else ("backend", "client")
-        recv, sendall = src.recv, dst.sendall
-        src.settimeout(self.idle_timeout)
-        dst.settimeout(self.idle_timeout)
-        while True:
+    def get(self) -> tuple[int, int]:
+        if self.free:
+            return self.free.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            import fcntl
+
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # over /proc/sys/fs/pipe-max-size: the default size still works
+            pass
+        return read_end, write_end
+
+    def put(self, pipe: tuple[int, int], empty: bool = True) -> None:
+        if empty and len(self.free) < self.keep:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+
+PIPES = PipePool()
+
+
+class _Direction:
+    """One way of the relay: src -> dst, with what is in flight when dst is full."""
+
+    __slots__ = (
+        "dst",
+        "dst_fd",
+        "eof",
+        "moved",
+        "name",
+        "pending",
+        "pipe",
+        "piped",
+        "reader",
+        "relay",
+        "src",
+        "src_fd",
+        "up",
+        "writer",
+    )
+
+    def __init__(self, relay: Relay, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        self.relay = relay
+        self.src, self.dst = src, dst
+        self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
+        self.up = up
+        self.name = ("client", "backend") if up else ("backend", "client")  # (src, dst) for outcomes
+        self.reader = relay.loop.io(self.src_fd, _READ)
+        self.writer = None  # made when dst first fills up
+        self.pending: memoryview | None = None  # recv'd bytes dst did not take yet
+        self.pipe: tuple[int, int] | None = None
+        self.piped = 0  # bytes in the pipe
+        self.moved = 0
+        self.eof = False
+
+    def start(self) -> None:
+        self.reader.start(self.on_readable)
+
+    def on_readable(self) -> None:
+        relay = self.relay
+        try:
+            for _ in range(ROUNDS):
+                if self.pipe is not None or (HAVE_SPLICE and self.moved >= SPLICE_AFTER):
+                    if not self._splice_once():
+                        break
+                elif not self._copy_once():
+                    break
+            if self.pipe is not None and not self.piped:
+                PIPES.put(self.pipe)  # nothing in flight: an idle relay holds no pipe
+                self.pipe = None
+        except BaseException:
+            relay.abort("error")
+            raise
+
+    def _copy_once(self) -> bool:
+        """recv one chunk and send it; False when this callback should stop."""
+        try:
+            data = self.src.recv(CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.relay.abort(f"{self.name[0]}_reset")
+            return False
+        if not data:
+            self._on_eof()
+            return False
+        self.relay.touch()
+        self.moved += len(data)
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.relay.abort(f"{self.name[1]}_reset")
+            return False
+        self._count(sent)
+        if sent < len(data):
+            self.pending = memoryview(data)[sent:]
+            self._wait_writable()
+            return False
+        return len(data) == CHUNK  # a short read drained the socket
+
+    def _splice_once(self) -> bool:
+        if self.pipe is None:
+            self.pipe = PIPES.get()
+        try:
+            n = _splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.relay.abort(f"{self.name[0]}_reset")
+            return False
+        if not n:
+            self._on_eof()
+            return False
+        self.relay.touch()
+        self.moved += n
+        self.piped = n
+        return self._drain_pipe()
+
+    def _drain_pipe(self) -> bool:
+        """Splice the pipe into dst; False if dst filled up (then we wait for it) or broke."""
+        while self.piped:
             try:
-                data = recv(CHUNK)
-            except socket.timeout:
-                idle = time.monotonic() - self.last_activity
-                if idle >= self.idle_timeout:
-                    self.abort("idle_timeout", reset=False)
+                n = _splice(self.pipe[0], self.dst_fd, self.piped, flags=_SPLICE_FLAGS)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.relay.abort(f"{self.name[1]}_reset")
+                return False
+            if not n:
+                self._wait_writable()
+                return False
+            self.piped -= n
+            self._count(n)
+        return True
+
+    def _count(self, n: int) -> None:
+        if self.up:
+            self.relay.result.bytes_up += n
+        else:
+            self.relay.result.bytes_down += n
+
+    def _wait_writable(self) -> None:
+        self.reader.stop()
+        if self.writer is None:
+            self.writer = self.relay.loop.io(self.dst_fd, _WRITE)
+        self.writer.start(self.on_writable)
+
+    def on_writable(self) -> None:
+        try:
+            if self.pending is not None:
+                try:
+                    sent = self.dst.send(self.pending)
+                except BlockingIOError:
                     return
-                src.settimeout(self.idle_timeout - idle)  # the other direction was busy
-                continue
-            except OSError:
-                self.abort(f"{src_name}_reset")
+                except OSError:
+                    self.relay.abort(f"{self.name[1]}_reset")
+                    return
+                self._count(sent)
+                self.relay.touch()
+                self.pending = self.pending[sent:] if sent < len(self.pending) else None
+                if self.pending is not None:
+                    return
+            elif not self._drain_pipe():
                 return
-            if not data:
-                _shutdown(dst, socket.SHUT_WR)
-                return
-            self.last_activity = time.monotonic()
-            try:
-                sendall(data)
-            except socket.timeout:  # the peer read nothing for a whole idle_timeout
-                self.abort("idle_timeout", reset=False)
-                return
-            except OSError:
-                self.abort(f"{dst_name}_reset")
-                return
-            if up:
-                self.result.bytes_up += len(data)
+            self.writer.stop()
+            if self.pipe is not None:
+                PIPES.put(self.pipe)
+                self.pipe = None
+            if self.eof:
+                self._finish()
             else:
-                self.result.bytes_down += len(data)
-            src.settimeout(self.idle_timeout)
+                self.reader.start(self.on_readable)
+        except BaseException:
+            self.relay.abort("error")
+            raise
+
+    def _on_eof(self) -> None:
+        self.eof = True
+        self.reader.stop()
+        if self.pending is None and not self.piped:
+            self._finish()
+        # else: on_writable finishes once what is in flight has been written
+
+    def _finish(self) -> None:
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:  # already gone: nothing left to tell it
+            pass
+        self.relay.direction_done()
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.pipe is not None:
+            PIPES.put(self.pipe, empty=not self.piped)
+            self.pipe = None
+
+
+class Relay:
+    """Both directions of one connection, plus the idle timer; ends by calling ``on_done``."""
+
+    __slots__ = (
+        "_open",
+        "backend",
+        "client",
+        "down",
+        "idle_timeout",
+        "last_activity",
+        "loop",
+        "on_done",
+        "result",
+        "timer",
+        "up",
+    )
+
+    def __init__(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        idle_timeout: float,
+        on_done: Callable[[RelayResult], None],
+        result: RelayResult | None = None,
+    ) -> None:
+        self.loop = gevent.get_hub().loop
+        self.client, self.backend = _plain(client), _plain(backend)
+        self.idle_timeout = idle_timeout
+        self.on_done = on_done
+        self.result = result or RelayResult()
+        self.last_activity = self.loop.now()
+        self.up = _Direction(self, self.client, self.backend, True)
+        self.down = _Direction(self, self.backend, self.client, False)
+        self._open = 2  # directions not finished yet
+        self.timer = self.loop.timer(idle_timeout)
+        self.timer.start(self.on_timer)
+        self.up.start()
+        self.down.start()
+
+    def touch(self) -> None:
+        self.last_activity = self.loop.now()
+
+    def on_timer(self) -> None:
+        idle = self.loop.now() - self.last_activity
+        if idle >= self.idle_timeout:
+            self.abort("idle_timeout", reset=False)
+            return
+        self.timer.close()  # re-arm for the rest of the idle period: one timer per period, not per byte
+        self.timer = self.loop.timer(self.idle_timeout - idle)
+        self.timer.start(self.on_timer)
+
+    def direction_done(self) -> None:
+        self._open -= 1
+        if not self._open:
+            self._end()
 
     def abort(self, outcome: str, reset: bool = True) -> None:
-        """End both directions now; the first cause wins. A reset is passed on as a reset."""
-        if self.result.outcome != "ok":
-            return
+        """End both directions now; a reset is passed on as a reset."""
+        if self.timer is None:
+            return  # already ended
         self.result.outcome = outcome
         if reset:
             for sock in (self.client, self.backend):
@@ -89,31 +330,34 @@ class _Relay:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
                 except OSError:
                     pass
-        current = gevent.getcurrent()
-        for pump in self.pumps:
-            if pump is not current:
-                pump.kill(block=False)
+        self._end()
+
+    def _end(self) -> None:
+        if self.timer is None:
+            return
+        self.timer.close()
+        self.timer = None
+        self.up.close()
+        self.down.close()
+        self.client.close()
+        self.backend.close()
+        self.on_done(self.result)
 
 
-def _shutdown(sock: socket.socket, how: int) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:  # already gone: nothing left to tell it
-        pass
+def _plain(sock: socket.socket) -> socket.socket:
+    """A non-blocking stdlib socket on the same descriptor, without gevent's own watchers."""
+    if type(sock) is socket.socket:
+        sock.setblocking(False)
+        return sock
+    family = sock.family
+    fd = sock.detach()
+    plain = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+    plain.setblocking(False)
+    return plain
 
 
 def relay(client: socket.socket, backend: socket.socket, idle_timeout: float) -> RelayResult:
-    """Relay until both directions have ended; the caller closes both sockets afterwards.
-
-    With SO_LINGER set to 0 after a reset, that close passes the reset on.
-    """
-    state = _Relay(client, backend, idle_timeout)
-    state.pumps = [
-        gevent.spawn(state.pump, client, backend, True),
-        gevent.spawn(state.pump, backend, client, False),
-    ]
-    try:
-        gevent.joinall(state.pumps)
-    finally:
-        gevent.killall(state.pumps)
-    return state.result
+    """Blocking form for a greenlet: relay until both directions end and return the result."""
+    done = gevent.event.AsyncResult()
+    Relay(client, backend, idle_timeout, done.set)
+    return done.get()

@@ -49,9 +49,13 @@ class RawBackend:
         self.thread.join(TIMEOUT)
 
 
-@pytest.fixture
+@pytest.fixture(params=["splice", "copy"])
 def raw_gateway(start_gateway, request):
-    """Start a gateway routing raw.example (HTTP) to a RawBackend running ``handler``."""
+    """Start a gateway routing raw.example (HTTP) to a RawBackend running ``handler``.
+
+    Every relay test runs twice: with the splice path and with the recv/send copy path.
+    """
+    env = {"KIAGATEWAY_NO_SPLICE": "1"} if request.param == "copy" else None
     made = []
 
     def start(handler, extra: str = ""):
@@ -59,7 +63,8 @@ def raw_gateway(start_gateway, request):
         made.append(backend)
         gw = start_gateway(
             f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n{extra}\n'
-            f'[http_backends]\n"raw.example" = "{backend.address}"\n'
+            f'[http_backends]\n"raw.example" = "{backend.address}"\n',
+            env=env,
         )
         return gw, backend
 

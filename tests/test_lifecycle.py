@@ -1,0 +1,77 @@
+"""Graceful stop with open relays, and the max_connections cap."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+from conftest import TIMEOUT, read_all
+from test_relay import HEAD, RawBackend, recv_exactly
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_stops_accepting_but_lets_open_relays_finish(start_gateway, workers):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        assert recv_exactly(conn, 3) == b"bye"
+        conn.sendall(b"ok")
+
+    be = RawBackend(backend)
+    gw = start_gateway(
+        f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+        f'[http_backends]\n"raw.example" = "{be.address}"\n',
+        f"--workers={workers}",
+    )
+    try:
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            assert recv_exactly(sock, 5) == b"hello"
+            gw.proc.send_signal(signal.SIGTERM)
+            for worker in range(1, int(workers) + 1) if workers != "1" else [None]:  # every process closed
+                gw.wait_for(
+                    lambda line, w=worker: (
+                        line.get("message") == "stopping: no new connections" and line.get("worker") == w
+                    )
+                )
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(gw.http, timeout=TIMEOUT).close()
+            assert gw.proc.poll() is None  # still serving the open relay
+            sock.sendall(b"bye")
+            assert read_all(sock) == b"ok"
+        assert gw.proc.wait(TIMEOUT) == 0
+        be.check()
+    finally:
+        be.close()
+    gw.stop()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def test_max_connections_pauses_accepting(start_gateway):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"first")
+        assert read_all(conn) == b""
+
+    be = RawBackend(backend)
+    gw = start_gateway(
+        f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nmax_connections = 1\n'
+        f'[http_backends]\n"raw.example" = "{be.address}"\n"*" = "127.0.0.1:1"\n'
+    )
+    try:
+        first = socket.create_connection(gw.http, timeout=TIMEOUT)
+        first.sendall(HEAD)
+        assert recv_exactly(first, 5) == b"first"
+        second = socket.create_connection(gw.http, timeout=TIMEOUT)  # the kernel's backlog holds it
+        second.sendall(b"GET / HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        second.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            second.recv(1)  # not accepted while the first connection is open
+        first.close()
+        second.settimeout(TIMEOUT)
+        assert read_all(second).startswith(b"HTTP/1.1 502")  # accepted once a slot freed
+        second.close()
+        be.check()
+    finally:
+        be.close()
