@@ -37,7 +37,7 @@ import itertools
 import json
 import os
 import signal
-import socket as stdlib_socket
+import socket
 import struct
 import sys
 import time
@@ -48,7 +48,7 @@ import docopt
 import gevent
 import gevent.event
 import gevent.server
-from gevent import socket
+import gevent.socket
 
 import config
 import relay
@@ -162,10 +162,10 @@ def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
     v6 = ":" in client[0]
     if version == "v1":
         return f"PROXY TCP{6 if v6 else 4} {client[0]} {local[0]} {client[1]} {local[1]}\r\n".encode("ascii")
-    family = stdlib_socket.AF_INET6 if v6 else stdlib_socket.AF_INET
+    family = socket.AF_INET6 if v6 else socket.AF_INET
     addresses = (
-        stdlib_socket.inet_pton(family, client[0])
-        + stdlib_socket.inet_pton(family, local[0])
+        socket.inet_pton(family, client[0])
+        + socket.inet_pton(family, local[0])
         + struct.pack("!HH", client[1], local[1])
     )
     # version 2, command PROXY; TCP over IPv6 (0x21) or IPv4 (0x11)
@@ -187,15 +187,15 @@ _BIND_HINTS = {
 }
 
 
-def bind_listener(address: Address) -> stdlib_socket.socket:
-    family = stdlib_socket.AF_INET6 if address.ip and address.ip.version == 6 else stdlib_socket.AF_INET
-    sock = stdlib_socket.socket(family, stdlib_socket.SOCK_STREAM)
+def bind_listener(address: Address) -> socket.socket:
+    family = socket.AF_INET6 if address.ip and address.ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_REUSEADDR, 1)
-        if family == stdlib_socket.AF_INET6:  # "[::]:80" and "0.0.0.0:80" may both be listed
-            sock.setsockopt(stdlib_socket.IPPROTO_IPV6, stdlib_socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # "[::]:80" and "0.0.0.0:80" may both be listed
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address.host, address.port))
-        sock.listen(stdlib_socket.SOMAXCONN)
+        sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -211,23 +211,32 @@ class _AcceptPaused(Exception):
 class _Server(gevent.server.StreamServer):
     """StreamServer that pauses accepting while the gateway is full and logs accept failures."""
 
-    def __init__(self, listener: stdlib_socket.socket, handle: Callable, gateway: Gateway) -> None:
+    def __init__(self, listener: socket.socket, handle: Callable, gateway: Gateway) -> None:
         super().__init__(listener, handle, spawn=gevent.spawn_raw)
         self.gateway = gateway
 
     def full(self) -> bool:
         return self.gateway.open >= self.gateway.config.settings.max_connections
 
-    def do_read(self):
+    def do_read(self) -> tuple[socket.socket, tuple] | None:
+        """Accept one client as a plain non-blocking socket: the gateway waits on it itself."""
         try:
-            return super().do_read()
+            fd, address = self.socket._accept()
+        except BlockingIOError:
+            return None
         except OSError as exc:
-            if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EAGAIN):
+            if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 return None  # the client left before we accepted it
             self.gateway.log.error(
                 "accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc)
             )
             raise _AcceptPaused() from exc
+        client = socket.socket(self.socket.family, socket.SOCK_STREAM, 0, fd)
+        client.setblocking(False)
+        return client, address
+
+    def do_close(self, *args: object) -> None:
+        """The gateway closes each client itself, or hands it to a relay that does."""
 
 
 def _format_address(address: tuple) -> str:
@@ -253,7 +262,7 @@ class Gateway:
         self._id_prefix = f"{worker}." if worker else ""
         self._handlers = {name: self._handler(name) for name in LISTENERS}
 
-    def serve(self, listeners: list[tuple[str, stdlib_socket.socket]]) -> None:
+    def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         for name, sock in listeners:
             server = _Server(sock, self._handlers[name], self)
             server.start()
@@ -303,8 +312,8 @@ class Gateway:
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
             if backend.proxy_protocol:
                 buffered = proxy_header(backend.proxy_protocol, address, client.getsockname()) + buffered
-            client.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-            backend_sock.sendall(buffered)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _sendall(backend_sock, buffered)
             conn.result.bytes_up = len(buffered)
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
@@ -335,7 +344,7 @@ class Gateway:
             result = sniff.NEED_MORE
             while result is sniff.NEED_MORE:
                 try:
-                    data = client.recv(READ_SIZE)
+                    data = _recv(client, READ_SIZE)
                 except OSError:
                     raise _ClientGone("client_reset") from None
                 if not data:
@@ -356,30 +365,77 @@ class Gateway:
         address = backend.address
         deadline = gevent.Timeout(timeout)
         deadline.start()
-        sock = None
         try:
             if address.ip is not None:  # no resolver round-trip for IP literals
-                family = stdlib_socket.AF_INET6 if address.ip.version == 6 else stdlib_socket.AF_INET
-                sock = socket.socket(family, stdlib_socket.SOCK_STREAM)
-                sock.connect((address.host, address.port))
-            else:  # names resolve at connect time, so DNS changes need no restart
-                sock = socket.create_connection((address.host, address.port))
-            sock.setsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_NODELAY, 1)
-            return sock
+                family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
+                return _open_connection(family, (address.host, address.port))
+            # names resolve at connect time, so DNS changes need no restart
+            error: OSError = OSError("no address")
+            for family, _, _, _, sockaddr in socket.getaddrinfo(address.host, address.port, 0, socket.SOCK_STREAM):
+                try:
+                    return _open_connection(family, sockaddr)
+                except OSError as exc:
+                    error = exc
+            raise error
         except gevent.Timeout as exc:
-            if sock is not None:
-                sock.close()
             if exc is not deadline:
                 raise
             raise sniff.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
-        except stdlib_socket.gaierror as exc:
+        except socket.gaierror as exc:
             raise sniff.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
-            if sock is not None:
-                sock.close()
             raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
         finally:
             deadline.close()
+
+
+# Blocking-style I/O on plain non-blocking sockets: try the call, and only when
+# it would block, park this greenlet on a one-off io watcher.
+
+_READ, _WRITE = 1, 2  # libev event masks
+
+
+def _wait(sock: socket.socket, event: int) -> None:
+    hub = gevent.get_hub()
+    watcher = hub.loop.io(sock.fileno(), event)
+    try:
+        hub.wait(watcher)
+    finally:
+        watcher.close()
+
+
+def _recv(sock: socket.socket, size: int) -> bytes:
+    while True:
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            _wait(sock, _READ)
+
+
+def _sendall(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            _wait(sock, _WRITE)
+
+
+def _open_connection(family: int, sockaddr: tuple) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        error = sock.connect_ex(sockaddr)
+        if error == errno.EINPROGRESS:
+            _wait(sock, _WRITE)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 class _Connection:
@@ -435,19 +491,18 @@ def _answer(client: socket.socket, reply: bytes) -> None:
     """Send an error reply, then drain briefly so that closing does not reset it away."""
     if not reply:
         return
-    client.settimeout(REPLY_TIMEOUT)
     try:
-        client.sendall(reply)
-        client.shutdown(stdlib_socket.SHUT_WR)
-        client.settimeout(LINGER_SECONDS)
-        drained = 0
-        deadline = time.monotonic() + LINGER_SECONDS
-        while drained < LINGER_BYTES and time.monotonic() < deadline:
-            data = client.recv(READ_SIZE)
-            if not data:
-                break
-            drained += len(data)
-    except OSError:  # the client is gone or too slow: the close below is all it gets
+        with gevent.Timeout(REPLY_TIMEOUT, False):  # a client too slow to take it gets the close alone
+            _sendall(client, reply)
+            client.shutdown(socket.SHUT_WR)
+            drained = 0
+            with gevent.Timeout(LINGER_SECONDS, False):
+                while drained < LINGER_BYTES:
+                    data = _recv(client, READ_SIZE)
+                    if not data:
+                        break
+                    drained += len(data)
+    except OSError:  # the client is gone: the close is all it gets
         pass
 
 
@@ -524,7 +579,7 @@ def sd_notify(message: str) -> None:
         return
     if path.startswith("@"):
         path = "\0" + path[1:]
-    with stdlib_socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_DGRAM) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         try:
             sock.sendto(message.encode(), path)
         except OSError:
