@@ -95,6 +95,22 @@ class Log:
         self.stream.write(line + "\n")
         self.stream.flush()
 
+    def connection(self, fields: dict) -> None:
+        """The per-connection line: formatted directly, since it is written for every connection."""
+        if self.json:
+            self.write("info", "connection", **fields)
+            return
+        f = fields
+        line = (
+            f"{self._time()} info connection id={f['id']} listener={f['listener']} client={f['client']}"
+            f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
+            f" bytes_up={f['bytes_up']} bytes_down={f['bytes_down']} duration_ms={f['duration_ms']}"
+        )
+        if "reason" in f:  # the only field that may hold spaces or client bytes
+            line += f" reason={_text_value(f['reason'])}"
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
     def info(self, message: str, **fields: object) -> None:
         self.write("info", message, **fields)
 
@@ -470,7 +486,7 @@ class _Connection:
         }
         if self.reason:
             fields["reason"] = self.reason
-        gateway.log.write("info", "connection", **fields)
+        gateway.log.connection(fields)
 
 
 class _ClientGone(Exception):

@@ -248,10 +248,11 @@ class _Direction:
         # else: on_writable finishes once what is in flight has been written
 
     def _finish(self) -> None:
-        try:
-            self.dst.shutdown(socket.SHUT_WR)
-        except OSError:  # already gone: nothing left to tell it
-            pass
+        if self.relay.open_directions > 1:  # else closing dst right after sends the FIN anyway
+            try:
+                self.dst.shutdown(socket.SHUT_WR)
+            except OSError:  # already gone: nothing left to tell it
+                pass
         self.relay.direction_done()
 
     def close(self) -> None:
@@ -267,7 +268,6 @@ class Relay:
     """Both directions of one connection, plus the idle timer; ends by calling ``on_done``."""
 
     __slots__ = (
-        "_open",
         "backend",
         "client",
         "down",
@@ -275,6 +275,7 @@ class Relay:
         "last_activity",
         "loop",
         "on_done",
+        "open_directions",
         "result",
         "timer",
         "up",
@@ -296,7 +297,7 @@ class Relay:
         self.last_activity = self.loop.now()
         self.up = _Direction(self, self.client, self.backend, True)
         self.down = _Direction(self, self.backend, self.client, False)
-        self._open = 2  # directions not finished yet
+        self.open_directions = 2  # directions not finished yet
         self.timer = self.loop.timer(idle_timeout)
         self.timer.start(self.on_timer)
         self.up.start()
@@ -315,8 +316,8 @@ class Relay:
         self.timer.start(self.on_timer)
 
     def direction_done(self) -> None:
-        self._open -= 1
-        if not self._open:
+        self.open_directions -= 1
+        if not self.open_directions:
             self._end()
 
     def abort(self, outcome: str, reset: bool = True) -> None:
