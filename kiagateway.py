@@ -572,8 +572,12 @@ def print_routes(cfg: Config, out: TextIO) -> None:
 
 
 def drop_privileges(user: str) -> None:
+    """Become ``user`` for good. What is imported lazily is imported first, while it is still readable."""
     import pwd
 
+    hub = gevent.get_hub()  # the event loop, resolver and thread pool load modules on first use
+    hub.resolver  # noqa: B018
+    hub.threadpool  # noqa: B018
     try:
         entry = pwd.getpwnam(user)
     except KeyError:

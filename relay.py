@@ -19,6 +19,7 @@ complete one. This module never logs and never touches the servers: it calls
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import struct
@@ -65,8 +66,6 @@ class PipePool:
             return self.free.pop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            import fcntl
-
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:  # over /proc/sys/fs/pipe-max-size: the default size still works
             pass

@@ -183,3 +183,25 @@ def test_workers_share_the_listeners_and_a_dead_one_is_replaced(start_gateway, b
         assert b"alpha http" in ask()
     assert gw.stop() == 0
     assert sum(line.get("message") == "stopped" for line in gw.seen) == 3  # two workers and the supervisor
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_user_drops_privileges_after_binding(start_gateway, backends):
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    gw = start_gateway(routes_toml(backends), "--user=nobody")
+    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        assert b"alpha http" in b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_unknown_user_is_a_fatal_error(tmp_path, backends):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(routes_toml(backends))
+    out = run("--user=no-such-user-here", str(cfg))
+    assert out.returncode == 1
+    assert "no such user" in out.stderr

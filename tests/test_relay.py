@@ -210,3 +210,44 @@ def test_client_reset_is_passed_on(raw_gateway):
     sock.close()
     be.check()
     assert gw.connection_log(domain="raw.example")["outcome"] == "client_reset"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_protocol_header_comes_first(start_gateway, version):
+    seen = {}
+
+    def backend(conn):
+        expected_len = 0
+        if version == "v1":
+            header = b""
+            while not header.endswith(b"\r\n"):
+                header += conn.recv(1)
+            seen["header"] = header
+        else:
+            fixed = recv_exactly(conn, 16)
+            expected_len = struct.unpack("!H", fixed[14:16])[0]
+            seen["header"] = fixed + recv_exactly(conn, expected_len)
+        seen["rest"] = recv_exactly(conn, len(HEAD))
+        conn.sendall(b"ok")
+
+    be = RawBackend(backend)
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[http_backends]\n'
+            f'"raw.example" = {{ address = "{be.address}", proxy_protocol = "{version}" }}\n'
+        )
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            assert recv_exactly(sock, 2) == b"ok"
+            client_port = sock.getsockname()[1]
+        be.check()
+    finally:
+        be.close()
+    gw_port = gw.http[1]
+    if version == "v1":
+        assert seen["header"] == f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {gw_port}\r\n".encode()
+    else:
+        assert seen["header"][:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+        assert seen["header"][12:16] == b"\x21\x11\x00\x0c"  # v2 PROXY, TCP over IPv4, 12 address bytes
+        assert seen["header"][16:] == socket.inet_aton("127.0.0.1") * 2 + struct.pack("!HH", client_port, gw_port)
+    assert seen["rest"] == HEAD
