@@ -308,12 +308,15 @@ class TlsSniffer:
             return False
         self._handshake += self.buffer[at + TLS_RECORD_HEADER : end]
         self._record_at = end
-        if self._hello_length is None and len(self._handshake) >= 4:
+        if self._hello_length is None:
+            # The type is the first handshake byte: judge it as soon as it is in,
+            # even when a client sends it in a record of its own.
             if self._handshake[0] != TLS_HANDSHAKE_CLIENT_HELLO:
                 raise UnexpectedTlsMessage(f"handshake type {self._handshake[0]} is not a ClientHello")
-            self._hello_length = 4 + int.from_bytes(self._handshake[1:4], "big")
-            if self._hello_length > self.max_preamble:
-                raise HeadTooLarge(f"ClientHello of {self._hello_length} bytes")
+            if len(self._handshake) >= 4:
+                self._hello_length = 4 + int.from_bytes(self._handshake[1:4], "big")
+                if self._hello_length > self.max_preamble:
+                    raise HeadTooLarge(f"ClientHello of {self._hello_length} bytes")
         return True
 
 

@@ -418,6 +418,15 @@ def test_handshake_that_is_not_a_client_hello(msg_type):
     assert tls(record(handshake(hello_body(), msg_type=msg_type))) is UnexpectedTlsMessage
 
 
+@pytest.mark.parametrize("msg_type", [0, 2, 11])
+def test_handshake_type_is_judged_from_its_first_byte(msg_type):
+    # Regression: with the type alone in a one-byte record, the sniffer waited
+    # for three more handshake bytes before refusing it.
+    assert tls(record(bytes([msg_type]))) is UnexpectedTlsMessage
+    assert tls(records(handshake(hello_body(), msg_type=msg_type), 1)[:6]) is UnexpectedTlsMessage
+    assert tls(record(b"\x01")) is NEED_MORE
+
+
 def test_handshake_length_that_lies_long():
     padding = extension(21, bytes(6))
     body = hello_body([sni(b"example.com")], extensions_length=len(sni(b"example.com")) + len(padding))
