@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import gevent
-import gevent.event
 
 CHUNK = 65536  # bytes per recv: the default socket buffer, one syscall per 64 KiB
 SPLICE_AFTER = 1 << 17  # bytes a direction copies before switching to splice: short exchanges never need a pipe
@@ -88,7 +87,6 @@ class _Direction:
     __slots__ = (
         "dst",
         "dst_fd",
-        "eof",
         "moved",
         "name",
         "pending",
@@ -114,7 +112,6 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.piped = 0  # bytes in the pipe
         self.moved = 0
-        self.eof = False
 
     def start(self) -> None:
         self.reader.start(self.on_readable)
@@ -231,22 +228,14 @@ class _Direction:
             if self.pipe is not None:
                 PIPES.put(self.pipe)
                 self.pipe = None
-            if self.eof:
-                self._finish()
-            else:
-                self.reader.start(self.on_readable)
+            self.reader.start(self.on_readable)
         except BaseException:
             self.relay.abort("error")
             raise
 
     def _on_eof(self) -> None:
-        self.eof = True
+        """src is done. Nothing is in flight: a direction reads only after dst took all it had."""
         self.reader.stop()
-        if self.pending is None and not self.piped:
-            self._finish()
-        # else: on_writable finishes once what is in flight has been written
-
-    def _finish(self) -> None:
         if self.relay.open_directions > 1:  # else closing dst right after sends the FIN anyway
             try:
                 self.dst.shutdown(socket.SHUT_WR)
@@ -289,7 +278,7 @@ class Relay:
         result: RelayResult | None = None,
     ) -> None:
         self.loop = gevent.get_hub().loop
-        self.client, self.backend = _plain(client), _plain(backend)
+        self.client, self.backend = client, backend  # non-blocking, owned by the relay from now on
         self.idle_timeout = idle_timeout
         self.on_done = on_done
         self.result = result or RelayResult()
@@ -342,22 +331,3 @@ class Relay:
         self.client.close()
         self.backend.close()
         self.on_done(self.result)
-
-
-def _plain(sock: socket.socket) -> socket.socket:
-    """A non-blocking stdlib socket on the same descriptor, without gevent's own watchers."""
-    if type(sock) is socket.socket:
-        sock.setblocking(False)
-        return sock
-    family = sock.family
-    fd = sock.detach()
-    plain = socket.socket(family, socket.SOCK_STREAM, 0, fd)
-    plain.setblocking(False)
-    return plain
-
-
-def relay(client: socket.socket, backend: socket.socket, idle_timeout: float) -> RelayResult:
-    """Blocking form for a greenlet: relay until both directions end and return the result."""
-    done = gevent.event.AsyncResult()
-    Relay(client, backend, idle_timeout, done.set)
-    return done.get()

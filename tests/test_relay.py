@@ -251,3 +251,62 @@ def test_proxy_protocol_header_comes_first(start_gateway, version):
         assert seen["header"][12:16] == b"\x21\x11\x00\x0c"  # v2 PROXY, TCP over IPv4, 12 address bytes
         assert seen["header"][16:] == socket.inet_aton("127.0.0.1") * 2 + struct.pack("!HH", client_port, gw_port)
     assert seen["rest"] == HEAD
+
+
+def slow_read(sock: socket.socket, n: int) -> str:
+    """Read ``n`` bytes 2 KiB at a time and return their sha256."""
+    digest, got = hashlib.sha256(), 0
+    while got < n:
+        chunk = sock.recv(2048)
+        assert chunk, f"EOF after {got} of {n} bytes"
+        digest.update(chunk)
+        got += len(chunk)
+    return digest.hexdigest()
+
+
+def small_buffer_connection(address) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT * 3)
+    sock.connect(address)
+    return sock
+
+
+def test_slow_readers_get_every_byte_in_order(raw_gateway):
+    """Backpressure both ways: the gateway stops reading while the other side is full."""
+    size = 4 << 20
+    up, down = os.urandom(size), os.urandom(size)
+    seen = {}
+
+    def backend(conn):
+        assert recv_exactly(conn, len(HEAD)) == HEAD
+        conn.sendall(down)  # the client reads slowly: this waits on the gateway's backpressure
+        seen["up"] = slow_read(conn, size)
+
+    gw, be = raw_gateway(backend)
+    with small_buffer_connection(gw.http) as sock:
+        sock.sendall(HEAD)
+        assert slow_read(sock, size) == hashlib.sha256(down).hexdigest()
+        sock.sendall(up)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b""
+    be.check()
+    assert seen["up"] == hashlib.sha256(up).hexdigest()
+
+
+def test_eof_waits_for_the_bytes_still_in_flight(raw_gateway):
+    """A backend that writes a lot and closes at once: the client still gets all of it, then EOF."""
+    down = os.urandom(4 << 20)
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(down)
+
+    gw, be = raw_gateway(backend)
+    with small_buffer_connection(gw.http) as sock:
+        sock.sendall(HEAD)
+        assert slow_read(sock, len(down)) == hashlib.sha256(down).hexdigest()
+        assert read_all(sock) == b""
+    be.check()
+    line = gw.connection_log(domain="raw.example")
+    assert (line["outcome"], line["bytes_down"]) == ("ok", len(down))
