@@ -652,11 +652,13 @@ def serve(cfg: Config, args: dict, log: Log, listeners: list, worker: int) -> in
     gateway.serve(listeners)
     stopping = gevent.event.Event()
 
+    fields = {"worker": worker} if worker else {}
+
     def reload() -> None:
         new = _reload(cfg.source, args, log)
         if new is not None:
             gateway.reload(new)
-            log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes))
+            log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes), **fields)
 
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     gevent.signal_handler(signal.SIGTERM, stopping.set)
@@ -669,7 +671,6 @@ def serve(cfg: Config, args: dict, log: Log, listeners: list, worker: int) -> in
     stopping.wait()
     if not worker:
         sd_notify("STOPPING=1")
-    fields = {"worker": worker} if worker else {}
     gateway.stop(**fields)
     log.info("stopped", **fields)
     return 0

@@ -133,8 +133,9 @@ def test_text_logs(tmp_path, backends):
     assert f"kiagateway {kiagateway.__version__} starting" in lines[0]
 
 
-def test_sighup_reloads_and_keeps_old_table_on_error(start_gateway, backends):
-    gw = start_gateway(routes_toml(backends))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_and_keeps_old_table_on_error(start_gateway, backends, workers):
+    gw = start_gateway(routes_toml(backends), f"--workers={workers}")
     request = b"GET /whoami HTTP/1.1\r\nHost: new.example\r\nConnection: close\r\n\r\n"
 
     def ask() -> bytes:
@@ -149,12 +150,15 @@ def test_sighup_reloads_and_keeps_old_table_on_error(start_gateway, backends):
         )
     )
     gw.proc.send_signal(signal.SIGHUP)
-    gw.wait_for(lambda line: line.get("message") == "config reloaded")
-    assert b"beta http" in ask()
+    for worker in [None] if workers == 1 else [1, 2]:  # every worker has the new table
+        gw.wait_for(lambda line, w=worker: line.get("message") == "config reloaded" and line.get("worker") == w)
+    for _ in range(4):
+        assert b"beta http" in ask()
     gw.config.write_text("[http_backends]\nbroken = 1\n")
     gw.proc.send_signal(signal.SIGHUP)
     gw.wait_for(lambda line: "reload failed" in line.get("message", ""))
-    assert b"beta http" in ask()  # the old table stays
+    for _ in range(4):
+        assert b"beta http" in ask()  # the old table stays
 
 
 def test_workers_share_the_listeners_and_a_dead_one_is_replaced(start_gateway, backends):
