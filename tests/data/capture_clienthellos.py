@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Capture real clients' ClientHellos into tests/data/clienthello/, and add hand-made oddities.
 
-Run it again whenever a client changes (``python tests/data/capture_clienthellos.py``).
+Run it again whenever a client changes (``python tests/data/capture_clienthellos.py [OUTDIR]``).
 A listener on 127.0.0.1 accepts one connection per client, reads the TLS records
 up to the end of the ClientHello (reassembled here without sniff.py, so a bug
 there cannot shape the corpus), then closes. Each capture is stored as
@@ -386,14 +386,16 @@ def hand_made():
     yield "odd-sslv2-compatible", "SSL 2.0-compatible ClientHello", None, (0x8000 | len(body)).to_bytes(2, "big") + body
 
 
-def save(name: str, data: bytes, meta: dict) -> None:
-    (OUT / f"{name}.bin").write_bytes(data)
-    (OUT / f"{name}.json").write_text(json.dumps({**meta, "bytes": len(data)}, indent=2) + "\n")
+def save(out: Path, name: str, data: bytes, meta: dict) -> None:
+    (out / f"{name}.bin").write_bytes(data)
+    (out / f"{name}.json").write_text(json.dumps({**meta, "bytes": len(data)}, indent=2) + "\n")
     print(f"{name}: {len(data)} bytes, sni={meta['sni']!r}")
 
 
-def main() -> int:
-    OUT.mkdir(parents=True, exist_ok=True)
+def main(argv: list[str]) -> int:
+    """Capture into the directory named by the only argument, tests/data/clienthello/ by default."""
+    out = Path(argv[0]) if argv else OUT
+    out.mkdir(parents=True, exist_ok=True)
     failures = 0
     with tempfile.TemporaryDirectory() as scratch:
         for name, client, version, sni, how, runner in real_clients(scratch):
@@ -407,12 +409,12 @@ def main() -> int:
                 continue
             finally:
                 listener.close()
-            save(name, data, {"client": client, "version": version, "sni": sni, "how": how, "kind": "captured"})
+            save(out, name, data, {"client": client, "version": version, "sni": sni, "how": how, "kind": "captured"})
     for name, note, sni, data in hand_made():
-        save(name, data, {"client": "hand-made", "version": None, "sni": sni, "how": note, "kind": "hand-made"})
+        save(out, name, data, {"client": "hand-made", "version": None, "sni": sni, "how": note, "kind": "hand-made"})
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
     os.umask(0o022)
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
