@@ -20,6 +20,8 @@ no socket, imports no gevent and never logs.
 from __future__ import annotations
 
 import ipaddress
+import re
+import struct
 from dataclasses import dataclass
 from typing import Union
 
@@ -163,6 +165,8 @@ class HttpOnTlsPort(NotTls):
 
 
 _LABEL_CHARS = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789-_")
+_LABEL = rb"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME = re.compile(_LABEL + rb"(?:\." + _LABEL + rb")*")  # what the label loop accepts
 
 
 def normalize_domain(name: str | bytes) -> str:
@@ -189,16 +193,20 @@ def normalize_domain(name: str | bytes) -> str:
         raise ValueError("empty name")
     if len(lowered) > 253:
         raise ValueError("name longer than 253 characters")
+    if not _NAME.fullmatch(lowered):  # checked in C; _why_not_a_name only explains
+        raise ValueError(_why_not_a_name(lowered, raw))
+    return lowered.decode("ascii")
+
+
+def _why_not_a_name(lowered: bytes, raw: bytes) -> str:
     for label in lowered.split(b"."):
         if not label:
-            raise ValueError(f"empty label in {raw!r}")
+            return f"empty label in {raw!r}"
         if len(label) > 63:
-            raise ValueError(f"label longer than 63 characters in {raw!r}")
+            return f"label longer than 63 characters in {raw!r}"
         if not _LABEL_CHARS.issuperset(label):
-            raise ValueError(f"invalid character in {raw!r}")
-        if label[0] == 0x2D or label[-1] == 0x2D:  # '-'
-            raise ValueError(f"label starts or ends with '-' in {raw!r}")
-    return lowered.decode("ascii")
+            return f"invalid character in {raw!r}"
+    return f"label starts or ends with '-' in {raw!r}"
 
 
 def split_host_port(authority: bytes) -> bytes:
@@ -227,6 +235,7 @@ TLS_HANDSHAKE_CLIENT_HELLO = 1
 TLS_RECORD_HEADER = 5
 TLS_MAX_FRAGMENT = 2**14  # RFC 8446 5.1: a TLSPlaintext fragment is at most 2^14 bytes
 EXT_SERVER_NAME = 0
+_EXTENSION_HEADER = struct.Struct("!HH").unpack_from  # extension_type, extension_data length
 SNI_HOST_NAME = 0
 
 _HTTP_METHOD_STARTS = tuple(
@@ -362,19 +371,26 @@ def _parse_client_hello(body: bytes) -> str | None:
         raise BadClientHello("no compression method")
     if hello.at_end():
         return None  # no extensions at all (TLS 1.0-style hello)
-    extensions = _Reader(hello.vector(2, "extensions"))
+    extensions = hello.vector(2, "extensions")
     if not hello.at_end():
         raise BadClientHello("bytes after the extensions")
+    # Walked by offset rather than with _Reader: a hello carries 10-20 extensions.
     seen = set()
     server_name = None
-    while not extensions.at_end():
-        kind = extensions.integer(2, "extension type")
-        data = extensions.vector(2, f"extension {kind}")
+    pos, end = 0, len(extensions)
+    while pos < end:
+        if pos + 4 > end:
+            raise BadClientHello("extension header runs past the ClientHello")
+        kind, length = _EXTENSION_HEADER(extensions, pos)
+        pos += 4
+        if pos + length > end:
+            raise BadClientHello(f"extension {kind}: length {length} runs past the ClientHello")
         if kind in seen:
             raise BadClientHello(f"extension {kind} appears twice")
         seen.add(kind)
         if kind == EXT_SERVER_NAME:
-            server_name = _parse_server_name(data)
+            server_name = _parse_server_name(extensions[pos : pos + length])
+        pos += length
     return server_name
 
 
@@ -401,6 +417,8 @@ def _parse_server_name(data: bytes) -> str | None:
 
 
 def _is_ipv4(name: str) -> bool:
+    if not name.rpartition(".")[2].isdigit():
+        return False  # a name whose last label is not a number is no IPv4 literal
     try:
         ipaddress.IPv4Address(name)
     except ValueError:
@@ -415,7 +433,15 @@ _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH
 _VCHAR = frozenset(range(0x21, 0x7F))
 _VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
 _FIELD_VALUE_BAD = frozenset(range(0x20)) - {0x09}  # CTLs but HTAB
-_HOST_VALUE_BAD = _FIELD_VALUE_BAD | {0x7F}
+_HOST_VALUE_BAD_BYTES = bytes(sorted(_FIELD_VALUE_BAD | {0x7F}))
+# A whole valid head in one regex: what the line-by-line parser below accepts
+# (token method, one space, vchar target, one space, version, CRLF; fields of
+# token ":" value without NUL, CR or LF). Anything else takes the slow path,
+# which says what is wrong.
+QUICK_HEAD = 2048  # heads up to this size take the regex; past it the regex costs more than the line parser
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/1\.[01])\r\n((?:" + _TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n")
+_HOST_FIELD = re.compile(rb"^host:([^\r]*)\r$", re.IGNORECASE | re.MULTILINE)
 
 
 class HttpSniffer:
@@ -436,6 +462,16 @@ class HttpSniffer:
     def feed(self, data: bytes) -> SniffResult:
         if self.result is not None:
             return self.result
+        end = data.find(b"\r\n\r\n", 0, QUICK_HEAD) if not self.buffer else -1
+        if end > 0:  # the common case: a short head whole in the first read, checked in C
+            head = _HEAD.fullmatch(data, 0, end + 4)
+            if head is not None and head.end() <= self.max_preamble:
+                self.buffer += data
+                _method, target, self._version, fields = head.groups()
+                self._target(target)
+                self._hosts = [value.strip(b" \t") for value in _HOST_FIELD.findall(fields)]
+                self.result = Preamble(self._domain())
+                return self.result
         search_from = max(self._line_start, len(self.buffer))  # earlier bytes hold no LF
         self.buffer += data
         if self._version is None:
@@ -448,7 +484,7 @@ class HttpSniffer:
                 raise HeadTooLarge(f"request head exceeds {self.max_preamble} bytes")
             line = bytes(self.buffer[self._line_start : end + 1])
             self._line_start = search_from = end + 1
-            if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            if line.count(b"\r") != 1 or not line.endswith(b"\r\n"):
                 raise BadRequest("bare CR or LF in the request head")
             if self._version is None:
                 self._request_line(line[:-2])
@@ -505,6 +541,10 @@ class HttpSniffer:
         if version not in _VERSIONS:
             raise BadRequest("unsupported HTTP version (want HTTP/1.0 or HTTP/1.1)")
         self._version = version
+        self._target(target)
+
+    def _target(self, target: bytes) -> None:
+        """Take the host of an absolute-form target (``http://host/...``)."""
         scheme, sep, rest = target.partition(b"://")
         if sep and scheme.lower() in (b"http", b"https"):
             authority = rest
@@ -530,7 +570,7 @@ class HttpSniffer:
             self._hosts.append(value.strip(b" \t"))
 
     def _host(self, authority: bytes, where: str) -> bytes:
-        if _HOST_VALUE_BAD.intersection(authority):
+        if len(authority.translate(None, _HOST_VALUE_BAD_BYTES)) != len(authority):
             raise BadRequest(f"control byte in the {where} host")
         try:
             return split_host_port(authority)
