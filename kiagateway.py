@@ -663,6 +663,7 @@ def serve(cfg: Config, args: dict, log: Log, listeners: list, worker: int) -> in
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
     if worker:
         log.info("worker started", worker=worker, pid=os.getpid())
     else:
@@ -695,8 +696,7 @@ def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, l
         if pid == 0:  # the worker: its own hub, default signal handling
             code = 1
             try:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)
-                gevent.reinit()
+                gevent.reinit()  # signals stay blocked until serve() has its handlers
                 code = work(worker)
             except BaseException:
                 traceback.print_exc()

@@ -75,3 +75,13 @@ def test_max_connections_pauses_accepting(start_gateway):
         be.check()
     finally:
         be.close()
+
+
+def test_sigterm_right_after_start_stops_every_worker_gracefully(start_gateway, backends):
+    from conftest import routes_toml
+
+    gw = start_gateway(routes_toml(backends), "--workers=2")  # returns as soon as the supervisor is ready
+    gw.proc.send_signal(signal.SIGTERM)  # likely before the workers have their handlers
+    assert gw.stop() == 0
+    assert sum(line.get("message") == "stopped" for line in gw.seen) == 3
+    assert not any("died" in line.get("message", "") for line in gw.seen)
