@@ -232,7 +232,11 @@ class _Server(gevent.server.StreamServer):
         self.gateway = gateway
 
     def full(self) -> bool:
-        return self.gateway.open >= self.gateway.config.settings.max_connections
+        """Asked before each accept; True pauses accepting until ``Gateway._closed`` resumes it."""
+        gateway = self.gateway
+        if gateway.open >= gateway.config.settings.max_connections:
+            gateway.paused = True
+        return gateway.paused
 
     def do_read(self) -> tuple[socket.socket, tuple] | None:
         """Accept one client as a plain non-blocking socket: the gateway waits on it itself."""
@@ -273,12 +277,15 @@ class Gateway:
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
         self.servers: list[_Server] = []
         self.open = 0  # connections accepted and not yet closed, relays included
+        self.paused = False  # accepting stopped at max_connections
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
         self._handlers = {name: self._handler(name) for name in LISTENERS}
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
+        hub = gevent.get_hub()
+        hub.NOT_ERROR = (*hub.NOT_ERROR, _AcceptPaused)  # logged once by _Server, not as a traceback
         for name, sock in listeners:
             server = _Server(sock, self._handlers[name], self)
             server.start()
@@ -305,7 +312,8 @@ class Gateway:
     def _closed(self) -> None:
         """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
         self.open -= 1
-        if self.open == self.config.settings.max_connections - 1:
+        if self.paused and self.open < self.config.settings.max_connections:
+            self.paused = False
             for server in self.servers:
                 server._start_accepting_if_started()
         if not self.open:

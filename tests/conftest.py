@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import queue
+import resource
 import shutil
 import signal
 import socket
@@ -127,7 +128,9 @@ def free_closed_port() -> int:
 class Gateway:
     """The gateway as a real subprocess; logs come as JSON lines on stderr."""
 
-    def __init__(self, workdir: Path, toml: str, args: tuple[str, ...] = (), env: dict | None = None) -> None:
+    def __init__(
+        self, workdir: Path, toml: str, args: tuple[str, ...] = (), env: dict | None = None, max_fds: int = 0
+    ) -> None:
         self.config = workdir / "servers.toml"
         self.config.write_text(toml)
         self.lines: queue.Queue = queue.Queue()
@@ -138,6 +141,7 @@ class Gateway:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
+            preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))) if max_fds else None,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -244,10 +248,10 @@ def start_gateway(tmp_path):
     """Start gateways with a given TOML text; all are stopped at teardown."""
     started: list[Gateway] = []
 
-    def start(toml: str, *args: str, env: dict | None = None) -> Gateway:
+    def start(toml: str, *args: str, env: dict | None = None, max_fds: int = 0) -> Gateway:
         workdir = tmp_path / f"gw{len(started)}"
         workdir.mkdir()
-        gateway = Gateway(workdir, toml, args, env)
+        gateway = Gateway(workdir, toml, args, env, max_fds)
         started.append(gateway)
         return gateway
 

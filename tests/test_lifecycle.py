@@ -85,3 +85,41 @@ def test_sigterm_right_after_start_stops_every_worker_gracefully(start_gateway, 
     assert gw.stop() == 0
     assert sum(line.get("message") == "stopped" for line in gw.seen) == 3
     assert not any("died" in line.get("message", "") for line in gw.seen)
+
+
+def test_out_of_descriptors_is_survived_without_a_traceback(start_gateway, backends):
+    from conftest import routes_toml
+
+    gw = start_gateway(routes_toml(backends), max_fds=48)
+    request = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\n\r\n"
+    held = []
+    try:
+        for _ in range(40):  # two descriptors a relay: the gateway runs out long before 40
+            sock = socket.create_connection(gw.http, timeout=TIMEOUT)
+            sock.sendall(request)
+            held.append(sock)
+        answers = []
+        for sock in held:
+            sock.settimeout(0.5)
+            try:
+                answers.append(sock.recv(65536))
+            except (socket.timeout, ConnectionResetError):
+                answers.append(b"")
+        assert any(b"alpha http" in a for a in answers)  # some were relayed
+        assert any(b"alpha http" not in a for a in answers)  # and some were not
+    finally:
+        for sock in held:
+            sock.close()
+    for _ in range(3):  # with the descriptors back, it serves again
+        assert b"alpha http" in read_all_request(gw.http)
+    assert gw.proc.poll() is None
+    assert gw.stop() == 0
+    assert all(line.get("message") != "NOT JSON" for line in gw.seen), [
+        line for line in gw.seen if line.get("message") == "NOT JSON"
+    ][:5]
+
+
+def read_all_request(address) -> bytes:
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        return read_all(sock)
