@@ -200,3 +200,13 @@ def test_ipv6_listener(start_gateway, backends):
     assert b"alpha http" in response
     line = gw.connection_log(domain="a.example")
     assert line["client"].startswith("[::1]:")
+
+
+def test_backend_names_resolve_at_connect_time(start_gateway, backends):
+    """A backend given by name (here localhost, from /etc/hosts) is looked up per connection."""
+    toml = routes_toml(backends).replace(
+        "[http_backends]", f'[http_backends]\n"named.example" = "localhost:{backends["beta"].port}"'
+    )
+    gw = start_gateway(toml)
+    assert b"beta http" in http_get(gw.http, "named.example")
+    assert gw.connection_log(domain="named.example")["backend"] == f"localhost:{backends['beta'].port}"
