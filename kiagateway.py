@@ -704,6 +704,7 @@ def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, l
         if pid == 0:  # the worker: its own hub, default signal handling
             code = 1
             try:
+                _stop_with_parent()
                 gevent.reinit()  # signals stay blocked until serve() has its handlers
                 code = work(worker)
             except BaseException:
@@ -756,6 +757,19 @@ def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, l
             _signal_all(children, signal.SIGTERM)
     log.info("stopped")
     return 0
+
+
+def _stop_with_parent() -> None:
+    """Linux: get SIGTERM if the supervisor dies, so orphaned workers never keep the ports."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers outlive a killed supervisor
+        pass
+    if os.getppid() == 1:  # the supervisor died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _signal_all(children: dict, signum: int) -> None:
