@@ -451,8 +451,12 @@ def _open_connection(family: int, sockaddr: tuple) -> socket.socket:
         sock.setblocking(False)
         error = sock.connect_ex(sockaddr)
         if error == errno.EINPROGRESS:
-            _wait(sock, _WRITE)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                sock.getpeername()  # a local backend is usually connected already: no need to wait
+                error = 0
+            except OSError:
+                _wait(sock, _WRITE)
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
