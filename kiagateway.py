@@ -326,7 +326,7 @@ class Gateway:
         settings = self.config.settings
         backend_sock = None
         try:
-            preamble, buffered = self._read_preamble(client, listener, settings)
+            preamble, buffered = self._read_preamble(client, listener, settings, conn.started)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
             if backend is None:
@@ -359,16 +359,27 @@ class Gateway:
         _close(client, backend_sock)
         conn.done(conn.result)
 
-    def _read_preamble(self, client: socket.socket, listener: str, settings: Settings) -> tuple[sniff.Preamble, bytes]:
-        """Read until the sniffer decides, under one deadline counted from accept."""
+    def _read_preamble(
+        self, client: socket.socket, listener: str, settings: Settings, accepted: float
+    ) -> tuple[sniff.Preamble, bytes]:
+        """Read until the sniffer decides, under one deadline counted from accept.
+
+        The deadline's timer is started only if a read would block: most preambles
+        are whole in the first read.
+        """
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
-        deadline = gevent.Timeout(settings.preamble_timeout)
-        deadline.start()
+        deadline = None
         try:
             result = sniff.NEED_MORE
             while result is sniff.NEED_MORE:
                 try:
-                    data = _recv(client, READ_SIZE)
+                    data = client.recv(READ_SIZE)
+                except BlockingIOError:
+                    if deadline is None:
+                        deadline = gevent.Timeout(max(0.0, settings.preamble_timeout - (time.monotonic() - accepted)))
+                        deadline.start()
+                    _wait(client, _READ)
+                    continue
                 except OSError:
                     raise _ClientGone("client_reset") from None
                 if not data:
@@ -382,35 +393,38 @@ class Gateway:
                 f"within {settings.preamble_timeout:g}s"
             ) from None
         finally:
-            deadline.close()
+            if deadline is not None:
+                deadline.close()
         return result, bytes(sniffer.buffer)
 
     def _connect(self, backend: Backend, domain: str | None, timeout: float) -> socket.socket:
         address = backend.address
-        deadline = gevent.Timeout(timeout)
-        deadline.start()
         try:
             if address.ip is not None:  # no resolver round-trip for IP literals
                 family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
-                return _open_connection(family, (address.host, address.port))
-            # names resolve at connect time, so DNS changes need no restart
-            error: OSError = OSError("no address")
-            for family, _, _, _, sockaddr in socket.getaddrinfo(address.host, address.port, 0, socket.SOCK_STREAM):
-                try:
-                    return _open_connection(family, sockaddr)
-                except OSError as exc:
-                    error = exc
-            raise error
-        except gevent.Timeout as exc:
-            if exc is not deadline:
-                raise
+                return _open_connection(family, (address.host, address.port), timeout)
+            # Names resolve at connect time, so DNS changes need no restart; the
+            # lookup and every address tried share the one connect_timeout.
+            with gevent.Timeout(timeout, _ConnectTimedOut):
+                error: OSError = OSError("no address")
+                for family, _, _, _, sockaddr in gevent.socket.getaddrinfo(
+                    address.host, address.port, 0, socket.SOCK_STREAM
+                ):
+                    try:
+                        return _open_connection(family, sockaddr, None)
+                    except OSError as exc:
+                        error = exc
+                raise error
+        except _ConnectTimedOut:
             raise sniff.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
         except socket.gaierror as exc:
             raise sniff.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
             raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
-        finally:
-            deadline.close()
+
+
+class _ConnectTimedOut(Exception):
+    """Raised by the connect deadline's timer."""
 
 
 # Blocking-style I/O on plain non-blocking sockets: try the call, and only when
@@ -445,7 +459,8 @@ def _sendall(sock: socket.socket, data: bytes) -> None:
             _wait(sock, _WRITE)
 
 
-def _open_connection(family: int, sockaddr: tuple) -> socket.socket:
+def _open_connection(family: int, sockaddr: tuple, timeout: float | None) -> socket.socket:
+    """Connect; wait (under ``timeout`` if given, else the caller's) only if the connect is still in progress."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
@@ -455,7 +470,11 @@ def _open_connection(family: int, sockaddr: tuple) -> socket.socket:
                 sock.getpeername()  # a local backend is usually connected already: no need to wait
                 error = 0
             except OSError:
-                _wait(sock, _WRITE)
+                if timeout is None:
+                    _wait(sock, _WRITE)
+                else:
+                    with gevent.Timeout(timeout, _ConnectTimedOut):
+                        _wait(sock, _WRITE)
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if error:
             raise OSError(error, os.strerror(error))
