@@ -43,6 +43,7 @@ if HAVE_SPLICE:
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux (named in fcntl only from Python 3.10)
 
 _READ, _WRITE = 1, 2  # libev event masks
+_SIOCOUTQ = 0x5411  # Linux ioctl: bytes in a TCP socket's send queue not yet acknowledged
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 
@@ -96,6 +97,7 @@ class _Direction:
         "relay",
         "src",
         "src_fd",
+        "unsent",
         "up",
         "writer",
     )
@@ -112,6 +114,7 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.piped = 0  # bytes in the pipe
         self.moved = 0
+        self.unsent: int | None = None  # dst's kernel send queue when the idle timer last looked
 
     def start(self) -> None:
         self.reader.start(self.on_readable)
@@ -162,7 +165,10 @@ class _Direction:
 
     def _splice_once(self) -> bool:
         if self.pipe is None:
-            self.pipe = PIPES.get()
+            try:
+                self.pipe = PIPES.get()
+            except OSError:  # out of descriptors: copy this round instead
+                return self._copy_once()
         try:
             n = _splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -193,6 +199,7 @@ class _Direction:
                 return False
             self.piped -= n
             self._count(n)
+            self.relay.touch()  # bytes taken by a slow reader are activity too
         return True
 
     def _count(self, n: int) -> None:
@@ -232,6 +239,22 @@ class _Direction:
         except BaseException:
             self.relay.abort("error")
             raise
+
+    def kernel_drained(self) -> bool:
+        """Whether dst's kernel send queue shrank since last asked: its reader is taking bytes.
+
+        A full destination wakes us only when much of its (often MiB-sized) send
+        buffer is free, so a slow reader can be busy for longer than idle_timeout
+        without one writable event.
+        """
+        try:
+            unsent = struct.unpack("i", fcntl.ioctl(self.dst_fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
+        except OSError:  # no such ioctl here: judge by writable events alone
+            return False
+        # With no earlier look, bytes still queued get the benefit of the doubt once.
+        drained = unsent < self.unsent if self.unsent is not None else unsent > 0
+        self.unsent = unsent
+        return drained
 
     def _on_eof(self) -> None:
         """src is done. Nothing is in flight: a direction reads only after dst took all it had."""
@@ -297,8 +320,14 @@ class Relay:
     def on_timer(self) -> None:
         idle = self.loop.now() - self.last_activity
         if idle >= self.idle_timeout:
-            self.abort("idle_timeout", reset=False)
-            return
+            waiting = [d for d in (self.up, self.down) if d.pending is not None or d.piped]
+            if any([self.up.kernel_drained(), self.down.kernel_drained()]):  # a slow reader still takes bytes
+                self.touch()
+                idle = 0.0
+            else:
+                # Bytes still in flight are lost: then a reset says so, a FIN would not.
+                self.abort("idle_timeout", reset=bool(waiting))
+                return
         self.timer.close()  # re-arm for the rest of the idle period: one timer per period, not per byte
         self.timer = self.loop.timer(self.idle_timeout - idle)
         self.timer.start(self.on_timer)

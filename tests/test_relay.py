@@ -310,3 +310,28 @@ def test_eof_waits_for_the_bytes_still_in_flight(raw_gateway):
     be.check()
     line = gw.connection_log(domain="raw.example")
     assert (line["outcome"], line["bytes_down"]) == ("ok", len(down))
+
+
+def test_a_slow_steady_reader_is_not_idle(raw_gateway):
+    """Bytes a slow client takes count as activity: a long download is never cut by idle_timeout."""
+    down = os.urandom(1 << 20)
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(down)
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 1.0")
+    started = time.monotonic()
+    with small_buffer_connection(gw.http) as sock:
+        sock.sendall(HEAD)
+        digest, got = hashlib.sha256(), 0
+        while got < len(down):
+            chunk = sock.recv(65536)
+            assert chunk, f"cut off after {got} bytes"
+            digest.update(chunk)
+            got += len(chunk)
+            time.sleep(0.008)  # a slow client: the whole download takes longer than idle_timeout
+        assert digest.hexdigest() == hashlib.sha256(down).hexdigest()
+    assert time.monotonic() - started > 1.0
+    be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
