@@ -253,6 +253,10 @@ class _Server(gevent.server.StreamServer):
             raise _AcceptPaused() from exc
         client = socket.socket(self.socket.family, socket.SOCK_STREAM, 0, fd)
         client.setblocking(False)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        gateway = self.gateway
+        gateway.open += 1  # counted here, before the next accept asks full()
+        gateway.drained.clear()
         return client, address
 
     def do_close(self, *args: object) -> None:
@@ -320,8 +324,6 @@ class Gateway:
             self.drained.set()
 
     def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
-        self.open += 1
-        self.drained.clear()
         conn = _Connection(self, listener, address)
         settings = self.config.settings
         backend_sock = None
@@ -335,9 +337,17 @@ class Gateway:
             conn.backend = backend
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
             if backend.proxy_protocol:
-                buffered = proxy_header(backend.proxy_protocol, address, client.getsockname()) + buffered
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _sendall(backend_sock, buffered)
+                try:
+                    local = client.getsockname()
+                except OSError:
+                    raise _ClientGone("client_reset") from None
+                buffered = proxy_header(backend.proxy_protocol, address, local) + buffered
+            try:
+                _sendall(backend_sock, buffered, settings.connect_timeout)
+            except _ConnectTimedOut:
+                raise sniff.BackendTimeout(
+                    f"backend {backend} took no data for {settings.connect_timeout:g}s"
+                ) from None
             conn.result.bytes_up = len(buffered)
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
@@ -354,7 +364,13 @@ class Gateway:
             conn.done(conn.result)
             raise
         else:
-            relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+            try:
+                relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+            except BaseException:
+                conn.result.outcome = "error"
+                _close(client, backend_sock)
+                conn.done(conn.result)
+                raise
             return
         _close(client, backend_sock)
         conn.done(conn.result)
@@ -450,13 +466,22 @@ def _recv(sock: socket.socket, size: int) -> bytes:
             _wait(sock, _READ)
 
 
-def _sendall(sock: socket.socket, data: bytes) -> None:
+def _sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
+    """Send all of ``data``; if it has to wait, give up after ``timeout`` with _ConnectTimedOut."""
     view = memoryview(data)
-    while view:
-        try:
-            view = view[sock.send(view) :]
-        except BlockingIOError:
-            _wait(sock, _WRITE)
+    deadline = None
+    try:
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                if deadline is None and timeout is not None:
+                    deadline = gevent.Timeout(timeout, _ConnectTimedOut)
+                    deadline.start()
+                _wait(sock, _WRITE)
+    finally:
+        if deadline is not None:
+            deadline.close()
 
 
 def _open_connection(family: int, sockaddr: tuple, timeout: float | None) -> socket.socket:
@@ -661,7 +686,9 @@ def run(cfg: Config, args: dict, log: Log) -> int:
         log.info(f"listening for {name}", address=_format_address(sock.getsockname()))
     if workers == 1:
         return serve(cfg, args, log, listeners, worker=0)
-    return supervise(workers, lambda worker: serve(cfg, args, log, listeners, worker), cfg, args, log, listeners)
+    return supervise(
+        workers, lambda worker, current: serve(current, args, log, listeners, worker), cfg, args, log, listeners
+    )
 
 
 def _reload(source: str, args: dict, log: Log) -> Config | None:
@@ -712,7 +739,9 @@ _SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
 
 
-def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, log: Log, listeners: list) -> int:
+def supervise(
+    count: int, work: Callable[[int, Config], int], cfg: Config, args: dict, log: Log, listeners: list
+) -> int:
     """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on.
 
     The supervisor keeps its copies of the listening sockets to hand to replacement
@@ -723,13 +752,18 @@ def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, l
     respawn: dict[int, float] = {}  # worker number -> when to start it again
 
     def start(worker: int) -> None:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # out of processes or memory: try again later, keep the others serving
+            log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
+            respawn[worker] = time.monotonic() + RESPAWN_DELAY
+            return
         if pid == 0:  # the worker: its own hub, default signal handling
             code = 1
             try:
                 _stop_with_parent()
                 gevent.reinit()  # signals stay blocked until serve() has its handlers
-                code = work(worker)
+                code = work(worker, cfg)  # the config as last reloaded
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -768,7 +802,9 @@ def supervise(count: int, work: Callable[[int], int], cfg: Config, args: dict, l
                     del respawn[worker]
                     start(worker)
         elif info.si_signo == signal.SIGHUP:
-            if _reload(cfg.source, args, log) is not None:
+            new = _reload(cfg.source, args, log)
+            if new is not None:
+                cfg = new  # replacement workers start with it too
                 _signal_all(children, signal.SIGHUP)
         elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
             stopping = True

@@ -185,6 +185,30 @@ def test_workers_share_the_listeners_and_a_dead_one_is_replaced(start_gateway, b
     )
     for _ in range(10):
         assert b"alpha http" in ask()
+    # A worker started after a reload serves the reloaded table, not the one from start-up.
+    gw.config.write_text(
+        routes_toml(backends).replace(
+            f'"a.example" = "{backends["alpha"].address}"', f'"a.example" = "{backends["beta"].address}"'
+        )
+    )
+    gw.proc.send_signal(signal.SIGHUP)
+    for n in (1, 2):
+        gw.wait_for(lambda line, n=n: line.get("message") == "config reloaded" and line.get("worker") == n)
+    replaced = gw.wait_for(
+        lambda line: (
+            line.get("message") == "worker started" and line["pid"] != started[0]["pid"] and line["worker"] == 1
+        )
+    )
+    os.kill(replaced["pid"], signal.SIGKILL)
+    gw.wait_for(
+        lambda line: (
+            line.get("message") == "worker started"
+            and line["pid"] not in (started[0]["pid"], replaced["pid"])
+            and line["worker"] == 1
+        )
+    )
+    for _ in range(10):
+        assert b"beta http" in ask()
     assert gw.stop() == 0
     assert sum(line.get("message") == "stopped" for line in gw.seen) == 3  # two workers and the supervisor
 
