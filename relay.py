@@ -4,10 +4,11 @@ One pump per direction, driven by the event loop's readiness callbacks rather
 than by a parked greenlet: an idle relay costs two small io watchers and a
 timer, and holds no buffer and no pipe. A direction reads while its source is
 readable and writes what it read at once; when the destination is full it
-stops reading and waits for the destination to drain (backpressure). After the
-first ``SPLICE_AFTER`` bytes a direction switches to ``os.splice`` through a
+stops reading and waits for the destination to drain (backpressure). A
+direction whose reads fill a whole chunk switches to ``os.splice`` through a
 pipe borrowed from a pool for as long as data is in flight (Linux, Python
-3.10+), so bulk data never enters Python.
+3.10+), so bulk data never enters Python; when splices turn small again it
+goes back to copying, which is cheaper for small messages.
 
 EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
 direction keeps flowing (half-close). Silence in both directions together for
@@ -30,7 +31,7 @@ from typing import Callable
 import gevent
 
 CHUNK = 65536  # bytes per recv: the default socket buffer, one syscall per 64 KiB
-SPLICE_AFTER = 1 << 17  # bytes a direction copies before switching to splice: short exchanges never need a pipe
+SPLICE_BELOW = 4096  # a splice that moves less than a page costs more than recv + send: copy again
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ for pooled pipes: 1 MiB moves bulk data in few syscalls
 PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs more than a small connection
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
@@ -86,9 +87,9 @@ class _Direction:
     """One way of the relay: src -> dst, with what is in flight when dst is full."""
 
     __slots__ = (
+        "bulk",
         "dst",
         "dst_fd",
-        "moved",
         "name",
         "pending",
         "pipe",
@@ -113,7 +114,7 @@ class _Direction:
         self.pending: memoryview | None = None  # recv'd bytes dst did not take yet
         self.pipe: tuple[int, int] | None = None
         self.piped = 0  # bytes in the pipe
-        self.moved = 0
+        self.bulk = False  # splicing: the last reads were big
         self.unsent: int | None = None  # dst's kernel send queue when the idle timer last looked
 
     def start(self) -> None:
@@ -123,7 +124,7 @@ class _Direction:
         relay = self.relay
         try:
             for _ in range(ROUNDS):
-                if self.pipe is not None or (HAVE_SPLICE and self.moved >= SPLICE_AFTER):
+                if self.bulk or self.pipe is not None:
                     if not self._splice_once():
                         break
                 elif not self._copy_once():
@@ -148,7 +149,7 @@ class _Direction:
             self._on_eof()
             return False
         self.relay.touch()
-        self.moved += len(data)
+        self.bulk = HAVE_SPLICE and len(data) == CHUNK
         try:
             sent = self.dst.send(data)
         except BlockingIOError:
@@ -180,7 +181,7 @@ class _Direction:
             self._on_eof()
             return False
         self.relay.touch()
-        self.moved += n
+        self.bulk = n >= SPLICE_BELOW
         self.piped = n
         return self._drain_pipe()
 
