@@ -154,3 +154,18 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "(zombie)" not in status
+
+
+def test_systemd_notify_ready_and_stopping(start_gateway, backends, tmp_path):
+    """Type=notify: READY=1 once listening, STOPPING=1 on SIGTERM."""
+    from conftest import routes_toml
+
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(TIMEOUT)
+        gw = start_gateway(routes_toml(backends), env={"NOTIFY_SOCKET": path})
+        assert notify.recv(256) == b"READY=1"
+        gw.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(256) == b"STOPPING=1"
+        assert gw.proc.wait(TIMEOUT) == 0
