@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import socket
-import ssl
 import time
 
 import pytest
 from conftest import TIMEOUT, exchange, free_closed_port, read_all, routes_toml
+from hellos import real_hello
 
 ALERT_HEADER = b"\x15\x03\x03\x00\x02\x02"  # alert record, TLS 1.2 legacy version, 2 bytes, fatal
 
@@ -31,17 +31,6 @@ def answer_without_closing(address, payload: bytes, timeout: float = 5.0) -> byt
     with socket.create_connection(address, timeout=TIMEOUT) as sock:
         sock.sendall(payload)
         return read_all(sock, timeout)
-
-
-def client_hello(sni: str | None) -> bytes:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    with pytest.raises(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def status_of(response: bytes) -> int:
@@ -141,14 +130,14 @@ def test_504_and_alert_on_backend_connect_timeout(start_gateway, backends, black
     gw = start_gateway(toml)
     response = exchange(gw.http, b"GET / HTTP/1.1\r\nHost: slow.example\r\n\r\n")
     assert status_of(response) == 504
-    assert answer_without_closing(gw.https, client_hello("slow.example")) == alert(80)
+    assert answer_without_closing(gw.https, real_hello("slow.example")) == alert(80)
     assert gw.connection_log(outcome="backend_timeout", listener="https")
 
 
 @pytest.mark.parametrize("sni", ["unknown.example", None])
 def test_tls_no_route_alert_112(patient_gateway, sni):
     started = time.monotonic()
-    assert answer_without_closing(patient_gateway.https, client_hello(sni)) == alert(112)
+    assert answer_without_closing(patient_gateway.https, real_hello(sni)) == alert(112)
     assert time.monotonic() - started < 5
     assert patient_gateway.connection_log(outcome="no_route", listener="https")
 
@@ -161,12 +150,12 @@ def test_tls_sslv2_hello_without_default_gets_alert_112(patient_gateway):
 
 
 def test_tls_backend_refused_alert_80(patient_gateway):
-    assert answer_without_closing(patient_gateway.https, client_hello("refused.example")) == alert(80)
+    assert answer_without_closing(patient_gateway.https, real_hello("refused.example")) == alert(80)
     assert patient_gateway.connection_log(outcome="backend_unreachable", listener="https")
 
 
 def test_tls_malformed_hello_decode_error(patient_gateway):
-    hello = bytearray(client_hello("a.example"))
+    hello = bytearray(real_hello("a.example"))
     hello[9] ^= 0x40  # the handshake length now lies
     assert answer_without_closing(patient_gateway.https, bytes(hello)) in (alert(50), alert(40))
 
@@ -187,7 +176,7 @@ def test_garbage_on_tls_port_is_closed_at_once(patient_gateway):
 
 def test_tls_preamble_timeout_closes_quietly(start_gateway, backends):
     gw = start_gateway(routes_toml(backends, extra_gateway="preamble_timeout = 0.5"))
-    hello = client_hello("a.example")
+    hello = real_hello("a.example")
     started = time.monotonic()
     assert answer_without_closing(gw.https, hello[:20]) == b""
     assert 0.4 < time.monotonic() - started < 3
