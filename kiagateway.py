@@ -36,6 +36,7 @@ import errno
 import itertools
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -77,6 +78,8 @@ class Log:
         self.stream = stream or sys.stderr
         self._second = -1
         self._stamp = ""
+        self._batch: list[str] = []  # connection lines waiting for the end of this event-loop turn
+        self._batched = 0  # their length, newlines included
 
     def _time(self) -> str:
         now = time.time()
@@ -92,24 +95,44 @@ class Log:
         else:
             extra = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
             line = f"{self._time()} {level} {message}{extra}"
+        self.flush()  # connection lines that came first are written first
         self.stream.write(line + "\n")
         self.stream.flush()
 
     def connection(self, fields: dict) -> None:
-        """The per-connection line: formatted directly, since it is written for every connection."""
-        if self.json:
-            self.write("info", "connection", **fields)
-            return
+        """The per-connection line: formatted directly, since it is written for every connection.
+
+        Lines finished in one event-loop turn go out in one write of at most
+        PIPE_BUF bytes, so workers sharing a pipe never interleave inside a line.
+        """
         f = fields
-        line = (
-            f"{self._time()} info connection id={f['id']} listener={f['listener']} client={f['client']}"
-            f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
-            f" bytes_up={f['bytes_up']} bytes_down={f['bytes_down']} duration_ms={f['duration_ms']}"
-        )
-        if "reason" in f:  # the only field that may hold spaces or client bytes
-            line += f" reason={_text_value(f['reason'])}"
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        if self.json:
+            line = json.dumps({"time": self._time(), "level": "info", "message": "connection", **f})
+        else:
+            line = (
+                f"{self._time()} info connection id={f['id']} listener={f['listener']} client={f['client']}"
+                f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
+                f" bytes_up={f['bytes_up']} bytes_down={f['bytes_down']} duration_ms={f['duration_ms']}"
+            )
+            if "reason" in f:  # the only field that may hold spaces or client bytes
+                line += f" reason={_text_value(f['reason'])}"
+        size = (len(line) if line.isascii() else len(line.encode())) + 1
+        if self._batched + size > select.PIPE_BUF:
+            self.flush()
+        if not self._batch:
+            gevent.get_hub().loop.run_callback(self.flush)
+        self._batch.append(line)
+        self._batched += size
+
+    def flush(self) -> None:
+        """Write the batched connection lines."""
+        if self._batch:
+            self._batch.append("")
+            text = "\n".join(self._batch)
+            self._batch.clear()
+            self._batched = 0
+            self.stream.write(text)
+            self.stream.flush()
 
     def info(self, message: str, **fields: object) -> None:
         self.write("info", message, **fields)
