@@ -50,6 +50,7 @@ import gevent
 import gevent.event
 import gevent.server
 import gevent.socket
+import greenlet
 
 import config
 import relay
@@ -64,6 +65,7 @@ REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving 
 LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
 LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
 SHUTDOWN_GRACE = 30.0  # seconds open relays get to finish after SIGTERM
+IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
 
 
 # ---------------------------------------------------------------------------
@@ -250,8 +252,10 @@ class _AcceptPaused(Exception):
 class _Server(gevent.server.StreamServer):
     """StreamServer that pauses accepting while the gateway is full and logs accept failures."""
 
-    def __init__(self, listener: socket.socket, handle: Callable, gateway: Gateway) -> None:
-        super().__init__(listener, handle, spawn=gevent.spawn_raw)
+    def __init__(self, listener: socket.socket, name: str, gateway: Gateway) -> None:
+        super().__init__(listener, gateway.dispatch)  # called by do_handle below, with the listener's name
+        self.name = name
+        self.family = listener.family  # read once: the property builds an enum each time
         self.gateway = gateway
 
     def full(self) -> bool:
@@ -274,13 +278,17 @@ class _Server(gevent.server.StreamServer):
                 "accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc)
             )
             raise _AcceptPaused() from exc
-        client = socket.socket(self.socket.family, socket.SOCK_STREAM, 0, fd)
+        client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         gateway = self.gateway
         gateway.open += 1  # counted here, before the next accept asks full()
-        gateway.drained.clear()
+        if gateway.open == 1:
+            gateway.drained.clear()
         return client, address
+
+    def do_handle(self, client: socket.socket, address: tuple) -> None:
+        self.gateway.dispatch(client, address, self.name)
 
     def do_close(self, *args: object) -> None:
         """The gateway closes each client itself, or hands it to a relay that does."""
@@ -308,21 +316,36 @@ class Gateway:
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
-        self._handlers = {name: self._handler(name) for name in LISTENERS}
+        self._idle: list[greenlet.greenlet] = []  # greenlets parked between connections
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
         hub.NOT_ERROR = (*hub.NOT_ERROR, _AcceptPaused)  # logged once by _Server, not as a traceback
         for name, sock in listeners:
-            server = _Server(sock, self._handlers[name], self)
+            server = _Server(sock, name, self)
             server.start()
             self.servers.append(server)
 
-    def _handler(self, listener: str) -> Callable:
-        def handle(client: socket.socket, address: tuple) -> None:
-            self.handle(client, address, listener)
+    def dispatch(self, client: socket.socket, address: tuple, listener: str) -> None:
+        """Give the new connection a greenlet: a parked one if there is one, else a new one."""
+        if self._idle:
+            gevent.get_hub().loop.run_callback(self._idle.pop().switch, (client, address, listener))
+        else:
+            gevent.spawn_raw(self._serve_connections, (client, address, listener))
 
-        return handle
+    def _serve_connections(self, connection: tuple) -> None:
+        """Body of a connection greenlet: handle one connection, then park for the next.
+
+        A greenlet used again saves creating one and, on Python 3.11+, mapping and
+        unmapping its frame stack: together a tenth of a short connection's cost.
+        """
+        hub = gevent.get_hub()
+        while True:
+            self.handle(*connection)
+            if len(self._idle) >= IDLE_GREENLETS:
+                return
+            self._idle.append(greenlet.getcurrent())
+            connection = hub.switch()
 
     def reload(self, cfg: Config) -> None:
         self.config = cfg
