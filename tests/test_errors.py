@@ -88,6 +88,9 @@ def test_http_408_preamble_timeout(start_gateway, backends):
     assert status_of(response) == 408
     assert 0.4 < elapsed < 3
     assert gw.connection_log(outcome="preamble_timeout")["listener"] == "http"
+    # The greenlet whose deadline fired is parked and serves the next client.
+    response = exchange(gw.http, b"GET /whoami HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"beta http b.example")
 
 
 def test_http_431_as_soon_as_the_head_is_too_large(start_gateway, backends):
@@ -132,6 +135,9 @@ def test_504_and_alert_on_backend_connect_timeout(start_gateway, backends, black
     assert status_of(response) == 504
     assert answer_without_closing(gw.https, real_hello("slow.example")) == alert(80)
     assert gw.connection_log(outcome="backend_timeout", listener="https")
+    # The greenlet whose connect timed out is parked and serves the next client.
+    response = exchange(gw.http, b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"alpha http a.example")
 
 
 @pytest.mark.parametrize("sni", ["unknown.example", None])
