@@ -148,21 +148,26 @@ class _Direction:
         if not data:
             self._on_eof()
             return False
-        self.relay.touch()
-        self.bulk = HAVE_SPLICE and len(data) == CHUNK
+        relay = self.relay
+        relay.last_activity = relay.loop.now()  # touch() and _count() inlined: this runs per message
+        size = len(data)
+        self.bulk = HAVE_SPLICE and size == CHUNK
         try:
             sent = self.dst.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            self.relay.abort(f"{self.name[1]}_reset")
+            relay.abort(f"{self.name[1]}_reset")
             return False
-        self._count(sent)
-        if sent < len(data):
+        if self.up:
+            relay.result.bytes_up += sent
+        else:
+            relay.result.bytes_down += sent
+        if sent < size:
             self.pending = memoryview(data)[sent:]
             self._wait_writable()
             return False
-        return len(data) == CHUNK  # a short read drained the socket
+        return size == CHUNK  # a short read drained the socket
 
     def _splice_once(self) -> bool:
         if self.pipe is None:
