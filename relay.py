@@ -188,7 +188,10 @@ class _Direction:
         self.relay.touch()
         self.bulk = n >= SPLICE_BELOW
         self.piped = n
-        return self._drain_pipe()
+        # A non-blocking splice takes all the socket holds, up to the length
+        # asked: less means the socket is empty, so skip the splice that would
+        # only say EAGAIN.
+        return self._drain_pipe() and n == PIPE_SIZE
 
     def _drain_pipe(self) -> bool:
         """Splice the pipe into dst; False if dst filled up (then we wait for it) or broke."""
