@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import signal
@@ -112,6 +113,26 @@ def test_json_logs_every_line_is_an_object(gateway):
     assert gateway.stop() == 0
     assert all(line.get("message") != "NOT JSON" for line in gateway.seen)
     assert any(line.get("message", "").startswith("kiagateway ") for line in gateway.seen)
+
+
+def test_log_lines_stay_whole_and_none_is_lost_with_two_workers(start_gateway, backends):
+    """Both workers write batches of connection lines to one pipe at the same time."""
+    gw = start_gateway(routes_toml(backends), "--workers=2")
+    request = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+
+    def ask(_: int) -> bytes:
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(request)
+            return b"".join(iter(lambda: sock.recv(65536), b""))
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(400), timeout=TIMEOUT * 4))
+    assert all(answer.endswith(b"alpha http a.example") for answer in answers)
+    assert gw.stop() == 0
+    assert [line for line in gw.seen if line.get("message") == "NOT JSON"] == []
+    ids = [line["id"] for line in gw.seen if line.get("message") == "connection" and line["outcome"] == "ok"]
+    assert len(ids) == len(set(ids)) == 400
+    assert {i.split(".")[0] for i in ids} == {"1", "2"}  # both workers served and logged
 
 
 def test_text_logs(tmp_path, backends):
