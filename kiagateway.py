@@ -50,7 +50,6 @@ import gevent
 import gevent.event
 import gevent.server
 import gevent.socket
-import greenlet
 
 import config
 import relay
@@ -316,7 +315,7 @@ class Gateway:
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
-        self._idle: list[greenlet.greenlet] = []  # greenlets parked between connections
+        self._idle: list = []  # connection greenlets parked between connections
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -344,7 +343,7 @@ class Gateway:
             self.handle(*connection)
             if len(self._idle) >= IDLE_GREENLETS:
                 return
-            self._idle.append(greenlet.getcurrent())
+            self._idle.append(gevent.getcurrent())
             connection = hub.switch()
 
     def reload(self, cfg: Config) -> None:
