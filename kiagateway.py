@@ -58,7 +58,6 @@ from config import Address, Backend, Config, ConfigError, Settings
 
 __version__ = "0.2.0"
 
-LISTENERS = ("http", "https")
 READ_SIZE = 16384  # one recv while reading the preamble; most heads and hellos fit whole
 REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving up on it
 LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
