@@ -34,16 +34,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import itertools
-import json
 import os
-import select
-import signal
 import socket
 import struct
 import sys
 import time
-import traceback
-from typing import Callable, TextIO
+from typing import TextIO
 
 import docopt
 import gevent
@@ -51,10 +47,13 @@ import gevent.event
 import gevent.server
 import gevent.socket
 
-import config
+import kiaconfig
+import kiaprocess
 import relay
 import sniff
-from config import Address, Backend, Config, ConfigError, Settings
+from kiaconfig import Backend, Config, ConfigError, Settings
+from kialog import Log, format_address
+from kiaprocess import FatalError
 
 __version__ = "0.2.0"
 
@@ -62,93 +61,7 @@ READ_SIZE = 16384  # one recv while reading the preamble; most heads and hellos 
 REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving up on it
 LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
 LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
-SHUTDOWN_GRACE = 30.0  # seconds open relays get to finish after SIGTERM
 IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
-
-
-# ---------------------------------------------------------------------------
-# Logs: one line per event, text or JSON, on stderr.
-
-
-class Log:
-    """Operator log: start-up lines, one line per finished connection, errors with their cause."""
-
-    def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
-        self.json = fmt == "json"
-        self.stream = stream or sys.stderr
-        self._second = -1
-        self._stamp = ""
-        self._batch: list[str] = []  # connection lines waiting for the end of this event-loop turn
-        self._batched = 0  # their length, newlines included
-
-    def _time(self) -> str:
-        now = time.time()
-        second = int(now)
-        if second != self._second:  # one strftime per second, however many lines
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
-
-    def write(self, level: str, message: str, **fields: object) -> None:
-        if self.json:
-            line = json.dumps({"time": self._time(), "level": level, "message": message, **fields})
-        else:
-            extra = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
-            line = f"{self._time()} {level} {message}{extra}"
-        self.flush()  # connection lines that came first are written first
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def connection(self, fields: dict) -> None:
-        """The per-connection line: formatted directly, since it is written for every connection.
-
-        Lines finished in one event-loop turn go out in one write of at most
-        PIPE_BUF bytes, so workers sharing a pipe never interleave inside a line.
-        """
-        f = fields
-        if self.json:
-            line = json.dumps({"time": self._time(), "level": "info", "message": "connection", **f})
-        else:
-            line = (
-                f"{self._time()} info connection id={f['id']} listener={f['listener']} client={f['client']}"
-                f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
-                f" bytes_up={f['bytes_up']} bytes_down={f['bytes_down']} duration_ms={f['duration_ms']}"
-            )
-            if "reason" in f:  # the only field that may hold spaces or client bytes
-                line += f" reason={_text_value(f['reason'])}"
-        size = (len(line) if line.isascii() else len(line.encode())) + 1
-        if self._batched + size > select.PIPE_BUF:
-            self.flush()
-        if not self._batch:
-            gevent.get_hub().loop.run_callback(self.flush)
-        self._batch.append(line)
-        self._batched += size
-
-    def flush(self) -> None:
-        """Write the batched connection lines."""
-        if self._batch:
-            self._batch.append("")
-            text = "\n".join(self._batch)
-            self._batch.clear()
-            self._batched = 0
-            self.stream.write(text)
-            self.stream.flush()
-
-    def info(self, message: str, **fields: object) -> None:
-        self.write("info", message, **fields)
-
-    def warning(self, message: str, **fields: object) -> None:
-        self.write("warning", message, **fields)
-
-    def error(self, message: str, **fields: object) -> None:
-        self.write("error", message, **fields)
-
-
-def _text_value(value: object) -> str:
-    text = "-" if value is None else str(value)
-    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
-        return json.dumps(text)
-    return text
 
 
 # ---------------------------------------------------------------------------
@@ -212,35 +125,7 @@ def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
 
 
 # ---------------------------------------------------------------------------
-# Listening sockets: bound once, before workers fork or privileges drop.
-
-
-class FatalError(Exception):
-    """Start-up cannot go on; the message says why. main() turns it into exit status 1."""
-
-
-_BIND_HINTS = {
-    errno.EADDRINUSE: "another process is listening there",
-    errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE",
-    errno.EADDRNOTAVAIL: "no interface on this host has that address",
-}
-
-
-def bind_listener(address: Address) -> socket.socket:
-    family = socket.AF_INET6 if address.ip and address.ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:  # "[::]:80" and "0.0.0.0:80" may both be listed
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        hint = _BIND_HINTS.get(exc.errno)
-        raise FatalError(f"cannot listen on {address}: {exc.strerror}" + (f" ({hint})" if hint else "")) from None
-    return sock
+# Accepting: the listeners' StreamServers.
 
 
 class _AcceptPaused(Exception):
@@ -273,7 +158,7 @@ class _Server(gevent.server.StreamServer):
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 return None  # the client left before we accepted it
             self.gateway.log.error(
-                "accept failed, pausing this listener", address=_format_address(self.address), cause=str(exc)
+                "accept failed, pausing this listener", address=format_address(self.address), cause=str(exc)
             )
             raise _AcceptPaused() from exc
         client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
@@ -290,10 +175,6 @@ class _Server(gevent.server.StreamServer):
 
     def do_close(self, *args: object) -> None:
         """The gateway closes each client itself, or hands it to a relay that does."""
-
-
-def _format_address(address: tuple) -> str:
-    return f"[{address[0]}]:{address[1]}" if ":" in address[0] else f"{address[0]}:{address[1]}"
 
 
 # ---------------------------------------------------------------------------
@@ -350,7 +231,7 @@ class Gateway:
         self.config = cfg
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
 
-    def stop(self, grace: float = SHUTDOWN_GRACE, **fields: object) -> None:
+    def stop(self, grace: float, **fields: object) -> None:
         """Stop accepting, give open connections ``grace`` seconds, then leave them to the exit."""
         for server in self.servers:
             server.close()
@@ -581,7 +462,7 @@ class _Connection:
         fields = {
             "id": self.id,
             "listener": self.listener,
-            "client": _format_address(self.peer),
+            "client": format_address(self.peer),
             "domain": self.domain,
             "backend": str(self.backend) if self.backend else None,
             "outcome": result.outcome,
@@ -628,18 +509,18 @@ def _answer(client: socket.socket, reply: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Process: config, binding, privileges, signals.
+# Command line: config with the options over it, --check, main.
 
 
 def load_config(path: str, args: dict) -> Config:
     """The file, with the command line's options put over its [gateway] table."""
-    cfg = config.load(path)
+    cfg = kiaconfig.load(path)
     overrides: dict = {}
     try:
         if args.get("--http-listen"):
-            overrides["http_listen"] = tuple(config.parse_address(a, listen=True) for a in args["--http-listen"])
+            overrides["http_listen"] = tuple(kiaconfig.parse_address(a, listen=True) for a in args["--http-listen"])
         if args.get("--https-listen"):
-            overrides["https_listen"] = tuple(config.parse_address(a, listen=True) for a in args["--https-listen"])
+            overrides["https_listen"] = tuple(kiaconfig.parse_address(a, listen=True) for a in args["--https-listen"])
     except ValueError as exc:
         raise ConfigError([f"command line: listen address {exc}"]) from None
     if args.get("--workers"):
@@ -650,7 +531,7 @@ def load_config(path: str, args: dict) -> Config:
             )
         overrides["workers"] = workers if workers == "auto" else int(workers)
     if args.get("--log-format"):
-        if args["--log-format"] not in config.LOG_FORMATS:
+        if args["--log-format"] not in kiaconfig.LOG_FORMATS:
             raise ConfigError([f"command line: --log-format must be text or json, got {args['--log-format']!r}"])
         overrides["log_format"] = args["--log-format"]
     if args.get("--user"):
@@ -676,224 +557,6 @@ def print_routes(cfg: Config, out: TextIO) -> None:
             out.write(f"  {pattern.ljust(width)}  ->  {backend}{extra}\n")
 
 
-def drop_privileges(user: str) -> None:
-    """Become ``user`` for good. What is imported lazily is imported first, while it is still readable."""
-    import pwd
-
-    hub = gevent.get_hub()  # the event loop, resolver and thread pool load modules on first use
-    hub.resolver  # noqa: B018
-    hub.threadpool  # noqa: B018
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise FatalError(f"--user {user}: no such user") from None
-    if os.getuid() == entry.pw_uid:
-        return
-    try:
-        os.setgroups([])
-        os.setgid(entry.pw_gid)
-        os.setuid(entry.pw_uid)
-    except PermissionError:
-        raise FatalError(f"cannot switch to user {user}: only root can (running as uid {os.getuid()})") from None
-
-
-def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.sendto(message.encode(), path)
-        except OSError:
-            pass
-
-
-def run(cfg: Config, args: dict, log: Log) -> int:
-    """Bind once, drop privileges, then serve in this process or in supervised workers."""
-    s = cfg.settings
-    for warning in cfg.warnings:
-        log.warning(warning)
-    listeners = [("http", bind_listener(a)) for a in s.http_listen]
-    listeners += [("https", bind_listener(a)) for a in s.https_listen]
-    if not listeners:
-        raise FatalError("no listeners: http_listen and https_listen are both empty")
-    if s.user:
-        drop_privileges(s.user)
-    workers = config.resolve_workers(s.workers)
-    log.info(
-        f"kiagateway {__version__} starting",
-        config=cfg.source,
-        http_routes=len(cfg.http_routes),
-        https_routes=len(cfg.https_routes),
-        workers=workers,
-        pid=os.getpid(),
-    )
-    for name, sock in listeners:
-        log.info(f"listening for {name}", address=_format_address(sock.getsockname()))
-    if workers == 1:
-        return serve(cfg, args, log, listeners, worker=0)
-    return supervise(
-        workers, lambda worker, current: serve(current, args, log, listeners, worker), cfg, args, log, listeners
-    )
-
-
-def _reload(source: str, args: dict, log: Log) -> Config | None:
-    """The new config, or None (logged) if it is bad and the running one must stay."""
-    try:
-        new = load_config(source, args)
-    except ConfigError as exc:
-        for line in exc.errors:
-            log.error(f"reload failed, keeping the running config: {line}")
-        return None
-    for warning in new.warnings:
-        log.warning(warning)
-    return new
-
-
-def serve(cfg: Config, args: dict, log: Log, listeners: list, worker: int) -> int:
-    """One gevent hub serving every listener until SIGTERM/SIGINT; SIGHUP reloads."""
-    gateway = Gateway(cfg, log, worker)
-    gateway.serve(listeners)
-    stopping = gevent.event.Event()
-
-    fields = {"worker": worker} if worker else {}
-
-    def reload() -> None:
-        new = _reload(cfg.source, args, log)
-        if new is not None:
-            gateway.reload(new)
-            log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes), **fields)
-
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
-    gevent.signal_handler(signal.SIGTERM, stopping.set)
-    gevent.signal_handler(signal.SIGINT, stopping.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
-    if worker:
-        log.info("worker started", worker=worker, pid=os.getpid())
-    else:
-        sd_notify("READY=1")
-        log.info("ready")
-    stopping.wait()
-    if not worker:
-        sd_notify("STOPPING=1")
-    gateway.stop(**fields)
-    log.info("stopped", **fields)
-    return 0
-
-
-_SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
-RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
-
-
-def supervise(
-    count: int, work: Callable[[int, Config], int], cfg: Config, args: dict, log: Log, listeners: list
-) -> int:
-    """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on.
-
-    The supervisor keeps its copies of the listening sockets to hand to replacement
-    workers, and closes them when it stops so that new clients are refused at once.
-    """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
-    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
-    respawn: dict[int, float] = {}  # worker number -> when to start it again
-
-    def start(worker: int) -> None:
-        try:
-            pid = os.fork()
-        except OSError as exc:  # out of processes or memory: try again later, keep the others serving
-            log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
-            respawn[worker] = time.monotonic() + RESPAWN_DELAY
-            return
-        if pid == 0:  # the worker: its own hub, default signal handling
-            code = 1
-            try:
-                _stop_with_parent()
-                gevent.reinit()  # signals stay blocked until serve() has its handlers
-                code = work(worker, cfg)  # the config as last reloaded
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        children[pid] = (worker, time.monotonic())
-
-    for worker in range(1, count + 1):
-        start(worker)
-    sd_notify("READY=1")
-    log.info("ready", workers=count)
-    stopping = False
-    while children or (respawn and not stopping):
-        timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
-        info = signal.sigtimedwait(_SUPERVISED, timeout) if timeout is not None else signal.sigwaitinfo(_SUPERVISED)
-        if info is None or info.si_signo == signal.SIGCHLD:
-            while children:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    children.clear()
-                    break
-                if pid == 0:
-                    break
-                worker, started = children.pop(pid, (0, 0.0))
-                if not stopping and worker:
-                    log.error(
-                        "worker died, starting a new one",
-                        worker=worker,
-                        pid=pid,
-                        cause=_wait_status(status),
-                    )
-                    soon = time.monotonic() - started < RESPAWN_DELAY
-                    respawn[worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
-            for worker, due in list(respawn.items()):
-                if not stopping and due <= time.monotonic():
-                    del respawn[worker]
-                    start(worker)
-        elif info.si_signo == signal.SIGHUP:
-            new = _reload(cfg.source, args, log)
-            if new is not None:
-                cfg = new  # replacement workers start with it too
-                _signal_all(children, signal.SIGHUP)
-        elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
-            stopping = True
-            respawn.clear()
-            for _, sock in listeners:
-                sock.close()
-            sd_notify("STOPPING=1")
-            log.info("stopping workers", workers=len(children))
-            _signal_all(children, signal.SIGTERM)
-    log.info("stopped")
-    return 0
-
-
-def _stop_with_parent() -> None:
-    """Linux: get SIGTERM if the supervisor dies, so orphaned workers never keep the ports."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers outlive a killed supervisor
-        pass
-    if os.getppid() == 1:  # the supervisor died before the call above
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _signal_all(children: dict, signum: int) -> None:
-    for pid in children:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         args = docopt.docopt(__doc__, argv=argv, version=f"kiagateway {__version__}")
@@ -917,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = Log(cfg.settings.log_format)
     try:
-        return run(cfg, args, log)
+        return kiaprocess.run(cfg, lambda: load_config(path, args), Gateway, log, __version__)
     except FatalError as exc:
         log.error(str(exc))
         return 1

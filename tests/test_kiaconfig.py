@@ -1,11 +1,11 @@
-"""config.py: the pure validator and the route lookup."""
+"""kiaconfig.py: the pure validator and the route lookup."""
 
 from __future__ import annotations
 
 import pytest
 
-import config
-from config import ConfigError, validate
+import kiaconfig
+from kiaconfig import ConfigError, validate
 
 
 def errors_of(data: dict) -> list[str]:
@@ -141,14 +141,14 @@ def test_listener_without_routes_warns():
 
 
 def test_workers_auto():
-    assert config.resolve_workers("auto") >= 1
-    assert config.resolve_workers(3) == 3
+    assert kiaconfig.resolve_workers("auto") >= 1
+    assert kiaconfig.resolve_workers(3) == 3
 
 
 def test_load_reports_unreadable_and_invalid_files(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
-        config.load(str(tmp_path / "missing.toml"))
+        kiaconfig.load(str(tmp_path / "missing.toml"))
     bad = tmp_path / "bad.toml"
     bad.write_text("[http_backends\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
-        config.load(str(bad))
+        kiaconfig.load(str(bad))
