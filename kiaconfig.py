@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import idna
+
 from sniff import MAX_PREAMBLE, normalize_domain
 
 if sys.version_info >= (3, 11):
@@ -142,13 +144,37 @@ def parse_address(text: Any, *, listen: bool = False) -> Address:
         if listen or text.startswith("["):
             raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
         try:
-            host = normalize_domain(host)
+            host = normalize_domain(to_ascii(host))
         except ValueError as exc:
             raise ValueError(f"{text!r}: bad host name ({exc})") from None
         ip = None
     else:
         host = str(ip)
     return Address(host, int(port), ip)
+
+
+def to_ascii(name: str) -> str:
+    """A domain as clients send it: Unicode labels become A-labels (``xn--``), by IDNA 2008 with UTS 46 mapping.
+
+    Clients always send A-labels, so only names from the config need this (the
+    parsers in sniff.py never do). ASCII labels pass through untouched for
+    normalize_domain to judge: it allows ``_``, which IDNA refuses. Raises
+    ValueError (idna's errors are UnicodeErrors) saying what is wrong.
+    """
+    if name.isascii():
+        return name
+    mapped = idna.uts46_remap(name, std3_rules=False, transitional=False)  # case, width, dots like "。"
+    return ".".join(label if label.isascii() else idna.alabel(label).decode("ascii") for label in mapped.split("."))
+
+
+def unicode_form(name: str) -> str | None:
+    """The Unicode form of a name with ``xn--`` labels, for people to read; None if it has none (or a bad one)."""
+    if "xn--" not in name:
+        return None
+    try:
+        return ".".join(idna.ulabel(label) if label.startswith("xn--") else label for label in name.split("."))
+    except ValueError:
+        return None
 
 
 def load(path: str) -> Config:
@@ -224,6 +250,11 @@ def _routes(table: Any, name: str, source: str, errors: list[str]) -> RouteTable
             default = backend
             continue
         pattern, target = (key[2:], wildcard) if key.startswith("*.") else (key, exact)
+        try:
+            pattern = to_ascii(pattern)
+        except ValueError as exc:  # idna's errors are UnicodeErrors, so ValueErrors
+            errors.append(f"{where}: not a valid internationalized domain name ({exc})")
+            continue
         try:
             normal = normalize_domain(pattern)
         except ValueError as exc:

@@ -542,6 +542,7 @@ def load_config(path: str, args: dict) -> Config:
 
 
 def print_routes(cfg: Config, out: TextIO) -> None:
+    """The route table as lookup sees it; a name with ``xn--`` labels shows its Unicode form beside it."""
     s = cfg.settings
     out.write(f"{cfg.source}: OK\n")
     for name, table, listen in (
@@ -550,7 +551,10 @@ def print_routes(cfg: Config, out: TextIO) -> None:
     ):
         where = ", ".join(map(str, listen)) or "off"
         out.write(f"{name} listener: {where}; {len(table)} route{'s' if len(table) != 1 else ''}\n")
-        rows = table.rows()
+        rows = []
+        for pattern, backend in table.rows():
+            unicode = kiaconfig.unicode_form(pattern)
+            rows.append((f"{pattern} ({unicode})" if unicode else pattern, backend))
         width = max((len(pattern) for pattern, _ in rows), default=0)
         for pattern, backend in rows:
             extra = f"  (proxy_protocol {backend.proxy_protocol})" if backend.proxy_protocol else ""

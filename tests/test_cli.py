@@ -254,3 +254,12 @@ def test_unknown_user_is_a_fatal_error(tmp_path, backends):
     out = run("--user=no-such-user-here", str(cfg))
     assert out.returncode == 1
     assert "no such user" in out.stderr
+
+
+def test_check_prints_unicode_keys_with_their_a_label(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[http_backends]\n"bücher.example" = "127.0.0.1:1"\n"*.bücher.example" = "127.0.0.1:2"\n')
+    out = run("--check", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "  xn--bcher-kva.example (bücher.example)      ->  127.0.0.1:1\n" in out.stdout
+    assert "  *.xn--bcher-kva.example (*.bücher.example)  ->  127.0.0.1:2\n" in out.stdout

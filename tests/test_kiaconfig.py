@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import exchange
 
 import kiaconfig
 from kiaconfig import ConfigError, validate
@@ -152,3 +153,68 @@ def test_load_reports_unreadable_and_invalid_files(tmp_path):
     bad.write_text("[http_backends\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         kiaconfig.load(str(bad))
+
+
+# ---------------------------------------------------------------------------
+# Unicode domain keys: converted to the A-labels clients send (IDNA 2008, UTS 46).
+
+
+def test_unicode_keys_become_a_labels():
+    cfg = validate(
+        {
+            "http_backends": {
+                "Bücher.Example.": "127.0.0.1:1",
+                "*.bücher.example": "127.0.0.1:2",
+                "_acme.bücher.example": "127.0.0.1:3",  # an ASCII label IDNA would refuse stays as it is
+            }
+        }
+    )
+    table = cfg.http_routes
+    assert table.lookup("xn--bcher-kva.example").address.port == 1
+    assert table.lookup("www.xn--bcher-kva.example").address.port == 2
+    assert table.lookup("_acme.xn--bcher-kva.example").address.port == 3
+    assert [pattern for pattern, _ in table.rows()] == [
+        "_acme.xn--bcher-kva.example",
+        "xn--bcher-kva.example",
+        "*.xn--bcher-kva.example",
+    ]
+    assert kiaconfig.unicode_form("*.xn--bcher-kva.example") == "*.bücher.example"
+    assert kiaconfig.unicode_form("plain.example") is None
+    assert kiaconfig.unicode_form("xn--zz.example") is None  # not valid punycode: nothing to show
+
+
+def test_unicode_key_same_as_its_a_label_is_a_duplicate():
+    errors = errors_of({"http_backends": {"xn--bcher-kva.example": "127.0.0.1:1", "bücher.example": "127.0.0.1:2"}})
+    assert errors == ["servers.toml: [http_backends] 'bücher.example': same domain as 'xn--bcher-kva.example'"]
+
+
+@pytest.mark.parametrize("key", ["☃.example", "bü cher.example", "*.☃.example", "ü" * 64 + ".example"])
+def test_invalid_unicode_key_is_a_clear_error(key):
+    errors = errors_of({"https_backends": {key: "127.0.0.1:1"}})
+    assert len(errors) == 1
+    assert errors[0].startswith(f"servers.toml: [https_backends] {key!r}: not a valid internationalized domain name (")
+    assert "b'" not in errors[0]  # no bytes repr with '?' for every non-ASCII letter
+
+
+def test_unicode_backend_host_name_is_resolved_as_its_a_label():
+    backend = validate({"http_backends": {"a.example": "bücher.internal:80"}}).http_routes.lookup("a.example")
+    assert backend.address.host == "xn--bcher-kva.internal"
+
+
+def test_unicode_keys_route_a_client_sending_the_a_label(start_gateway, backends):
+    """End to end: the client (like every client) sends the A-label in Host."""
+    toml = f"""
+[gateway]
+http_listen = ["127.0.0.1:0"]
+https_listen = []
+[http_backends]
+"bücher.example" = "{backends["alpha"].address}"
+"*.bücher.example" = "{backends["beta"].address}"
+"""
+    gw = start_gateway(toml)
+    for host, expected in (
+        (b"xn--bcher-kva.example", b"alpha http xn--bcher-kva.example"),
+        (b"WWW.xn--bcher-kva.example", b"beta http WWW.xn--bcher-kva.example"),
+    ):
+        answer = exchange(gw.http, b"GET /whoami HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(expected), answer
