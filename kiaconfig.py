@@ -8,6 +8,7 @@ file, the table and the key. It opens no socket and starts nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -109,6 +110,7 @@ class Config:
     https_routes: RouteTable
     settings: Settings
     warnings: tuple[str, ...] = ()
+    from_command_line: frozenset[str] = frozenset()  # settings given as options: errors name the option
 
 
 class ConfigError(Exception):
@@ -364,6 +366,17 @@ _CHECKS = {
     "user": _string,
     "log_format": _choice(LOG_FORMATS),
 }
+
+
+def override(cfg: Config, values: Mapping[str, Any]) -> Config:
+    """``cfg`` with command-line values (already checked) over its [gateway] table, remembered as such."""
+    if not values:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        settings=dataclasses.replace(cfg.settings, **values),
+        from_command_line=cfg.from_command_line | frozenset(values),
+    )
 
 
 def resolve_workers(workers: int | str) -> int:

@@ -7,7 +7,8 @@ relay moves the rest both ways.
 Usage:
   kiagateway [--http-listen=ADDR]... [--https-listen=ADDR]... [--workers=N]
              [--log-format=FORMAT] [--user=NAME] [CONFIG]
-  kiagateway --check [CONFIG]
+  kiagateway --check [--http-listen=ADDR]... [--https-listen=ADDR]...
+             [--workers=N] [--log-format=FORMAT] [--user=NAME] [CONFIG]
   kiagateway -h | --help
   kiagateway --version
 
@@ -21,7 +22,8 @@ Options:
   --workers=N           Worker processes sharing the listeners, or "auto".
   --log-format=FORMAT   text or json.
   --user=NAME           Drop privileges to this user after binding.
-  --check               Validate CONFIG, print its route table, exit 0 or 1.
+  --check               Validate CONFIG with the options, print its route table,
+                        exit 0 or 1.
   -h --help             Show this text.
   --version             Print the version.
 
@@ -31,10 +33,10 @@ a listener that cannot be bound or a fatal error, 2 for bad usage.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import itertools
 import os
+import re
 import socket
 import struct
 import sys
@@ -512,33 +514,39 @@ def _answer(client: socket.socket, reply: bytes) -> None:
 # Command line: config with the options over it, --check, main.
 
 
-def load_config(path: str, args: dict) -> Config:
-    """The file, with the command line's options put over its [gateway] table."""
-    cfg = kiaconfig.load(path)
-    overrides: dict = {}
-    try:
-        if args.get("--http-listen"):
-            overrides["http_listen"] = tuple(kiaconfig.parse_address(a, listen=True) for a in args["--http-listen"])
-        if args.get("--https-listen"):
-            overrides["https_listen"] = tuple(kiaconfig.parse_address(a, listen=True) for a in args["--https-listen"])
-    except ValueError as exc:
-        raise ConfigError([f"command line: listen address {exc}"]) from None
-    if args.get("--workers"):
-        workers = args["--workers"]
+class UsageError(Exception):
+    """Bad usage: main() prints the message and the usage lines, and exits 2."""
+
+
+def parse_options(args: dict) -> dict[str, object]:
+    """The [gateway] settings the command line sets, checked; a bad value is a UsageError."""
+    overrides: dict[str, object] = {}
+    for option in ("--http-listen", "--https-listen"):
+        if args.get(option):
+            try:
+                overrides[option[2:].replace("-", "_")] = tuple(
+                    kiaconfig.parse_address(a, listen=True) for a in args[option]
+                )
+            except ValueError as exc:
+                raise UsageError(f"{option}: {exc}") from None
+    workers = args.get("--workers")
+    if workers:
         if workers != "auto" and not (workers.isdigit() and 0 < int(workers) <= 1024):
-            raise ConfigError(
-                [f"command line: --workers must be a whole number from 1 to 1024 or auto, got {workers!r}"]
-            )
+            raise UsageError(f"--workers must be a whole number from 1 to 1024 or auto, got {workers!r}")
         overrides["workers"] = workers if workers == "auto" else int(workers)
-    if args.get("--log-format"):
-        if args["--log-format"] not in kiaconfig.LOG_FORMATS:
-            raise ConfigError([f"command line: --log-format must be text or json, got {args['--log-format']!r}"])
-        overrides["log_format"] = args["--log-format"]
+    log_format = args.get("--log-format")
+    if log_format:
+        if log_format not in kiaconfig.LOG_FORMATS:
+            raise UsageError(f"--log-format must be text or json, got {log_format!r}")
+        overrides["log_format"] = log_format
     if args.get("--user"):
         overrides["user"] = args["--user"]
-    if overrides:
-        cfg = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, **overrides))
-    return cfg
+    return overrides
+
+
+def load_config(path: str, overrides: dict[str, object]) -> Config:
+    """The file with the command line's settings over its [gateway] table."""
+    return kiaconfig.override(kiaconfig.load(path), overrides)
 
 
 def print_routes(cfg: Config, out: TextIO) -> None:
@@ -562,17 +570,20 @@ def print_routes(cfg: Config, out: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = docopt.docopt(__doc__, argv=argv, version=f"kiagateway {__version__}")
+        overrides = parse_options(args)
     except docopt.DocoptExit as exc:
-        sys.stderr.write(f"{exc}\n")
-        return 2
+        return _bad_usage(_usage_problem(argv, str(exc.code)))
+    except UsageError as exc:
+        return _bad_usage(str(exc))
     except SystemExit as exc:  # --help and --version print and exit
         return 0 if exc.code in (None, 0) else 2
     path = args["CONFIG"] or "servers.toml"
-    log = Log("json" if args["--log-format"] == "json" else "text")
+    log = Log(overrides.get("log_format", "text"))
     try:
-        cfg = load_config(path, args)
+        cfg = load_config(path, overrides)
     except ConfigError as exc:
         for line in exc.errors:
             log.error(line)
@@ -584,10 +595,53 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     log = Log(cfg.settings.log_format)
     try:
-        return kiaprocess.run(cfg, lambda: load_config(path, args), Gateway, log, __version__)
+        return kiaprocess.run(cfg, lambda: load_config(path, overrides), Gateway, log, __version__)
     except FatalError as exc:
         log.error(str(exc))
         return 1
+
+
+def _bad_usage(sentence: str) -> int:
+    """Exit status 2 with one plain sentence and the usage lines, on stderr."""
+    usage = __doc__[__doc__.index("Usage:") : __doc__.index("\n\n", __doc__.index("Usage:"))]
+    sys.stderr.write(f"kiagateway: {sentence} (see kiagateway --help)\n{usage}\n")
+    return 2
+
+
+def _usage_problem(argv: list[str], message: str) -> str:
+    """One plain sentence for what docopt refused, without the reprs of its internals it prints."""
+    first = message.split("\n", 1)[0]
+    if first and not first.startswith(("Warning:", "Usage:")):
+        return first  # docopt's own sentences: "--workers requires argument"
+    options = re.findall(r"^ +(?:(-\w) )?(--[a-z-]+)", __doc__[__doc__.index("Options:") :], re.MULTILINE)
+    shorts = {short: long for short, long in options if short}
+    longs = [long for _, long in options]
+    repeatable = set(re.findall(r"\[(--[a-z-]+)=\w+\]\.\.\.", __doc__))
+    given: list[str] = []
+    arguments: list[str] = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            arguments += argv[i + 1 :]
+            break
+        if word.startswith("--"):
+            name = word.partition("=")[0]
+            matches = [name] if name in longs else [long for long in longs if long.startswith(name)]
+            if len(matches) != 1:  # docopt takes a unique prefix, and nothing else
+                return f"unknown option {name}"
+            given += matches
+        elif word.startswith("-") and word != "-":
+            for letter in word[1:]:
+                if f"-{letter}" not in shorts:
+                    return f"unknown option -{letter}"
+                given.append(shorts[f"-{letter}"])
+        else:
+            arguments.append(word)
+    for option in given:
+        if option not in repeatable and given.count(option) > 1:
+            return f"{option} given more than once"
+    if len(arguments) > 1:
+        return f"one CONFIG file at most, got {', '.join(map(repr, arguments))}"
+    return f"these arguments fit no usage line: {' '.join(argv)}"
 
 
 if __name__ == "__main__":

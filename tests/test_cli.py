@@ -51,16 +51,30 @@ def test_version_and_help():
     assert out.returncode == 0 and "Usage:" in out.stdout and "--check" in out.stdout
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["--workers"], ["a.toml", "b.toml"]])
-def test_bad_usage_exits_2(args):
-    assert run(*args).returncode == 2
+USAGE_ERRORS = [
+    (["--bogus"], "unknown option --bogus"),
+    (["--check", "-x"], "unknown option -x"),
+    (["--workers"], "--workers requires argument"),
+    (["--check=yes"], "--check must not have an argument"),
+    (["a.toml", "b.toml"], "one CONFIG file at most, got 'a.toml', 'b.toml'"),
+    (["--workers=2", "--work=3"], "--workers given more than once"),
+    (["--workers=0"], "--workers must be a whole number from 1 to 1024 or auto, got '0'"),
+    (["--check", "--workers=zero"], "--workers must be a whole number from 1 to 1024 or auto, got 'zero'"),
+    (["--log-format=yaml"], "--log-format must be text or json, got 'yaml'"),
+    (["--http-listen=localhost:80"], "--http-listen: 'localhost:80': 'localhost' is not an IP address"),
+    (["--https-listen=127.0.0.1"], "--https-listen: '127.0.0.1' has no port (write 'host:port')"),
+]
 
 
-def test_bad_option_value_exits_1(tmp_path):
-    out = run("--workers=zero", "--check")
-    assert out.returncode in (1, 2)
-    out = run("--log-format=xml")
-    assert out.returncode == 1 and "--log-format" in out.stderr
+@pytest.mark.parametrize(("args", "sentence"), USAGE_ERRORS)
+def test_bad_usage_exits_2_with_the_usage_and_one_plain_sentence(tmp_path, args, sentence):
+    out = run(*args, cwd=tmp_path)  # no servers.toml there: nothing could start by mistake
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    first, *usage = out.stderr.splitlines()
+    assert first == f"kiagateway: {sentence} (see kiagateway --help)"
+    assert usage[0] == "Usage:" and usage[1].startswith("  kiagateway ") and "Options:" not in out.stderr
+    assert "Option(" not in out.stderr and "Argument(" not in out.stderr and "Warning" not in out.stderr
 
 
 def test_python_dash_m(tmp_path):
