@@ -22,8 +22,8 @@ Options:
   --workers=N           Worker processes sharing the listeners, or "auto".
   --log-format=FORMAT   text or json.
   --user=NAME           Drop privileges to this user after binding.
-  --check               Validate CONFIG with the options, print its route table,
-                        exit 0 or 1.
+  --check               Check CONFIG and the options as start-up would, print
+                        the route table, exit 0 or 1.
   -h --help             Show this text.
   --version             Print the version.
 
@@ -545,8 +545,15 @@ def parse_options(args: dict) -> dict[str, object]:
 
 
 def load_config(path: str, overrides: dict[str, object]) -> Config:
-    """The file with the command line's settings over its [gateway] table."""
-    return kiaconfig.override(kiaconfig.load(path), overrides)
+    """The file with the command line's settings over its [gateway] table, checked as start-up needs it.
+
+    Start-up, --check and reload all come here, so --check refuses what start-up refuses.
+    """
+    cfg = kiaconfig.override(kiaconfig.load(path), overrides)
+    errors = kiaconfig.check_serving(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
 
 
 def print_routes(cfg: Config, out: TextIO) -> None:

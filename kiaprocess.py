@@ -78,7 +78,7 @@ def drop_privileges(user: str) -> None:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise FatalError(f"--user {user}: no such user") from None
+        raise FatalError(f"no such user {user!r}") from None  # checked before by kiaconfig.check_serving
     if os.getuid() == entry.pw_uid:
         return
     try:

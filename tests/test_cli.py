@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
+import grp
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, gateway_command, routes_toml
+from conftest import TIMEOUT, Gateway, free_closed_port, gateway_command, routes_toml
 
 import kiagateway
 
@@ -249,17 +253,20 @@ def test_workers_share_the_listeners_and_a_dead_one_is_replaced(start_gateway, b
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
-def test_user_drops_privileges_after_binding(start_gateway, backends):
-    import pwd
-
+def test_user_drops_privileges_after_binding_and_still_reloads(searchable_dir, backends):
     nobody = pwd.getpwnam("nobody")
-    gw = start_gateway(routes_toml(backends), "--user=nobody")
-    status = Path(f"/proc/{gw.proc.pid}/status").read_text()
-    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-    assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
-    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
-        sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
-        assert b"alpha http" in b"".join(iter(lambda: sock.recv(65536), b""))
+    gw = Gateway(searchable_dir, routes_toml(backends), ("--user=nobody",))  # a file nobody can read again
+    try:
+        status = Path(f"/proc/{gw.proc.pid}/status").read_text()
+        uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+        assert uid_line.split()[1:] == [str(nobody.pw_uid)] * 4
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            assert b"alpha http" in b"".join(iter(lambda: sock.recv(65536), b""))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.wait_for(lambda line: line.get("message") == "config reloaded")
+    finally:
+        gw.stop()
 
 
 def test_unknown_user_is_a_fatal_error(tmp_path, backends):
@@ -267,7 +274,112 @@ def test_unknown_user_is_a_fatal_error(tmp_path, backends):
     cfg.write_text(routes_toml(backends))
     out = run("--user=no-such-user-here", str(cfg))
     assert out.returncode == 1
-    assert "no such user" in out.stderr
+    assert "command line: --user: no such user 'no-such-user-here'" in out.stderr
+
+
+def error_messages(*args: str) -> tuple[int, list[str]]:
+    """Exit status and the error lines of a run with JSON logs."""
+    out = run("--log-format=json", *args)
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    return out.returncode, [line["message"] for line in lines if line["level"] == "error"]
+
+
+def _refusals(port: int) -> list[tuple[str, dict, tuple[str, ...], str]]:
+    """(id, routes_toml's arguments, options, what the error says) for each start-up refusal."""
+    here = f'"127.0.0.1:{port}"'
+    return [
+        (
+            "user-in-file",
+            {"extra_gateway": 'user = "no-such-user-here"'},
+            (),
+            "s.toml: [gateway] user: no such user 'no-such-user-here'",
+        ),
+        ("user-option", {}, ("--user=no-such-user-here",), "command line: --user: no such user 'no-such-user-here'"),
+        (
+            "listed-twice",
+            {"listen_http": f"{here}, {here}"},
+            (),
+            f"s.toml: [gateway] http_listen: 127.0.0.1:{port} is listed twice",
+        ),
+        (
+            "http-and-https",
+            {"listen_http": here, "listen_https": here},
+            (),
+            f"s.toml: [gateway] https_listen: 127.0.0.1:{port} overlaps 127.0.0.1:{port} of [gateway] http_listen",
+        ),
+        (
+            "options-overlap",
+            {},
+            (f"--http-listen=127.0.0.1:{port}", f"--https-listen=127.0.0.1:{port}"),
+            f"command line: --https-listen: 127.0.0.1:{port} overlaps 127.0.0.1:{port} of --http-listen",
+        ),
+        ("no-listeners", {"listen_http": "", "listen_https": ""}, (), "s.toml: [gateway] http_listen and https_listen"),
+        ("bad-key", {"extra_gateway": "idle_timout = 3"}, (), "s.toml: [gateway] unknown key 'idle_timout'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_refusals(1))), ids=[r[0] for r in _refusals(1)])
+def test_check_catches_every_start_up_refusal_with_the_same_message(tmp_path, backends, case):
+    port = free_closed_port()  # loopback only; start-up must refuse before binding it
+    _, toml, options, expected = _refusals(port)[case]
+    (tmp_path / "s.toml").write_text(routes_toml(backends, **toml))
+    messages = []
+    for check in (("--check",), ()):  # --check first, then start-up, on the same file and options
+        out = subprocess.run(
+            [*gateway_command(), "--log-format=json", *check, *options, "s.toml"],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT * 2,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 1, out.stderr
+        lines = [json.loads(line) for line in out.stderr.splitlines()]
+        messages.append([line["message"] for line in lines if line["level"] == "error"])
+    assert messages[0] == messages[1]
+    assert any(expected in message for message in messages[0]), messages[0]
+
+
+def test_check_catches_overlapping_wildcard_listeners(tmp_path):
+    """Never started: a wildcard address is not loopback, so only --check runs this one."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('[gateway]\nhttp_listen = ["0.0.0.0:8080", "127.0.0.1:8080"]\nhttps_listen = ["[::]:8080"]\n')
+    out = run("--check", str(cfg))
+    assert out.returncode == 1 and out.stdout == ""
+    assert f"{cfg}: [gateway] http_listen: 127.0.0.1:8080 overlaps 0.0.0.0:8080 of [gateway] http_listen" in out.stderr
+    assert "[::]:8080" not in out.stderr  # IPv6 listeners are bound IPV6_V6ONLY
+
+
+@pytest.fixture
+def searchable_dir():
+    """A directory every user can search, outside pytest's own 0700 base directory."""
+    path = Path(tempfile.mkdtemp(prefix="kiagateway-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files that only root can read need root")
+def test_config_the_serving_user_could_not_read_again_is_refused(searchable_dir, backends):
+    cfg = searchable_dir / "servers.toml"
+    cfg.write_text(routes_toml(backends, extra_gateway='user = "nobody"'))
+    cfg.chmod(0o600)
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    for args in (("--check",), ()):
+        status, errors = error_messages(*args, str(cfg))
+        assert status == 1
+        assert errors == [
+            f"{cfg}: [gateway] user: user nobody could not read {cfg} again (mode 0600, owner root), "
+            f"so every reload (SIGHUP) would fail: make it readable by user nobody, "
+            f"e.g. chgrp {group} {cfg} && chmod 640 {cfg}"
+        ]
+    cfg.chmod(0o640)
+    os.chown(cfg, 0, pwd.getpwnam("nobody").pw_gid)
+    assert run("--check", str(cfg)).returncode == 0
+    searchable_dir.chmod(0o700)  # the file is readable, the way to it is not
+    status, errors = error_messages("--check", "--user=nobody", str(cfg))
+    assert status == 1
+    assert errors[0].startswith(f"command line: --user: user nobody could not read {cfg} again (directory ")
+    assert f"chmod o+x {searchable_dir}" in errors[0]
 
 
 def test_check_prints_unicode_keys_with_their_a_label(tmp_path):
