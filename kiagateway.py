@@ -620,22 +620,26 @@ def _usage_problem(argv: list[str], message: str) -> str:
     first = message.split("\n", 1)[0]
     if first and not first.startswith(("Warning:", "Usage:")):
         return first  # docopt's own sentences: "--workers requires argument"
-    options = re.findall(r"^ +(?:(-\w) )?(--[a-z-]+)", __doc__[__doc__.index("Options:") :], re.MULTILINE)
-    shorts = {short: long for short, long in options if short}
-    longs = [long for _, long in options]
+    options = re.findall(r"^ +(?:(-\w) )?(--[a-z-]+)(=?)", __doc__[__doc__.index("Options:") :], re.MULTILINE)
+    shorts = {short: long for short, long, _ in options if short}
+    longs = [long for _, long, _ in options]
+    with_value = {long for _, long, takes in options if takes}
     repeatable = set(re.findall(r"\[(--[a-z-]+)=\w+\]\.\.\.", __doc__))
     given: list[str] = []
     arguments: list[str] = []
-    for i, word in enumerate(argv):
+    words = iter(argv)
+    for word in words:
         if word == "--":
-            arguments += argv[i + 1 :]
+            arguments += words
             break
         if word.startswith("--"):
-            name = word.partition("=")[0]
+            name, equals, _ = word.partition("=")
             matches = [name] if name in longs else [long for long in longs if long.startswith(name)]
             if len(matches) != 1:  # docopt takes a unique prefix, and nothing else
                 return f"unknown option {name}"
             given += matches
+            if matches[0] in with_value and not equals:
+                next(words, None)  # "--workers 2": the value is the next word
         elif word.startswith("-") and word != "-":
             for letter in word[1:]:
                 if f"-{letter}" not in shorts:
