@@ -72,14 +72,25 @@ USAGE_ERRORS = [
 
 
 @pytest.mark.parametrize(("args", "sentence"), USAGE_ERRORS)
-def test_bad_usage_exits_2_with_the_usage_and_one_plain_sentence(tmp_path, args, sentence):
-    out = run(*args, cwd=tmp_path)  # no servers.toml there: nothing could start by mistake
-    assert out.returncode == 2, out.stderr
-    assert out.stdout == ""
-    first, *usage = out.stderr.splitlines()
+def test_bad_usage_exits_2_with_the_usage_and_one_plain_sentence(tmp_path, monkeypatch, capsys, args, sentence):
+    monkeypatch.chdir(tmp_path)  # no servers.toml here: nothing could start by mistake
+    assert kiagateway.main(args) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    _assert_one_sentence_and_the_usage(out.err, sentence)
+
+
+def test_bad_usage_through_the_installed_script(tmp_path):
+    out = run("--bogus", "--workers=0", cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    _assert_one_sentence_and_the_usage(out.stderr, "unknown option --bogus")
+
+
+def _assert_one_sentence_and_the_usage(stderr: str, sentence: str) -> None:
+    first, *usage = stderr.splitlines()
     assert first == f"kiagateway: {sentence} (see kiagateway --help)"
-    assert usage[0] == "Usage:" and usage[1].startswith("  kiagateway ") and "Options:" not in out.stderr
-    assert "Option(" not in out.stderr and "Argument(" not in out.stderr and "Warning" not in out.stderr
+    assert usage[0] == "Usage:" and usage[1].startswith("  kiagateway ") and "Options:" not in stderr
+    assert "Option(" not in stderr and "Argument(" not in stderr and "Warning" not in stderr
 
 
 def test_python_dash_m(tmp_path):
