@@ -24,6 +24,12 @@ or a skipped drain.
   inside a line. A longer line (rare: a long error) or a full socket may be
   taken in part; the rest is written next, before anything else this process
   writes.
+- Under journald (``JOURNAL_STREAM`` names stderr's device and inode, the check
+  systemd documents) each line starts with its syslog priority, ``<3>`` error,
+  ``<4>`` warning, ``<6>`` info, so that ``journalctl -p`` sees errors as errors.
+  JSON lines get it too: journald strips it, and the journal's MESSAGE is the
+  JSON object. Anywhere else (a pipe, a file, a tty, even a child that inherits
+  the variable with stderr redirected) nothing is prefixed.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import gevent
 
 QUEUE_LIMIT = 1 << 20  # bytes waiting for a slow reader, per process: ~4,000 connection lines, 16 pipe buffers
 CLOSE_TIMEOUT = 1.0  # seconds close() waits at exit for a slow reader to take what is queued
+PRIORITIES = {"error": "<3>", "warning": "<4>", "info": "<6>"}  # syslog severities journald reads at line start
 _EV_WRITE = 2  # libev's (and gevent's) flag for an io watcher that waits until the fd is writable
 
 
@@ -64,6 +71,9 @@ class Log:
         self._watcher = None  # gevent io watcher, started while the queue holds lines
         self._socket: socket.socket | None = None  # a dup of fd when it is a socket, for MSG_DONTWAIT
         self._ready = False  # the fd's kind has been looked at (at the first write)
+        self._prefix = dict.fromkeys(PRIORITIES, "")
+        if _is_journal(fd):
+            self._prefix = dict(PRIORITIES)
         _logs.add(self)
 
     def _time(self) -> str:
@@ -81,7 +91,7 @@ class Log:
             extra = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
             line = f"{self._time()} {level} {message}{extra}"
         self.flush()  # connection lines that came first are written first
-        self._send(f"{line}\n".encode(errors="backslashreplace"))
+        self._send(f"{self._prefix[level]}{line}\n".encode(errors="backslashreplace"))
 
     def connection(self, fields: dict) -> None:
         """The per-connection line: formatted directly, since it is written for every connection.
@@ -100,6 +110,7 @@ class Log:
             )
             if "reason" in f:  # the only field that may hold spaces or client bytes
                 line += f" reason={_text_value(f['reason'])}"
+        line = self._prefix["info"] + line
         size = (len(line) if line.isascii() else len(line.encode())) + 1
         if self._batched + size > select.PIPE_BUF:
             self.flush()
@@ -282,6 +293,16 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _is_journal(fd: int) -> bool:
+    """stderr is the journal's stream: JOURNAL_STREAM holds its device and inode (systemd.exec(5))."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
 
 
 def _text_value(value: object) -> str:

@@ -38,12 +38,13 @@ def pipe_size(fd: int) -> int:
 class LoggedGateway:
     """The gateway as a subprocess whose stderr is the write end of a pipe this test holds the read end of."""
 
-    def __init__(self, tmp_path, toml: str, *args: str, env: dict | None = None) -> None:
+    def __init__(self, tmp_path, toml: str, *args: str, env: dict | None = None, journal: bool = False) -> None:
         config = tmp_path / "servers.toml"
         config.write_text(toml)
         self.config = config
         self.r, w = small_pipe()
-        self.stderr_stat = os.fstat(w)
+        if journal:  # as systemd says stderr is the journal's stream: its device and inode
+            env = {**(env or {}), "JOURNAL_STREAM": journal_stream(w)}
         try:
             self.proc = subprocess.Popen(
                 [*gateway_command(), *args, str(config)],
@@ -84,6 +85,11 @@ class LoggedGateway:
         if self.r >= 0:
             os.close(self.r)
             self.r = -1
+
+
+def journal_stream(fd: int) -> str:
+    st = os.fstat(fd)
+    return f"{st.st_dev}:{st.st_ino}"
 
 
 def started(lines: list[str], workers: str) -> bool:
@@ -165,3 +171,39 @@ def test_stderr_reader_that_stops_reading_never_stalls_serving(tmp_path, workers
         assert gw.proc.wait(TIMEOUT) == 0
     finally:
         gw.close()
+
+
+V01_CONFIG = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[backends]\n"a.example" = "127.0.0.1:9"\n'
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_under_journald_lines_start_with_their_priority(tmp_path, fmt):
+    gw = LoggedGateway(tmp_path, V01_CONFIG, f"--log-format={fmt}", journal=True)
+    try:
+        lines = gw.read_lines(lambda lines: any("ready" in line for line in lines))
+        gw.config.write_text("[gateway]\nbogus = 1\n")
+        gw.proc.send_signal(signal.SIGHUP)
+        lines += gw.read_lines(lambda lines: any("reload failed" in line for line in lines))
+    finally:
+        gw.close()
+    prefixes = {}
+    for line in lines:
+        assert line[:1] == "<" and line[2:3] == ">", line
+        # journald strips the prefix: what it keeps is the JSON object, or the text line
+        level = json.loads(line[3:])["level"] if fmt == "json" else line[3:].split()[1]
+        prefixes.setdefault(level, set()).add(line[:3])
+    assert prefixes == {"info": {"<6>"}, "warning": {"<4>"}, "error": {"<3>"}}
+
+
+def test_not_under_journald_lines_have_no_prefix(tmp_path):
+    r, w = os.pipe()  # the variable names another stream (as a child of a unit with stderr redirected sees)
+    other = journal_stream(w)
+    os.close(r)
+    os.close(w)
+    gw = LoggedGateway(tmp_path, V01_CONFIG, "--log-format=text", env={"JOURNAL_STREAM": other})
+    try:
+        lines = gw.read_lines(lambda lines: any(" ready" in line for line in lines))
+    finally:
+        gw.close()
+    assert " warning " in lines[0]
+    assert not any(line.startswith("<") for line in lines), lines
