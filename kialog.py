@@ -154,6 +154,8 @@ class Log:
             except (OSError, ValueError):  # fd closed under us: the lines are lost below
                 break
         self._drop_queue()
+        self._reported = self.lost  # nothing more to say: the process is exiting
+        atexit.unregister(self.close)
 
     def _send(self, data: bytes) -> None:
         """Write whole lines now if the fd takes them, else queue them. Never raises, never blocks on a pipe."""
