@@ -37,11 +37,13 @@ from __future__ import annotations
 import atexit
 import collections
 import fcntl
+import io
 import json
 import os
 import select
 import socket
 import stat
+import sys
 import time
 import weakref
 
@@ -250,6 +252,37 @@ class Log:
                 self._socket = None
         elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
             _set_nonblocking(self.fd)
+        else:
+            return
+        if self.fd == 2 and _fileno(sys.stderr) == 2:
+            # What Python writes there itself (gevent's tracebacks, warnings) would now meet a non-blocking
+            # pipe and raise: it goes through this log's queue instead, in order with the lines.
+            sys.stderr = io.TextIOWrapper(_Raw(self), encoding="utf-8", errors="backslashreplace", line_buffering=True)
+
+
+class _Raw(io.RawIOBase):
+    """The bytes of a text stream, written as log lines are: never raising, never blocking."""
+
+    def __init__(self, log: Log) -> None:
+        self._log = log
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._log.fd
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._log.flush()
+        self._log._send(bytes(data))
+        return len(data)
+
+
+def _fileno(stream: object) -> int:
+    try:
+        return stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # None, closed, or not backed by a descriptor
+        return -1
 
 
 _logs: weakref.WeakSet[Log] = weakref.WeakSet()

@@ -240,6 +240,40 @@ def test_the_pipe_is_given_back_blocking_by_the_process_that_changed_it():
     assert [line.split(" info ", 1)[1] for line in lines] == ["supervisor", "worker"]
 
 
+def test_tracebacks_on_a_full_stderr_neither_raise_nor_block():
+    """What Python itself writes to sys.stderr (gevent's tracebacks, warnings) takes the log's way out too."""
+    r, w = small_pipe()
+    script = f"""if True:
+        import gevent, kialog, sys
+        log = kialog.Log()
+        for i in range({2 * pipe_size(r) // 100}):  # fill the pipe, nobody reads
+            log.info("filler " + "x" * 100)
+        gevent.spawn(lambda: 1 / 0).join()  # the hub prints the traceback to sys.stderr
+        print("after", file=sys.stderr)
+        print(log.lost, flush=True)
+        sys.stdin.read()  # exit once the test reads stderr again
+    """
+    reader = Reader(r)  # reads only when told, or after TIMEOUT to end a write that blocks (and fail)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=w)
+    try:
+        started = time.monotonic()
+        lost = proc.stdout.readline()
+        assert time.monotonic() - started < TIMEOUT / 2, "writing blocked until the reader woke"
+        assert lost == b"0\n"  # the queue held all of it
+        reader.start()
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        proc.stdout.close()
+        lines = reader.finish(w)
+        os.close(r)
+    assert "ZeroDivisionError" in "".join(lines)
+    assert lines[-1] == "after"
+
+
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_journal_prefixes_in_both_formats_connection_lines_too(monkeypatch, fmt):
     r, w = os.pipe()
