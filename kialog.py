@@ -93,7 +93,7 @@ class Log:
             extra = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
             line = f"{self._time()} {level} {message}{extra}"
         self.flush()  # connection lines that came first are written first
-        self._send(f"{self._prefix[level]}{line}\n".encode(errors="backslashreplace"))
+        self._send(f"{self._prefix.get(level, self._prefix['info'])}{line}\n".encode(errors="backslashreplace"))
 
     def connection(self, fields: dict) -> None:
         """The per-connection line: formatted directly, since it is written for every connection.
@@ -213,7 +213,7 @@ class Log:
         if self.lost > self._reported and not self._broken:  # the reader caught up: say what it missed
             self._reported = self.lost
             self.warning("log lines lost: the reader of stderr fell behind", lost=self.lost)
-        return True
+        return not queue  # that warning may be waiting in turn
 
     def _drop_queue(self) -> None:
         for data in self._queue:
