@@ -14,6 +14,9 @@ or a skipped drain.
   at exit by the process that set it); a socket (journald's stream) is written
   with ``MSG_DONTWAIT`` and keeps its mode. A tty or a file is written as it
   is: a tty's mode is also its shell's, and a file never blocks for long.
+  For a pipe or socket ``sys.stderr`` is replaced by a stream into this log,
+  so that what Python writes there itself (gevent's tracebacks, warnings)
+  neither meets a non-blocking pipe nor cuts into a waiting line.
 - What the reader cannot take now waits in a queue of at most QUEUE_LIMIT
   bytes, written when the fd becomes writable (a gevent watcher), before the
   next line, or by ``close()`` at exit within a bounded wait. Lines beyond the
