@@ -152,3 +152,12 @@ def test_load_reports_unreadable_and_invalid_files(tmp_path):
     bad.write_text("[http_backends\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: not valid TOML"):
         kiaconfig.load(str(bad))
+
+
+def test_log_connections_is_a_boolean_on_by_default():
+    assert validate({}, "servers.toml").settings.log_connections is True
+    assert validate({"gateway": {"log_connections": False}}, "servers.toml").settings.log_connections is False
+    assert any(
+        "[gateway] log_connections: must be true or false" in e
+        for e in errors_of({"gateway": {"log_connections": "no"}})
+    )

@@ -20,7 +20,7 @@ import time
 
 import gevent
 import pytest
-from conftest import TIMEOUT, gateway_command, read_all
+from conftest import TIMEOUT, exchange, gateway_command, read_all
 from test_relay import HEAD, RawBackend, recv_exactly
 
 import kialog
@@ -465,3 +465,24 @@ def test_not_under_journald_lines_have_no_prefix(tmp_path):
         gw.close()
     assert " warning " in lines[0]
     assert not any(line.startswith("<") for line in lines), lines
+
+
+def test_log_connections_false_leaves_connection_lines_out_and_a_reload_brings_them_back(tmp_path):
+    """For journald's rate limit: connection lines are most of the log; start-up and errors stay."""
+    toml = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nlog_connections = {}\n[http_backends]\n'
+    toml += '"a.example" = "127.0.0.1:9"\n'
+    gw = LoggedGateway(tmp_path, toml.format("false"), "--log-format=json")
+    try:
+        address = gw.address(gw.read_lines(lambda lines: started(lines, "1")))
+        assert exchange(address, b"GET / HTTP/1.1\r\nHost: one.example\r\n\r\n").startswith(b"HTTP/1.1 4")
+        gw.config.write_text(toml.format("true"))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.read_lines(lambda lines: any('"config reloaded"' in line for line in lines))
+        assert exchange(address, b"GET / HTTP/1.1\r\nHost: two.example\r\n\r\n").startswith(b"HTTP/1.1 4")
+        gw.proc.send_signal(signal.SIGTERM)
+        lines = [json.loads(line) for line in gw.read_lines(lambda lines: False)]  # to EOF
+        assert gw.proc.wait(TIMEOUT) == 0
+    finally:
+        gw.close()
+    assert [line["domain"] for line in lines if line["message"] == "connection"] == ["two.example"]
+    assert lines[-1]["message"] == "stopped"
