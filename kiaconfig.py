@@ -104,6 +104,7 @@ class Settings:
     workers: int | str = 1
     user: str = ""
     log_format: str = "text"
+    log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -354,6 +355,12 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -371,6 +378,7 @@ _CHECKS = {
     "workers": _workers,
     "user": _string,
     "log_format": _choice(LOG_FORMATS),
+    "log_connections": _boolean,
 }
 
 

@@ -474,7 +474,8 @@ class _Connection:
         }
         if self.reason:
             fields["reason"] = self.reason
-        gateway.log.connection(fields)
+        if gateway.config.settings.log_connections:
+            gateway.log.connection(fields)
 
 
 class _ClientGone(Exception):

@@ -3,29 +3,83 @@
 Its own module because both the data path (kiagateway.py) and the process life
 cycle (kiaprocess.py) write it, and neither should import the other for it.
 It writes text or JSON lines to stderr and knows nothing of sockets or routes.
+
+Logging never changes control flow: a broken or slow reader of stderr costs
+lost lines, counted in ``Log.lost``, never an exception, a stalled event loop
+or a skipped drain.
+
+- Lines go to fd 2 with ``os.write``, not through ``sys.stderr``'s buffer. A
+  pipe is put in non-blocking mode (a property of the open file description,
+  shared by the supervisor and its workers, which all write this way; put back
+  at exit by the process that set it); a socket (journald's stream) is written
+  with ``MSG_DONTWAIT`` and keeps its mode. A tty or a file is written as it
+  is: a tty's mode is also its shell's, and a file never blocks for long.
+  For a pipe or socket ``sys.stderr`` is replaced by a stream into this log,
+  so that what Python writes there itself (gevent's tracebacks, warnings)
+  neither meets a non-blocking pipe nor cuts into a waiting line.
+- What the reader cannot take now waits in a queue of at most QUEUE_LIMIT
+  bytes, written when the fd becomes writable (a gevent watcher), before the
+  next line, or by ``close()`` at exit within a bounded wait. Lines beyond the
+  bound, and lines a broken stderr refuses (EPIPE, EBADF...), are dropped and
+  counted; once the queue empties again a warning says how many were lost.
+- Lines stay whole: every write holds whole lines and at most PIPE_BUF bytes,
+  which a pipe takes all or nothing, so workers sharing it never interleave
+  inside a line. A longer line (rare: a long error) or a full socket may be
+  taken in part; the rest is written next, before anything else this process
+  writes.
+- Under journald (``JOURNAL_STREAM`` names stderr's device and inode, the check
+  systemd documents) each line starts with its syslog priority, ``<3>`` error,
+  ``<4>`` warning, ``<6>`` info, so that ``journalctl -p`` sees errors as errors.
+  JSON lines get it too: journald strips it, and the journal's MESSAGE is the
+  JSON object. Anywhere else (a pipe, a file, a tty, even a child that inherits
+  the variable with stderr redirected) nothing is prefixed.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import fcntl
+import io
 import json
+import os
 import select
+import socket
+import stat
 import sys
 import time
-from typing import TextIO
+import weakref
 
 import gevent
+
+QUEUE_LIMIT = 1 << 20  # bytes waiting for a slow reader, per process: ~4,000 connection lines, 16 pipe buffers
+CLOSE_TIMEOUT = 1.0  # seconds close() waits at exit for a slow reader to take what is queued
+PRIORITIES = {"error": "<3>", "warning": "<4>", "info": "<6>"}  # syslog severities journald reads at line start
+_EV_WRITE = 2  # libev's (and gevent's) flag for an io watcher that waits until the fd is writable
 
 
 class Log:
     """Operator log: start-up lines, one line per finished connection, errors with their cause."""
 
-    def __init__(self, fmt: str = "text", stream: TextIO | None = None) -> None:
+    def __init__(self, fmt: str = "text", fd: int = 2) -> None:
         self.json = fmt == "json"
-        self.stream = stream or sys.stderr
+        self.fd = fd
+        self.lost = 0  # lines dropped: the reader was gone, too far behind, or still behind at exit
+        self._reported = 0  # self.lost when the last "log lines lost" warning was written
+        self._broken = False  # a write failed otherwise than "would block": no warning would get through
         self._second = -1
         self._stamp = ""
         self._batch: list[str] = []  # connection lines waiting for the end of this event-loop turn
         self._batched = 0  # their length, newlines included
+        self._queue: collections.deque[bytes] = collections.deque()  # whole lines the fd could not take yet
+        self._queued = 0  # their length
+        self._watcher = None  # gevent io watcher, started while the queue holds lines
+        self._socket: socket.socket | None = None  # a dup of fd when it is a socket, for MSG_DONTWAIT
+        self._ready = False  # the fd's kind has been looked at (at the first write)
+        self._prefix = dict.fromkeys(PRIORITIES, "")
+        if _is_journal(fd):
+            self._prefix = dict(PRIORITIES)
+        _logs.add(self)
 
     def _time(self) -> str:
         now = time.time()
@@ -42,8 +96,7 @@ class Log:
             extra = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
             line = f"{self._time()} {level} {message}{extra}"
         self.flush()  # connection lines that came first are written first
-        self.stream.write(line + "\n")
-        self.stream.flush()
+        self._send(f"{self._prefix.get(level, self._prefix['info'])}{line}\n".encode(errors="backslashreplace"))
 
     def connection(self, fields: dict) -> None:
         """The per-connection line: formatted directly, since it is written for every connection.
@@ -62,6 +115,7 @@ class Log:
             )
             if "reason" in f:  # the only field that may hold spaces or client bytes
                 line += f" reason={_text_value(f['reason'])}"
+        line = self._prefix["info"] + line
         size = (len(line) if line.isascii() else len(line.encode())) + 1
         if self._batched + size > select.PIPE_BUF:
             self.flush()
@@ -77,8 +131,7 @@ class Log:
             text = "\n".join(self._batch)
             self._batch.clear()
             self._batched = 0
-            self.stream.write(text)
-            self.stream.flush()
+            self._send(text.encode(errors="backslashreplace"))
 
     def info(self, message: str, **fields: object) -> None:
         self.write("info", message, **fields)
@@ -88,6 +141,206 @@ class Log:
 
     def error(self, message: str, **fields: object) -> None:
         self.write("error", message, **fields)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Before the process exits: write what is left, waiting at most ``timeout`` seconds for a slow reader.
+
+        What the reader has not taken by then is counted lost. Blocks the
+        event loop while it waits, which is why it is for the exit only.
+        """
+        self.flush()
+        deadline = time.monotonic() + timeout
+        while not self._drain():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                select.select([], [self.fd], [], remaining)
+            except (OSError, ValueError):  # fd closed under us: the lines are lost below
+                break
+        self._drop_queue()
+        self._reported = self.lost  # nothing more to say: the process is exiting
+        atexit.unregister(self.close)
+
+    def _send(self, data: bytes) -> None:
+        """Write whole lines now if the fd takes them, else queue them. Never raises, never blocks on a pipe."""
+        if not self._ready:
+            self._setup()
+        if self._queue:  # lines before these are waiting: keep the order
+            self._enqueue(data)
+            self._drain()
+            return
+        written = self._write(data)
+        if written < len(data):
+            self._enqueue(data[written:], whole=not written)
+
+    def _write(self, data: bytes) -> int:
+        """How much of ``data`` the fd took now: 0 if it would block; all of it, counted lost, if it is broken."""
+        try:
+            if self._socket is not None:
+                return self._socket.send(data, socket.MSG_DONTWAIT)
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # EPIPE (the reader is gone), EBADF (no stderr), EIO...: the lines are lost, not the process
+            self.lost += data.count(b"\n")
+            self._broken = True
+            return len(data)
+
+    def _enqueue(self, data: bytes, whole: bool = True) -> None:
+        """Keep lines for later, within QUEUE_LIMIT; the rest of a line already begun is always kept."""
+        if whole and self._queued + len(data) > QUEUE_LIMIT:
+            self.lost += data.count(b"\n")
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._watch()
+
+    def _drain(self) -> bool:
+        """Write the queue, whole lines at most PIPE_BUF bytes a write, until the fd would block; True once empty."""
+        queue = self._queue
+        while queue:
+            data = queue.popleft()
+            size = len(data)
+            if size < select.PIPE_BUF and queue and size + len(queue[0]) <= select.PIPE_BUF:
+                parts = [data]
+                while queue and size + len(queue[0]) <= select.PIPE_BUF:
+                    parts.append(queue.popleft())
+                    size += len(parts[-1])
+                data = b"".join(parts)
+            written = self._write(data)
+            self._queued -= written
+            if written < size:
+                queue.appendleft(data[written:])
+                return False
+        if self.lost > self._reported and not self._broken:  # the reader caught up: say what it missed
+            self._reported = self.lost
+            self.warning("log lines lost: the reader of stderr fell behind", lost=self.lost)
+        return not queue  # that warning may be waiting in turn
+
+    def _drop_queue(self) -> None:
+        for data in self._queue:
+            self.lost += data.count(b"\n")
+        self._queue.clear()
+        self._queued = 0
+        if self._watcher is not None:
+            self._watcher.stop()
+
+    def _watch(self) -> None:
+        """Have the event loop drain the queue once the fd is writable."""
+        try:
+            if self._watcher is None:
+                self._watcher = gevent.get_hub().loop.io(self.fd, _EV_WRITE)
+            if not self._watcher.active:
+                self._watcher.start(self._writable)
+        except (OSError, ValueError):  # an fd the loop cannot watch: the next line or close() drains instead
+            self._watcher = None
+
+    def _writable(self) -> None:
+        if self._drain() and self._watcher is not None:
+            self._watcher.stop()
+
+    def _setup(self) -> None:
+        """At the first write: how to write the fd without blocking, and a flush at exit."""
+        self._ready = True
+        atexit.register(self.close)
+        try:
+            mode = os.fstat(self.fd).st_mode
+        except OSError:  # no stderr at all: every line will be counted lost
+            return
+        if stat.S_ISSOCK(mode) and hasattr(socket, "MSG_DONTWAIT"):
+            try:
+                self._socket = socket.socket(fileno=os.dup(self.fd))
+            except OSError:
+                self._socket = None
+        elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            _set_nonblocking(self.fd)
+        else:
+            return
+        if self.fd == 2 and _fileno(sys.stderr) == 2:
+            # What Python writes there itself (gevent's tracebacks, warnings) would now meet a non-blocking
+            # pipe and raise: it goes through this log's queue instead, in order with the lines.
+            sys.stderr = io.TextIOWrapper(_Raw(self), encoding="utf-8", errors="backslashreplace", line_buffering=True)
+
+
+class _Raw(io.RawIOBase):
+    """The bytes of a text stream, written as log lines are: never raising, never blocking."""
+
+    def __init__(self, log: Log) -> None:
+        self._log = log
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._log.fd
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self._log.flush()
+        self._log._send(bytes(data))
+        return len(data)
+
+
+def _fileno(stream: object) -> int:
+    try:
+        return stream.fileno()  # type: ignore[attr-defined]
+    except (AttributeError, ValueError, OSError):  # None, closed, or not backed by a descriptor
+        return -1
+
+
+_logs: weakref.WeakSet[Log] = weakref.WeakSet()
+_restore: dict[int, tuple[int, int, tuple]] = {}  # fd -> (its flags before, pid that changed them, its identity)
+
+
+def _set_nonblocking(fd: int) -> None:
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+            _restore.setdefault(fd, (flags, os.getpid(), _identity(fd)))
+    except OSError:  # then writes may block, as they always did
+        pass
+
+
+@atexit.register  # registered at import, before any Log's close(), so it runs after them all
+def _restore_blocking() -> None:
+    """Give the pipe back as it was, for whoever writes to it after us (say, a shell's next command)."""
+    for fd, (flags, pid, identity) in _restore.items():
+        if pid != os.getpid():  # a worker's exit must not change the mode under its supervisor
+            continue
+        try:
+            if _identity(fd) == identity:  # still the same pipe, not another file under a reused number
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        except OSError:  # closed meanwhile: nothing left to give back
+            continue
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _after_fork_in_child() -> None:
+    """A new worker starts with empty queues: its parent still holds those lines and writes them."""
+    for log in _logs:
+        log._batch.clear()
+        log._batched = 0
+        log._queue.clear()
+        log._queued = 0
+        log._reported = log.lost  # the parent reports its own losses
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _is_journal(fd: int) -> bool:
+    """stderr is the journal's stream: JOURNAL_STREAM holds its device and inode (systemd.exec(5))."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError):
+        return False
 
 
 def _text_value(value: object) -> str:

@@ -213,6 +213,7 @@ def supervise(
             except BaseException:
                 traceback.print_exc()
             finally:
+                log.close()  # os._exit skips atexit: write what a slow reader has not taken yet
                 os._exit(code)
         children[pid] = (worker, time.monotonic())
 

@@ -297,3 +297,12 @@ R, X = 4, 1  # the permission bits asked for: read a file, search a directory
 )
 def test_may_access_computes_for_another_user(mode, owner, group, uid, gids, want, allowed):
     assert kiaconfig.may_access(mode, owner, group, uid, frozenset(gids), want) is allowed
+
+
+def test_log_connections_is_a_boolean_on_by_default():
+    assert validate({}, "servers.toml").settings.log_connections is True
+    assert validate({"gateway": {"log_connections": False}}, "servers.toml").settings.log_connections is False
+    assert any(
+        "[gateway] log_connections: must be true or false" in e
+        for e in errors_of({"gateway": {"log_connections": "no"}})
+    )

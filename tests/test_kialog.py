@@ -1,0 +1,491 @@
+"""The operator log: a broken or slow stderr costs counted lines, never control flow; journald priorities.
+
+The unit tests drive kialog.Log over real pipes; the end-to-end tests give the
+gateway subprocess a pipe of our own as stderr, so that they can stop reading
+it or close it, which conftest's Gateway (always reading) cannot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import gevent
+import pytest
+from conftest import TIMEOUT, exchange, gateway_command, read_all
+from test_relay import HEAD, RawBackend, recv_exactly
+
+import kialog
+from kialog import Log
+
+SMALL_PIPE = 4096  # the smallest pipe Linux allows: a few log lines fill it, so a test need not make thousands
+
+
+def small_pipe() -> tuple[int, int]:
+    """A pipe (read end, write end) made as small as the platform allows; its size is pipe_size(r)."""
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, SMALL_PIPE)
+    except (AttributeError, OSError):  # not Linux: the default size, which pipe_size() gives, and tests write more
+        pass
+    return r, w
+
+
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 65536
+
+
+class Reader:
+    """Reads a pipe or socket to EOF in a thread, once ``start()`` is called (or after TIMEOUT, to end a hang)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.data = bytearray()
+        self.go = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        self.go.wait(TIMEOUT)
+        while chunk := os.read(self.fd, 65536):
+            self.data += chunk
+
+    def start(self) -> None:
+        self.go.set()
+
+    def lines(self) -> list[str]:
+        """The whole lines read so far."""
+        return bytes(self.data).decode().split("\n")[:-1]
+
+    def finish(self, *write_ends: int) -> list[str]:
+        """Close the write ends, read to EOF, return the lines."""
+        for fd in write_ends:
+            os.close(fd)
+        self.start()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+        return self.lines()
+
+
+CONNECTION = {
+    "id": 1,
+    "listener": "http",
+    "client": "127.0.0.1:5",
+    "domain": "a.example",
+    "backend": "127.0.0.1:6",
+    "outcome": "ok",
+    "bytes_up": 1,
+    "bytes_down": 2,
+    "duration_ms": 3,
+}
+
+
+def test_lines_reach_a_pipe_whole_and_in_order():
+    r, w = os.pipe()
+    reader = Reader(r)
+    log = Log("json", fd=w)
+    log.info("one", n=1)
+    for i in range(3):
+        log.connection({**CONNECTION, "id": i})
+    log.warning("two")  # the connection lines batched before it go first
+    log.connection(CONNECTION)
+    gevent.sleep(0)  # the end of the event-loop turn writes the batch
+    log.close()
+    lines = [json.loads(line) for line in reader.finish(w)]
+    os.close(r)
+    assert [(line["message"], line.get("id")) for line in lines] == [
+        ("one", None),
+        ("connection", 0),
+        ("connection", 1),
+        ("connection", 2),
+        ("two", None),
+        ("connection", 1),
+    ]
+    assert log.lost == 0
+
+
+def numbered(i: int) -> str:
+    return f"line {i:07d} " + "x" * 80
+
+
+def test_a_full_pipe_never_blocks_and_what_the_queue_cannot_hold_is_counted_lost():
+    r, w = small_pipe()
+    reader = Reader(r)  # not reading yet: after TIMEOUT it would, to end a write that blocks
+    log = Log("text", fd=w)
+    sent = (kialog.QUEUE_LIMIT + pipe_size(r)) // len(numbered(0)) + 1000
+    started = time.monotonic()
+    for i in range(sent):
+        log.info(numbered(i))
+    assert time.monotonic() - started < TIMEOUT / 2, "writing blocked until the reader woke"
+    assert 1000 <= log.lost < sent
+    lost = log.lost
+    reader.start()
+    log.close(TIMEOUT)  # waits for the reader to take the queue
+    lines = reader.finish(w)
+    os.close(r)
+    assert [line.split(" info ", 1)[1] for line in lines[:-1]] == [numbered(i) for i in range(sent - lost)]
+    assert lines[-1].endswith(f" warning log lines lost: the reader of stderr fell behind lost={lost}")
+
+
+def test_the_event_loop_writes_the_queue_once_the_reader_is_back():
+    r, w = small_pipe()
+    reader = Reader(r)
+    log = Log("text", fd=w)
+    sent = 2 * pipe_size(r) // len(numbered(0))
+    for i in range(sent):
+        log.info(numbered(i))
+    reader.start()
+    deadline = time.monotonic() + TIMEOUT
+    while len(reader.lines()) < sent and time.monotonic() < deadline:
+        gevent.sleep(0.01)  # the watcher on the pipe writes when the reader has made room
+    assert len(reader.lines()) == sent
+    log.close()
+    assert reader.finish(w)[-1].endswith(numbered(sent - 1))
+    os.close(r)
+    assert log.lost == 0
+
+
+def test_a_gone_reader_costs_counted_lines_never_an_exception():
+    r, w = os.pipe()
+    os.close(r)
+    log = Log("text", fd=w)
+    log.info("one")
+    log.error("two")
+    log.connection(CONNECTION)
+    log.flush()
+    log.close()
+    os.close(w)
+    assert log.lost == 3
+
+
+def test_a_socket_keeps_its_mode_and_is_written_without_blocking():
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # full after a few lines
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader = Reader(theirs.fileno())
+    log = Log("text", fd=ours.fileno())
+    sent = 1000
+    started = time.monotonic()
+    for i in range(sent):
+        log.info(numbered(i))
+    assert time.monotonic() - started < TIMEOUT / 2, "writing blocked until the reader woke"
+    assert not fcntl.fcntl(ours.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK  # shared with other processes: untouched
+    reader.start()
+    log.close(TIMEOUT)
+    ours.shutdown(socket.SHUT_WR)
+    lines = reader.finish()
+    ours.close()
+    theirs.close()
+    assert [line.split(" info ", 1)[1] for line in lines] == [numbered(i) for i in range(sent)]
+
+
+def test_a_forked_worker_does_not_write_its_parents_queue_again():
+    r, w = small_pipe()
+    reader = Reader(r)
+    log = Log("text", fd=w)
+    sent = 2 * pipe_size(r) // len(numbered(0))  # the pipe is full and the queue holds the rest
+    for i in range(sent):
+        log.info(numbered(i))
+    pid = os.fork()
+    if pid == 0:  # the worker
+        code = 1
+        try:
+            gevent.reinit()
+            log.info("child")
+            log.close(TIMEOUT)
+            code = 0
+        finally:
+            os._exit(code)
+    reader.start()
+    log.close(TIMEOUT)
+    assert os.waitpid(pid, 0)[1] == 0
+    lines = reader.finish(w)
+    os.close(r)
+    texts = [line.split(" info ", 1)[1] for line in lines]
+    assert [text for text in texts if text != "child"] == [numbered(i) for i in range(sent)]
+    assert texts.count("child") == 1
+
+
+def test_the_pipe_is_given_back_blocking_by_the_process_that_changed_it():
+    """At exit, for whoever writes to the pipe next; but not at a worker's exit, under its supervisor."""
+    r, w = os.pipe()
+    script = """if True:
+        import fcntl, os, kialog
+        log = kialog.Log()
+        log.info("supervisor")
+        pid = os.fork()
+        if pid == 0:
+            log.info("worker")
+            log.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(bool(fcntl.fcntl(2, fcntl.F_GETFL) & os.O_NONBLOCK))
+    """
+    reader = Reader(r)
+    reader.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", script], stderr=w, stdout=subprocess.PIPE, timeout=TIMEOUT, check=True
+        ).stdout
+        assert out == b"True\n"  # non-blocking while serving, the worker's exit left it so
+        assert not fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK  # the supervisor's exit gave it back
+    finally:
+        lines = reader.finish(w)
+        os.close(r)
+    assert [line.split(" info ", 1)[1] for line in lines] == ["supervisor", "worker"]
+
+
+def test_tracebacks_on_a_full_stderr_neither_raise_nor_block():
+    """What Python itself writes to sys.stderr (gevent's tracebacks, warnings) takes the log's way out too."""
+    r, w = small_pipe()
+    script = f"""if True:
+        import gevent, kialog, sys
+        log = kialog.Log()
+        for i in range({2 * pipe_size(r) // 100}):  # fill the pipe, nobody reads
+            log.info("filler " + "x" * 100)
+        gevent.spawn(lambda: 1 / 0).join()  # the hub prints the traceback to sys.stderr
+        print("after", file=sys.stderr)
+        print(log.lost, flush=True)
+        sys.stdin.read()  # exit once the test reads stderr again
+    """
+    reader = Reader(r)  # reads only when told, or after TIMEOUT to end a write that blocks (and fail)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=w)
+    try:
+        started = time.monotonic()
+        lost = proc.stdout.readline()
+        assert time.monotonic() - started < TIMEOUT / 2, "writing blocked until the reader woke"
+        assert lost == b"0\n"  # the queue held all of it
+        reader.start()
+        proc.stdin.close()
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        proc.stdout.close()
+        lines = reader.finish(w)
+        os.close(r)
+    assert "ZeroDivisionError" in "".join(lines)
+    assert lines[-1] == "after"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_journal_prefixes_in_both_formats_connection_lines_too(monkeypatch, fmt):
+    r, w = os.pipe()
+    reader = Reader(r)
+    monkeypatch.setenv("JOURNAL_STREAM", journal_stream(w))
+    log = Log(fmt, fd=w)
+    log.error("e")
+    log.warning("w")
+    log.info("i")
+    log.connection(CONNECTION)
+    log.connection(CONNECTION)
+    log.close()
+    lines = reader.finish(w)
+    os.close(r)
+    assert [line[:3] for line in lines] == ["<3>", "<4>", "<6>", "<6>", "<6>"]
+    if fmt == "json":
+        assert [json.loads(line[3:])["message"] for line in lines] == ["e", "w", "i", "connection", "connection"]
+
+
+class LoggedGateway:
+    """The gateway as a subprocess whose stderr is the write end of a pipe this test holds the read end of."""
+
+    def __init__(self, tmp_path, toml: str, *args: str, env: dict | None = None, journal: bool = False) -> None:
+        config = tmp_path / "servers.toml"
+        config.write_text(toml)
+        self.config = config
+        self.r, w = small_pipe()
+        if journal:  # as systemd says stderr is the journal's stream: its device and inode
+            env = {**(env or {}), "JOURNAL_STREAM": journal_stream(w)}
+        try:
+            self.proc = subprocess.Popen(
+                [*gateway_command(), *args, str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=w,
+                env={**os.environ, **(env or {})},
+            )
+        finally:
+            os.close(w)
+        self.pending = b""
+
+    def read_lines(self, until, timeout: float = TIMEOUT) -> list[str]:
+        """Read lines until ``until(lines)`` holds for those read so far (or EOF), within ``timeout``."""
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while not until(lines):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"log lines not seen within {timeout}s; got {lines[-5:]}"
+            if not select.select([self.r], [], [], remaining)[0]:
+                continue
+            data = os.read(self.r, 65536)
+            if not data:
+                break
+            *whole, self.pending = (self.pending + data).split(b"\n")
+            lines += [line.decode() for line in whole]
+        return lines
+
+    def address(self, lines: list[str]) -> tuple[str, int]:
+        listening = next(json.loads(line) for line in lines if '"listening for http"' in line)
+        host, _, port = listening["address"].rpartition(":")
+        return host, int(port)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(TIMEOUT)
+        if self.r >= 0:
+            os.close(self.r)
+            self.r = -1
+
+
+def journal_stream(fd: int) -> str:
+    st = os.fstat(fd)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def started(lines: list[str], workers: str) -> bool:
+    """Every process has said it serves: "ready", and "worker started" from each worker."""
+    return any('"ready"' in line for line in lines) and (
+        workers == "1" or sum('"worker started"' in line for line in lines) == int(workers)
+    )
+
+
+def wait_refused(address: tuple[str, int]) -> None:
+    """Wait until the listener refuses connections: the stop has begun in every process."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(address, timeout=TIMEOUT).close()
+        except ConnectionRefusedError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{address} still accepts {TIMEOUT}s after SIGTERM")
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_with_stderr_reader_gone_still_drains_and_exits_0(tmp_path, workers):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        assert recv_exactly(conn, 3) == b"bye"
+        conn.sendall(b"ok")
+
+    be = RawBackend(backend)
+    gw = LoggedGateway(
+        tmp_path,
+        f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+        f'[http_backends]\n"raw.example" = "{be.address}"\n',
+        "--log-format=json",
+        f"--workers={workers}",
+    )
+    try:
+        address = gw.address(gw.read_lines(lambda lines: started(lines, workers)))
+        os.close(gw.r)  # the reader is gone: every write to stderr now fails with EPIPE
+        gw.r = -1
+        with socket.create_connection(address, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            assert recv_exactly(sock, 5) == b"hello"
+            gw.proc.send_signal(signal.SIGTERM)
+            wait_refused(address)
+            assert gw.proc.poll() is None, f"exited with {gw.proc.returncode} before the relay finished"
+            sock.sendall(b"bye")
+            assert read_all(sock) == b"ok"
+        assert gw.proc.wait(TIMEOUT) == 0
+        be.check()
+    finally:
+        be.close()
+        gw.close()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_stderr_reader_that_stops_reading_never_stalls_serving(tmp_path, workers):
+    gw = LoggedGateway(
+        tmp_path,
+        '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[http_backends]\n"a.example" = "127.0.0.1:9"\n',
+        "--log-format=json",
+        f"--workers={workers}",
+    )
+    try:
+        address = gw.address(gw.read_lines(lambda lines: started(lines, workers)))
+        # Stop reading. Each refused request logs a line of ~250 bytes: 4 pipe buffers' worth.
+        requests = 4 * pipe_size(gw.r) // 250
+        for _ in range(requests):
+            with socket.create_connection(address, timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n")
+                assert read_all(sock).startswith(b"HTTP/1.1 4"), "no answer: the event loop is blocked"
+        # Read again: the lines held back while the pipe was full come now, each whole.
+        lines = gw.read_lines(lambda lines: sum('"connection"' in line for line in lines) == requests)
+        for line in lines:
+            assert json.loads(line)["message"] in ("connection", "worker started")
+        gw.proc.send_signal(signal.SIGTERM)
+        assert any('"stopped"' in line for line in gw.read_lines(lambda lines: False))
+        assert gw.proc.wait(TIMEOUT) == 0
+    finally:
+        gw.close()
+
+
+V01_CONFIG = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[backends]\n"a.example" = "127.0.0.1:9"\n'
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_under_journald_lines_start_with_their_priority(tmp_path, fmt):
+    gw = LoggedGateway(tmp_path, V01_CONFIG, f"--log-format={fmt}", journal=True)
+    try:
+        lines = gw.read_lines(lambda lines: any("ready" in line for line in lines))
+        gw.config.write_text("[gateway]\nbogus = 1\n")
+        gw.proc.send_signal(signal.SIGHUP)
+        lines += gw.read_lines(lambda lines: any("reload failed" in line for line in lines))
+    finally:
+        gw.close()
+    prefixes = {}
+    for line in lines:
+        assert line[:1] == "<" and line[2:3] == ">", line
+        # journald strips the prefix: what it keeps is the JSON object, or the text line
+        level = json.loads(line[3:])["level"] if fmt == "json" else line[3:].split()[1]
+        prefixes.setdefault(level, set()).add(line[:3])
+    assert prefixes == {"info": {"<6>"}, "warning": {"<4>"}, "error": {"<3>"}}
+
+
+def test_not_under_journald_lines_have_no_prefix(tmp_path):
+    r, w = os.pipe()  # the variable names another stream (as a child of a unit with stderr redirected sees)
+    other = journal_stream(w)
+    os.close(r)
+    os.close(w)
+    gw = LoggedGateway(tmp_path, V01_CONFIG, "--log-format=text", env={"JOURNAL_STREAM": other})
+    try:
+        lines = gw.read_lines(lambda lines: any(" ready" in line for line in lines))
+    finally:
+        gw.close()
+    assert " warning " in lines[0]
+    assert not any(line.startswith("<") for line in lines), lines
+
+
+def test_log_connections_false_leaves_connection_lines_out_and_a_reload_brings_them_back(tmp_path):
+    """For journald's rate limit: connection lines are most of the log; start-up and errors stay."""
+    toml = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nlog_connections = {}\n[http_backends]\n'
+    toml += '"a.example" = "127.0.0.1:9"\n'
+    gw = LoggedGateway(tmp_path, toml.format("false"), "--log-format=json")
+    try:
+        address = gw.address(gw.read_lines(lambda lines: started(lines, "1")))
+        assert exchange(address, b"GET / HTTP/1.1\r\nHost: one.example\r\n\r\n").startswith(b"HTTP/1.1 4")
+        gw.config.write_text(toml.format("true"))
+        gw.proc.send_signal(signal.SIGHUP)
+        gw.read_lines(lambda lines: any('"config reloaded"' in line for line in lines))
+        assert exchange(address, b"GET / HTTP/1.1\r\nHost: two.example\r\n\r\n").startswith(b"HTTP/1.1 4")
+        gw.proc.send_signal(signal.SIGTERM)
+        lines = [json.loads(line) for line in gw.read_lines(lambda lines: False)]  # to EOF
+        assert gw.proc.wait(TIMEOUT) == 0
+    finally:
+        gw.close()
+    assert [line["domain"] for line in lines if line["message"] == "connection"] == ["two.example"]
+    assert lines[-1]["message"] == "stopped"
