@@ -95,6 +95,7 @@ class Settings:
     workers: int | str = 1
     user: str = ""
     log_format: str = "text"
+    drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -332,6 +333,7 @@ _CHECKS = {
     "workers": _workers,
     "user": _string,
     "log_format": _choice(LOG_FORMATS),
+    "drain_timeout": _positive,
 }
 
 

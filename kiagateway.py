@@ -62,6 +62,8 @@ REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving 
 LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
 LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
 IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
+CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 
 # ---------------------------------------------------------------------------
@@ -196,6 +198,8 @@ class Gateway:
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
         self._idle: list = []  # connection greenlets parked between connections
+        self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
+        self.handling: set = set()  # greenlets reading a preamble, connecting or answering
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -232,12 +236,32 @@ class Gateway:
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
 
     def stop(self, grace: float, **fields: object) -> None:
-        """Stop accepting, give open connections ``grace`` seconds, then leave them to the exit."""
+        """Stop accepting, give open connections ``grace`` seconds, then reset what is left.
+
+        A stream still open at the end is cut with a reset, not a FIN, so neither
+        peer takes it for complete, and each gets its connection line.
+        """
         for server in self.servers:
             server.close()
         self.log.info("stopping: no new connections", open=self.open, **fields)
         if self.open and not self.drained.wait(timeout=grace):
-            self.log.warning("grace period over, closing open connections", open=self.open, **fields)
+            self.log.warning("drain timeout over, resetting open connections", open=self.open, **fields)
+            gevent.get_hub().loop.run_callback(self._cut)
+            if not self.drained.wait(timeout=CUT_WAIT):
+                self.log.error("connections still open after the reset", open=self.open, **fields)
+        self.log.flush()
+
+    def _cut(self) -> None:
+        """Reset every open connection, logged as drain_timeout. Runs in the hub, so nothing starts meanwhile.
+
+        A greenlet thrown into runs until it closes its connection and parks, then
+        the hub carries on here: no relay can begin after the loop below.
+        """
+        for greenlet in list(self.handling):
+            if greenlet in self.handling:  # still inside handle(): it waits on I/O there
+                greenlet.throw(_Drained)
+        for open_relay in list(self.relays):
+            open_relay.abort("drain_timeout")
 
     def _closed(self) -> None:
         """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
@@ -250,6 +274,14 @@ class Gateway:
             self.drained.set()
 
     def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
+        greenlet = gevent.getcurrent()
+        self.handling.add(greenlet)
+        try:
+            self._handle(client, address, listener)
+        finally:
+            self.handling.discard(greenlet)
+
+    def _handle(self, client: socket.socket, address: tuple, listener: str) -> None:
         conn = _Connection(self, listener, address)
         settings = self.config.settings
         backend_sock = None
@@ -281,6 +313,9 @@ class Gateway:
             _answer(client, error_reply(exc, listener))
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
+        except _Drained:  # thrown in by _cut: the drain is over
+            conn.result.outcome = "drain_timeout"
+            _reset(client, backend_sock)
         except OSError as exc:  # the backend broke before the relay began
             conn.result.outcome = "backend_reset"
             conn.reason = str(exc)
@@ -291,7 +326,8 @@ class Gateway:
             raise
         else:
             try:
-                relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+                conn.relay = relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+                self.relays.add(conn.relay)
             except BaseException:
                 conn.result.outcome = "error"
                 _close(client, backend_sock)
@@ -369,6 +405,10 @@ class _ConnectTimedOut(Exception):
     """Raised by the connect deadline's timer."""
 
 
+class _Drained(BaseException):
+    """Thrown into a connection's greenlet when the drain is over; a BaseException so no handler takes it for I/O."""
+
+
 # Blocking-style I/O on plain non-blocking sockets: try the call, and only when
 # it would block, park this greenlet on a one-off io watcher.
 
@@ -443,7 +483,7 @@ def _open_connection(family: int, sockaddr: tuple, timeout: float | None) -> soc
 class _Connection:
     """What the log line of one connection needs, kept until the connection ends."""
 
-    __slots__ = ("backend", "domain", "gateway", "id", "listener", "peer", "reason", "result", "started")
+    __slots__ = ("backend", "domain", "gateway", "id", "listener", "peer", "reason", "relay", "result", "started")
 
     def __init__(self, gateway: Gateway, listener: str, address: tuple) -> None:
         self.gateway = gateway
@@ -455,9 +495,12 @@ class _Connection:
         self.backend: Backend | None = None
         self.reason: str | None = None
         self.result = relay.RelayResult()
+        self.relay: relay.Relay | None = None
 
     def done(self, result: relay.RelayResult) -> None:
         gateway = self.gateway
+        if self.relay is not None:
+            gateway.relays.discard(self.relay)
         gateway._closed()
         fields = {
             "id": self.id,
@@ -489,6 +532,16 @@ def _close(*socks: socket.socket | None) -> None:
             sock.close()
 
 
+def _reset(*socks: socket.socket | None) -> None:
+    """Make the coming close send a reset: the gateway cuts these streams."""
+    for sock in socks:
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:  # already gone: the close is all it gets
+                pass
+
+
 def _answer(client: socket.socket, reply: bytes) -> None:
     """Send an error reply, then drain briefly so that closing does not reset it away."""
     if not reply:
@@ -506,6 +559,8 @@ def _answer(client: socket.socket, reply: bytes) -> None:
                     drained += len(data)
     except OSError:  # the client is gone: the close is all it gets
         pass
+    except _Drained:  # the drain ended while the reply was on its way: cut it
+        _reset(client)
 
 
 # ---------------------------------------------------------------------------
