@@ -79,8 +79,22 @@ _HTTP_REASONS = {
 }
 
 
-def http_response(status: int, detail: str) -> bytes:
-    body = f"{status} {_HTTP_REASONS[status]}: {detail}\n".encode("ascii", "replace")
+# What a refused client is told: a fixed text per status. The cause (backend
+# address, errno, resolver message, the client's own bytes) goes to the log only.
+_HTTP_DETAILS = {
+    400: "the request head is malformed or names no valid host",
+    408: "the request head did not arrive in time",
+    421: "this gateway has no route for the requested host",
+    431: "the request head is too large",
+    502: "the backend for this host cannot be reached",
+    504: "the backend for this host did not answer in time",
+}
+_HTTP_ON_TLS_PORT = "plain HTTP was sent to the TLS port"
+
+
+def http_response(status: int, detail: str | None = None) -> bytes:
+    """A short plain-text answer; ``detail`` defaults to the status's fixed text."""
+    body = f"{status} {_HTTP_REASONS[status]}: {detail or _HTTP_DETAILS[status]}\n".encode("ascii", "replace")
     head = (
         f"HTTP/1.1 {status} {_HTTP_REASONS[status]}\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n"
@@ -97,8 +111,10 @@ def tls_alert(description: int) -> bytes:
 
 def error_reply(error: sniff.GatewayError, listener: str) -> bytes:
     """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing."""
-    if listener == "http" or isinstance(error, sniff.HttpOnTlsPort):
-        return http_response(error.http_status, error.reason)
+    if isinstance(error, sniff.HttpOnTlsPort):
+        return http_response(error.http_status, _HTTP_ON_TLS_PORT)
+    if listener == "http":
+        return http_response(error.http_status)
     if error.tls_alert is not None:
         return tls_alert(error.tls_alert)
     return b""

@@ -9,6 +9,9 @@ import pytest
 from conftest import TIMEOUT, exchange, free_closed_port, read_all, routes_toml
 from hellos import real_hello
 
+import kiagateway
+import sniff
+
 ALERT_HEADER = b"\x15\x03\x03\x00\x02\x02"  # alert record, TLS 1.2 legacy version, 2 bytes, fatal
 
 
@@ -193,3 +196,44 @@ def test_client_that_leaves_early_is_logged(patient_gateway):
     with socket.create_connection(patient_gateway.https, timeout=TIMEOUT):
         pass
     assert patient_gateway.connection_log(outcome="client_closed", listener="https")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sniff.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Connection refused"),
+        sniff.BackendUnreachable("cannot resolve billing-db.internal for a.example: Name or service not known"),
+        sniff.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Too many open files"),
+        sniff.BackendTimeout("connect to billing-db.internal:5432 for a.example timed out after 3s"),
+        sniff.BadRequest("invalid host: invalid character in b'<script>'"),
+    ],
+)
+def test_error_reply_carries_a_fixed_text_per_status(error):
+    reply = kiagateway.error_reply(error, "http")
+    assert reply == kiagateway.http_response(error.http_status)
+    for inside in (b"10.1.2.3", b"5432", b"billing", b"internal", b"refused", b"files", b"script", b"3s"):
+        assert inside not in reply
+    assert reply == kiagateway.error_reply(type(error)("another reason"), "http")  # fixed: the reason is not in it
+
+
+def test_502_and_504_bodies_name_nothing_inside(start_gateway, backends, blackhole):
+    refused = free_closed_port()
+    toml = routes_toml(backends, extra_gateway="connect_timeout = 0.5")
+    toml = toml.replace(
+        "[http_backends]",
+        f'[http_backends]\n"refused.example" = "localhost:{refused}"\n"slow.example" = "{blackhole}"',
+    )
+    gw = start_gateway(toml)
+    blackhole_port = blackhole.rpartition(":")[2].encode()
+    for host, status, port, outcome in (
+        ("refused.example", 502, str(refused).encode(), "backend_unreachable"),
+        ("slow.example", 504, blackhole_port, "backend_timeout"),
+    ):
+        response = exchange(gw.http, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        assert status_of(response) == status
+        body = response.partition(b"\r\n\r\n")[2]
+        for inside in (port, b"127.0.0.1", b"localhost", b"refused", b"timed out"):
+            assert inside not in body, body
+        line = gw.connection_log(domain=host)
+        assert line["outcome"] == outcome
+        assert str(port.decode()) in line["reason"]  # the cause goes to the log
