@@ -250,6 +250,13 @@ class Gateway:
     def reload(self, cfg: Config) -> None:
         self.config = cfg
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
+        self._resume_if_room()  # a raised max_connections takes effect now, not at the next close
+
+    def _resume_if_room(self) -> None:
+        if self.paused and self.open < self.config.settings.max_connections:
+            self.paused = False
+            for server in self.servers:
+                server._start_accepting_if_started()
 
     def stop(self, grace: float, **fields: object) -> None:
         """Stop accepting, give open connections ``grace`` seconds, then reset what is left.
@@ -282,10 +289,8 @@ class Gateway:
     def _closed(self) -> None:
         """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
         self.open -= 1
-        if self.paused and self.open < self.config.settings.max_connections:
-            self.paused = False
-            for server in self.servers:
-                server._start_accepting_if_started()
+        if self.paused:
+            self._resume_if_room()
         if not self.open:
             self.drained.set()
 
