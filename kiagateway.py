@@ -92,16 +92,20 @@ _HTTP_DETAILS = {
 _HTTP_ON_TLS_PORT = "plain HTTP was sent to the TLS port"
 
 
-def http_response(status: int, detail: str | None = None) -> bytes:
-    """A short plain-text answer; ``detail`` defaults to the status's fixed text."""
+def http_response(status: int, detail: str | None = None, head: bool = False) -> bytes:
+    """A short plain-text answer; ``detail`` defaults to the status's fixed text.
+
+    The answer to a HEAD request has no body (RFC 9110 section 9.3.2); its
+    Content-Length still gives the size the body would have had.
+    """
     body = f"{status} {_HTTP_REASONS[status]}: {detail or _HTTP_DETAILS[status]}\n".encode("ascii", "replace")
-    head = (
+    fields = (
         f"HTTP/1.1 {status} {_HTTP_REASONS[status]}\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     )
-    return head.encode("ascii") + body
+    return fields.encode("ascii") + (b"" if head else body)
 
 
 def tls_alert(description: int) -> bytes:
@@ -109,12 +113,16 @@ def tls_alert(description: int) -> bytes:
     return bytes((21, 3, 3, 0, 2, 2, description))
 
 
-def error_reply(error: sniff.GatewayError, listener: str) -> bytes:
-    """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing."""
+def error_reply(error: sniff.GatewayError, listener: str, preamble: bytes | bytearray = b"") -> bytes:
+    """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing.
+
+    ``preamble`` is what the client sent so far: a HEAD request gets no body.
+    """
+    head = preamble.startswith(b"HEAD ")
     if isinstance(error, sniff.HttpOnTlsPort):
-        return http_response(error.http_status, _HTTP_ON_TLS_PORT)
+        return http_response(error.http_status, _HTTP_ON_TLS_PORT, head)
     if listener == "http":
-        return http_response(error.http_status)
+        return http_response(error.http_status, head=head)
     if error.tls_alert is not None:
         return tls_alert(error.tls_alert)
     return b""
@@ -306,8 +314,10 @@ class Gateway:
         conn = _Connection(self, listener, address)
         settings = self.config.settings
         backend_sock = None
+        sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         try:
-            preamble, buffered = self._read_preamble(client, listener, settings, conn.started)
+            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
+            buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
             if backend is None:
@@ -331,7 +341,7 @@ class Gateway:
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            _answer(client, error_reply(exc, listener))
+            _answer(client, error_reply(exc, listener, sniffer.buffer))
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
         except _Drained:  # thrown in by _cut: the drain is over
@@ -359,14 +369,18 @@ class Gateway:
         conn.done(conn.result)
 
     def _read_preamble(
-        self, client: socket.socket, listener: str, settings: Settings, accepted: float
-    ) -> tuple[sniff.Preamble, bytes]:
-        """Read until the sniffer decides, under one deadline counted from accept.
+        self,
+        client: socket.socket,
+        sniffer: sniff.HttpSniffer | sniff.TlsSniffer,
+        listener: str,
+        settings: Settings,
+        accepted: float,
+    ) -> sniff.Preamble:
+        """Feed ``sniffer`` until it decides, under one deadline counted from accept.
 
         The deadline's timer is started only if a read would block: most preambles
         are whole in the first read.
         """
-        sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         deadline = None
         try:
             result = sniff.NEED_MORE
@@ -394,7 +408,7 @@ class Gateway:
         finally:
             if deadline is not None:
                 deadline.close()
-        return result, bytes(sniffer.buffer)
+        return result
 
     def _connect(self, backend: Backend, domain: str | None, timeout: float) -> socket.socket:
         address = backend.address

@@ -237,3 +237,45 @@ def test_502_and_504_bodies_name_nothing_inside(start_gateway, backends, blackho
         line = gw.connection_log(domain=host)
         assert line["outcome"] == outcome
         assert str(port.decode()) in line["reason"]  # the cause goes to the log
+
+
+@pytest.fixture
+def default_route_gateway(start_gateway, backends):
+    """A gateway with a "*" route: a request refused with 400 was not sent to the default backend."""
+    toml = routes_toml(backends, extra_gateway="preamble_timeout = 30.0")
+    return start_gateway(toml.replace("[http_backends]", f'[http_backends]\n"*" = "{backends["default"].address}"'))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET ws://a.example/chat HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        b"GET ftp://a.example/file HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n",
+    ],
+)
+def test_unroutable_targets_get_400_not_the_default_route(default_route_gateway, head):
+    response = answer_without_closing(default_route_gateway.http, head)
+    assert status_of(response) == 400
+    assert default_route_gateway.connection_log(outcome="bad_request")
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HEAD / HTTP/1.1\r\nHost: a.ex ample\r\n\r\n", 400),
+        (b"HEAD / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n", 421),
+    ],
+)
+def test_refused_head_request_gets_no_body(patient_gateway, head, status):
+    response = answer_without_closing(patient_gateway.http, head)
+    fields, _, body = response.partition(b"\r\n\r\n")
+    assert fields.startswith(b"HTTP/1.1 %d " % status)
+    assert body == b""
+    length = int(next(line for line in fields.split(b"\r\n") if line.startswith(b"Content-Length: "))[16:])
+    assert length == len(kiagateway.http_response(status).partition(b"\r\n\r\n")[2])  # the GET's body size
+
+
+def test_http_response_for_head_has_the_fields_without_the_body():
+    full = kiagateway.http_response(502)
+    assert kiagateway.http_response(502, head=True) == full.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
