@@ -136,14 +136,19 @@ PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
-    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``."""
-    v6 = ":" in client[0]
+    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``.
+
+    A link-local IPv6 address comes with its scope (``fe80::1%eth0``): the
+    header has no place for it, and it names an interface of this host only.
+    """
+    client_ip, local_ip = client[0].partition("%")[0], local[0].partition("%")[0]
+    v6 = ":" in client_ip
     if version == "v1":
-        return f"PROXY TCP{6 if v6 else 4} {client[0]} {local[0]} {client[1]} {local[1]}\r\n".encode("ascii")
+        return f"PROXY TCP{6 if v6 else 4} {client_ip} {local_ip} {client[1]} {local[1]}\r\n".encode("ascii")
     family = socket.AF_INET6 if v6 else socket.AF_INET
     addresses = (
-        socket.inet_pton(family, client[0])
-        + socket.inet_pton(family, local[0])
+        socket.inet_pton(family, client_ip)
+        + socket.inet_pton(family, local_ip)
         + struct.pack("!HH", client[1], local[1])
     )
     # version 2, command PROXY; TCP over IPv6 (0x21) or IPv4 (0x11)
