@@ -330,19 +330,20 @@ class Gateway:
                 raise sniff.NoRoute(f"no route for {name}")
             conn.backend = backend
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
+            outgoing = buffered
             if backend.proxy_protocol:
                 try:
                     local = client.getsockname()
                 except OSError:
                     raise _ClientGone("client_reset") from None
-                buffered = proxy_header(backend.proxy_protocol, address, local) + buffered
+                outgoing = proxy_header(backend.proxy_protocol, address, local) + buffered
             try:
-                _sendall(backend_sock, buffered, settings.connect_timeout)
+                _sendall(backend_sock, outgoing, settings.connect_timeout)
             except _ConnectTimedOut:
                 raise sniff.BackendTimeout(
                     f"backend {backend} took no data for {settings.connect_timeout:g}s"
                 ) from None
-            conn.result.bytes_up = len(buffered)
+            conn.result.bytes_up = len(buffered)  # the client's bytes: the PROXY header is ours
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason

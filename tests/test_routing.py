@@ -258,3 +258,29 @@ def test_proxy_header_over_ipv6(start_gateway, version):
     assert expected.startswith((b"PROXY TCP6 ::1 ::1 ", b"\r\n\r\n\x00\r\nQUIT\n\x21\x21"))
     assert seen["data"] == expected + HEAD
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_bytes_up_counts_the_client_bytes_not_the_proxy_header(start_gateway, version):
+    payload = HEAD + b"x" * 1000
+    seen = {}
+
+    def backend(conn):
+        seen["data"] = read_all(conn)
+
+    be = RawBackend(backend)
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[http_backends]\n'
+            f'"raw.example" = {{ address = "{be.address}", proxy_protocol = "{version}" }}\n'
+        )
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == b""
+        be.check()
+    finally:
+        be.close()
+    assert seen["data"].endswith(payload) and len(seen["data"]) > len(payload)  # the header came first
+    line = gw.connection_log(domain="raw.example")
+    assert (line["outcome"], line["bytes_up"], line["bytes_down"]) == ("ok", len(payload), 0)
