@@ -524,7 +524,19 @@ def _open_connection(family: int, sockaddr: tuple, timeout: float | None) -> soc
 class _Connection:
     """What the log line of one connection needs, kept until the connection ends."""
 
-    __slots__ = ("backend", "domain", "gateway", "id", "listener", "peer", "reason", "relay", "result", "started")
+    __slots__ = (
+        "backend",
+        "domain",
+        "ended",
+        "gateway",
+        "id",
+        "listener",
+        "peer",
+        "reason",
+        "relay",
+        "result",
+        "started",
+    )
 
     def __init__(self, gateway: Gateway, listener: str, address: tuple) -> None:
         self.gateway = gateway
@@ -537,8 +549,13 @@ class _Connection:
         self.reason: str | None = None
         self.result = relay.RelayResult()
         self.relay: relay.Relay | None = None
+        self.ended = False
 
     def done(self, result: relay.RelayResult) -> None:
+        """Count the connection closed and log it, once: a relay that failed to start may call again."""
+        if self.ended:
+            return
+        self.ended = True
         gateway = self.gateway
         if self.relay is not None:
             gateway.relays.discard(self.relay)
