@@ -229,6 +229,7 @@ class Gateway:
         self._idle: list = []  # connection greenlets parked between connections
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
+        self._lookups: dict[tuple[str, int], gevent.event.AsyncResult] = {}  # backend names being resolved
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -426,9 +427,7 @@ class Gateway:
             # lookup and every address tried share the one connect_timeout.
             with gevent.Timeout(timeout, _ConnectTimedOut):
                 error: OSError = OSError("no address")
-                for family, _, _, _, sockaddr in gevent.socket.getaddrinfo(
-                    address.host, address.port, 0, socket.SOCK_STREAM
-                ):
+                for family, _, _, _, sockaddr in self._resolve(address.host, address.port):
                     try:
                         return _open_connection(family, sockaddr, None)
                     except OSError as exc:
@@ -440,6 +439,33 @@ class Gateway:
             raise sniff.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
             raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
+
+    def _resolve(self, host: str, port: int) -> list:
+        """getaddrinfo for a backend name, with one lookup in flight per name that later callers join.
+
+        gevent resolves in a pool of about ten threads, and a lookup that outlives
+        connect_timeout keeps its thread to the end. Without sharing, a burst of
+        connections to one name whose resolver is slow filled the pool, and every
+        other route given by name, even one in /etc/hosts, timed out behind it.
+        Nothing is cached: a lookup that ends is forgotten. Ten slow names at once
+        still fill the pool. gevent's c-ares resolver would need no threads, but it
+        ignores nsswitch.conf and is not in every build, so the system's stays.
+        """
+        key = (host, port)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = gevent.event.AsyncResult()
+            gevent.spawn_raw(self._lookup, key, lookup)
+        return lookup.get()
+
+    def _lookup(self, key: tuple[str, int], lookup: gevent.event.AsyncResult) -> None:
+        """One lookup; its result goes to whoever still waits for it, even after the first one gave up."""
+        try:
+            lookup.set(gevent.socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM))
+        except OSError as exc:  # gaierror included: each waiter turns it into its reply
+            lookup.set_exception(exc)
+        finally:
+            del self._lookups[key]
 
 
 class _ConnectTimedOut(Exception):
