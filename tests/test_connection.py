@@ -42,7 +42,7 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
     monkeypatch.setattr(relay._Direction, "start", start)
     cfg = kiaconfig.validate(
         {
-            "gateway": {"http_listen": [], "https_listen": [], "idle_timeout": 0.2},
+            "gateway": {"http_listen": [], "https_listen": [], "idle_timeout": 0.1},
             "http_backends": {"raw.example": f"127.0.0.1:{backend.getsockname()[1]}"},
         }
     )
@@ -54,7 +54,7 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
         with pytest.raises(Forced):
             gateway.handle(accepted, peer, "http")
         assert gateway.open == 0
-        gevent.sleep(1.0)  # the idle timer (0.2 s) that did start has fired by now
+        gevent.sleep(0.5)  # the idle timer (0.1 s) that did start has fired by now
         assert gateway.open == 0
         assert not gateway.relays
         gateway.log.flush()
