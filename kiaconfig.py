@@ -105,6 +105,7 @@ class Settings:
     user: str = ""
     log_format: str = "text"
     log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
+    drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -379,6 +380,7 @@ _CHECKS = {
     "user": _string,
     "log_format": _choice(LOG_FORMATS),
     "log_connections": _boolean,
+    "drain_timeout": _positive,
 }
 
 

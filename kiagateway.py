@@ -64,6 +64,8 @@ REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving 
 LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
 LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
 IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
+CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 
 # ---------------------------------------------------------------------------
@@ -79,15 +81,33 @@ _HTTP_REASONS = {
 }
 
 
-def http_response(status: int, detail: str) -> bytes:
-    body = f"{status} {_HTTP_REASONS[status]}: {detail}\n".encode("ascii", "replace")
-    head = (
+# What a refused client is told: a fixed text per status. The cause (backend
+# address, errno, resolver message, the client's own bytes) goes to the log only.
+_HTTP_DETAILS = {
+    400: "the request head is malformed or names no valid host",
+    408: "the request head did not arrive in time",
+    421: "this gateway has no route for the requested host",
+    431: "the request head is too large",
+    502: "the backend for this host cannot be reached",
+    504: "the backend for this host did not answer in time",
+}
+_HTTP_ON_TLS_PORT = "plain HTTP was sent to the TLS port"
+
+
+def http_response(status: int, detail: str | None = None, head: bool = False) -> bytes:
+    """A short plain-text answer; ``detail`` defaults to the status's fixed text.
+
+    The answer to a HEAD request has no body (RFC 9110 section 9.3.2); its
+    Content-Length still gives the size the body would have had.
+    """
+    body = f"{status} {_HTTP_REASONS[status]}: {detail or _HTTP_DETAILS[status]}\n".encode("ascii", "replace")
+    fields = (
         f"HTTP/1.1 {status} {_HTTP_REASONS[status]}\r\n"
         "Content-Type: text/plain; charset=us-ascii\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     )
-    return head.encode("ascii") + body
+    return fields.encode("ascii") + (b"" if head else body)
 
 
 def tls_alert(description: int) -> bytes:
@@ -95,10 +115,16 @@ def tls_alert(description: int) -> bytes:
     return bytes((21, 3, 3, 0, 2, 2, description))
 
 
-def error_reply(error: sniff.GatewayError, listener: str) -> bytes:
-    """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing."""
-    if listener == "http" or isinstance(error, sniff.HttpOnTlsPort):
-        return http_response(error.http_status, error.reason)
+def error_reply(error: sniff.GatewayError, listener: str, preamble: bytes | bytearray = b"") -> bytes:
+    """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing.
+
+    ``preamble`` is what the client sent so far: a HEAD request gets no body.
+    """
+    head = preamble.startswith(b"HEAD ")
+    if isinstance(error, sniff.HttpOnTlsPort):
+        return http_response(error.http_status, _HTTP_ON_TLS_PORT, head)
+    if listener == "http":
+        return http_response(error.http_status, head=head)
     if error.tls_alert is not None:
         return tls_alert(error.tls_alert)
     return b""
@@ -112,14 +138,19 @@ PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
-    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``."""
-    v6 = ":" in client[0]
+    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``.
+
+    A link-local IPv6 address comes with its scope (``fe80::1%eth0``): the
+    header has no place for it, and it names an interface of this host only.
+    """
+    client_ip, local_ip = client[0].partition("%")[0], local[0].partition("%")[0]
+    v6 = ":" in client_ip
     if version == "v1":
-        return f"PROXY TCP{6 if v6 else 4} {client[0]} {local[0]} {client[1]} {local[1]}\r\n".encode("ascii")
+        return f"PROXY TCP{6 if v6 else 4} {client_ip} {local_ip} {client[1]} {local[1]}\r\n".encode("ascii")
     family = socket.AF_INET6 if v6 else socket.AF_INET
     addresses = (
-        socket.inet_pton(family, client[0])
-        + socket.inet_pton(family, local[0])
+        socket.inet_pton(family, client_ip)
+        + socket.inet_pton(family, local_ip)
         + struct.pack("!HH", client[1], local[1])
     )
     # version 2, command PROXY; TCP over IPv6 (0x21) or IPv4 (0x11)
@@ -198,6 +229,9 @@ class Gateway:
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
         self._idle: list = []  # connection greenlets parked between connections
+        self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
+        self.handling: set = set()  # greenlets reading a preamble, connecting or answering
+        self._lookups: dict[tuple[str, int], gevent.event.AsyncResult] = {}  # backend names being resolved
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -232,31 +266,66 @@ class Gateway:
     def reload(self, cfg: Config) -> None:
         self.config = cfg
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
+        self._resume_if_room()  # a raised max_connections takes effect now, not at the next close
 
-    def stop(self, grace: float, **fields: object) -> None:
-        """Stop accepting, give open connections ``grace`` seconds, then leave them to the exit."""
-        for server in self.servers:
-            server.close()
-        self.log.info("stopping: no new connections", open=self.open, **fields)
-        if self.open and not self.drained.wait(timeout=grace):
-            self.log.warning("grace period over, closing open connections", open=self.open, **fields)
-
-    def _closed(self) -> None:
-        """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
-        self.open -= 1
+    def _resume_if_room(self) -> None:
         if self.paused and self.open < self.config.settings.max_connections:
             self.paused = False
             for server in self.servers:
                 server._start_accepting_if_started()
+
+    def stop(self, grace: float, **fields: object) -> None:
+        """Stop accepting, give open connections ``grace`` seconds, then reset what is left.
+
+        A stream still open at the end is cut with a reset, not a FIN, so neither
+        peer takes it for complete, and each gets its connection line.
+        """
+        for server in self.servers:
+            server.close()
+        self.log.info("stopping: no new connections", open=self.open, **fields)
+        if self.open and not self.drained.wait(timeout=grace):
+            self.log.warning("drain timeout over, resetting open connections", open=self.open, **fields)
+            gevent.get_hub().loop.run_callback(self._cut)
+            if not self.drained.wait(timeout=CUT_WAIT):
+                self.log.error("connections still open after the reset", open=self.open, **fields)
+        self.log.flush()
+
+    def _cut(self) -> None:
+        """Reset every open connection, logged as drain_timeout. Runs in the hub, so nothing starts meanwhile.
+
+        A greenlet thrown into runs until it closes its connection and parks, then
+        the hub carries on here: no relay can begin after the loop below.
+        """
+        for greenlet in list(self.handling):
+            if greenlet in self.handling:  # still inside handle(): it waits on I/O there
+                greenlet.throw(_Drained)
+        for open_relay in list(self.relays):
+            open_relay.abort("drain_timeout")
+
+    def _closed(self) -> None:
+        """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
+        self.open -= 1
+        if self.paused:
+            self._resume_if_room()
         if not self.open:
             self.drained.set()
 
     def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
+        greenlet = gevent.getcurrent()
+        self.handling.add(greenlet)
+        try:
+            self._handle(client, address, listener)
+        finally:
+            self.handling.discard(greenlet)
+
+    def _handle(self, client: socket.socket, address: tuple, listener: str) -> None:
         conn = _Connection(self, listener, address)
         settings = self.config.settings
         backend_sock = None
+        sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         try:
-            preamble, buffered = self._read_preamble(client, listener, settings, conn.started)
+            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
+            buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
             if backend is None:
@@ -264,25 +333,29 @@ class Gateway:
                 raise sniff.NoRoute(f"no route for {name}")
             conn.backend = backend
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
+            outgoing = buffered
             if backend.proxy_protocol:
                 try:
                     local = client.getsockname()
                 except OSError:
                     raise _ClientGone("client_reset") from None
-                buffered = proxy_header(backend.proxy_protocol, address, local) + buffered
+                outgoing = proxy_header(backend.proxy_protocol, address, local) + buffered
             try:
-                _sendall(backend_sock, buffered, settings.connect_timeout)
+                _sendall(backend_sock, outgoing, settings.connect_timeout)
             except _ConnectTimedOut:
                 raise sniff.BackendTimeout(
                     f"backend {backend} took no data for {settings.connect_timeout:g}s"
                 ) from None
-            conn.result.bytes_up = len(buffered)
+            conn.result.bytes_up = len(buffered)  # the client's bytes: the PROXY header is ours
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            _answer(client, error_reply(exc, listener))
+            _answer(client, error_reply(exc, listener, sniffer.buffer))
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
+        except _Drained:  # thrown in by _cut: the drain is over
+            conn.result.outcome = "drain_timeout"
+            _reset(client, backend_sock)
         except OSError as exc:  # the backend broke before the relay began
             conn.result.outcome = "backend_reset"
             conn.reason = str(exc)
@@ -293,7 +366,8 @@ class Gateway:
             raise
         else:
             try:
-                relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+                conn.relay = relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+                self.relays.add(conn.relay)
             except BaseException:
                 conn.result.outcome = "error"
                 _close(client, backend_sock)
@@ -304,14 +378,18 @@ class Gateway:
         conn.done(conn.result)
 
     def _read_preamble(
-        self, client: socket.socket, listener: str, settings: Settings, accepted: float
-    ) -> tuple[sniff.Preamble, bytes]:
-        """Read until the sniffer decides, under one deadline counted from accept.
+        self,
+        client: socket.socket,
+        sniffer: sniff.HttpSniffer | sniff.TlsSniffer,
+        listener: str,
+        settings: Settings,
+        accepted: float,
+    ) -> sniff.Preamble:
+        """Feed ``sniffer`` until it decides, under one deadline counted from accept.
 
         The deadline's timer is started only if a read would block: most preambles
         are whole in the first read.
         """
-        sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         deadline = None
         try:
             result = sniff.NEED_MORE
@@ -339,7 +417,7 @@ class Gateway:
         finally:
             if deadline is not None:
                 deadline.close()
-        return result, bytes(sniffer.buffer)
+        return result
 
     def _connect(self, backend: Backend, domain: str | None, timeout: float) -> socket.socket:
         address = backend.address
@@ -351,9 +429,7 @@ class Gateway:
             # lookup and every address tried share the one connect_timeout.
             with gevent.Timeout(timeout, _ConnectTimedOut):
                 error: OSError = OSError("no address")
-                for family, _, _, _, sockaddr in gevent.socket.getaddrinfo(
-                    address.host, address.port, 0, socket.SOCK_STREAM
-                ):
+                for family, _, _, _, sockaddr in self._resolve(address.host, address.port):
                     try:
                         return _open_connection(family, sockaddr, None)
                     except OSError as exc:
@@ -366,9 +442,40 @@ class Gateway:
         except OSError as exc:
             raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
 
+    def _resolve(self, host: str, port: int) -> list:
+        """getaddrinfo for a backend name, with one lookup in flight per name that later callers join.
+
+        gevent resolves in a pool of about ten threads, and a lookup that outlives
+        connect_timeout keeps its thread to the end. Without sharing, a burst of
+        connections to one name whose resolver is slow filled the pool, and every
+        other route given by name, even one in /etc/hosts, timed out behind it.
+        Nothing is cached: a lookup that ends is forgotten. Ten slow names at once
+        still fill the pool. gevent's c-ares resolver would need no threads, but it
+        ignores nsswitch.conf and is not in every build, so the system's stays.
+        """
+        key = (host, port)
+        lookup = self._lookups.get(key)
+        if lookup is None:
+            lookup = self._lookups[key] = gevent.event.AsyncResult()
+            gevent.spawn_raw(self._lookup, key, lookup)
+        return lookup.get()
+
+    def _lookup(self, key: tuple[str, int], lookup: gevent.event.AsyncResult) -> None:
+        """One lookup; its result goes to whoever still waits for it, even after the first one gave up."""
+        try:
+            lookup.set(gevent.socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM))
+        except OSError as exc:  # gaierror included: each waiter turns it into its reply
+            lookup.set_exception(exc)
+        finally:
+            del self._lookups[key]
+
 
 class _ConnectTimedOut(Exception):
     """Raised by the connect deadline's timer."""
+
+
+class _Drained(BaseException):
+    """Thrown into a connection's greenlet when the drain is over; a BaseException so no handler takes it for I/O."""
 
 
 # Blocking-style I/O on plain non-blocking sockets: try the call, and only when
@@ -445,7 +552,19 @@ def _open_connection(family: int, sockaddr: tuple, timeout: float | None) -> soc
 class _Connection:
     """What the log line of one connection needs, kept until the connection ends."""
 
-    __slots__ = ("backend", "domain", "gateway", "id", "listener", "peer", "reason", "result", "started")
+    __slots__ = (
+        "backend",
+        "domain",
+        "ended",
+        "gateway",
+        "id",
+        "listener",
+        "peer",
+        "reason",
+        "relay",
+        "result",
+        "started",
+    )
 
     def __init__(self, gateway: Gateway, listener: str, address: tuple) -> None:
         self.gateway = gateway
@@ -457,9 +576,17 @@ class _Connection:
         self.backend: Backend | None = None
         self.reason: str | None = None
         self.result = relay.RelayResult()
+        self.relay: relay.Relay | None = None
+        self.ended = False
 
     def done(self, result: relay.RelayResult) -> None:
+        """Count the connection closed and log it, once: a relay that failed to start may call again."""
+        if self.ended:
+            return
+        self.ended = True
         gateway = self.gateway
+        if self.relay is not None:
+            gateway.relays.discard(self.relay)
         gateway._closed()
         fields = {
             "id": self.id,
@@ -492,6 +619,16 @@ def _close(*socks: socket.socket | None) -> None:
             sock.close()
 
 
+def _reset(*socks: socket.socket | None) -> None:
+    """Make the coming close send a reset: the gateway cuts these streams."""
+    for sock in socks:
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:  # already gone: the close is all it gets
+                pass
+
+
 def _answer(client: socket.socket, reply: bytes) -> None:
     """Send an error reply, then drain briefly so that closing does not reset it away."""
     if not reply:
@@ -509,6 +646,8 @@ def _answer(client: socket.socket, reply: bytes) -> None:
                     drained += len(data)
     except OSError:  # the client is gone: the close is all it gets
         pass
+    except _Drained:  # the drain ended while the reply was on its way: cut it
+        _reset(client)
 
 
 # ---------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def serve(cfg: Config, load: Load, make_server: MakeServer, log: Log, listeners:
     stopping.wait()
     if not worker:
         sd_notify("STOPPING=1")
-    gateway.stop(SHUTDOWN_GRACE, **fields)
+    gateway.stop(cfg.settings.drain_timeout, **fields)
     log.info("stopped", **fields)
     return 0
 

@@ -442,6 +442,7 @@ QUICK_HEAD = 2048  # heads up to this size take the regex; past it the regex cos
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/1\.[01])\r\n((?:" + _TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n")
 _HOST_FIELD = re.compile(rb"^host:([^\r]*)\r$", re.IGNORECASE | re.MULTILINE)
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 section 3.1
 
 
 class HttpSniffer:
@@ -544,9 +545,15 @@ class HttpSniffer:
         self._target(target)
 
     def _target(self, target: bytes) -> None:
-        """Take the host of an absolute-form target (``http://host/...``)."""
+        """Take the host of an absolute-form target (``http://host/...``); refuse other schemes.
+
+        A ``ws://`` or ``ftp://`` target is not a request this gateway routes: the
+        backend might take its host for the one to serve, whatever Host says.
+        """
         scheme, sep, rest = target.partition(b"://")
-        if sep and scheme.lower() in (b"http", b"https"):
+        if sep and _SCHEME.fullmatch(scheme):
+            if scheme.lower() not in (b"http", b"https"):
+                raise BadRequest("request target with a scheme other than http or https")
             authority = rest
             for stop in b"/?#":
                 authority = authority.split(bytes((stop,)), 1)[0]
@@ -573,9 +580,12 @@ class HttpSniffer:
         if len(authority.translate(None, _HOST_VALUE_BAD_BYTES)) != len(authority):
             raise BadRequest(f"control byte in the {where} host")
         try:
-            return split_host_port(authority)
+            host = split_host_port(authority)
         except ValueError as exc:
             raise BadRequest(f"invalid host in the {where}: {exc}") from None
+        if not host and authority:
+            raise BadRequest(f"a port but no host in the {where}")  # "Host: :80" is not an empty Host
+        return host
 
     def _domain(self) -> str | None:
         if len(self._hosts) > 1:

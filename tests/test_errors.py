@@ -9,6 +9,9 @@ import pytest
 from conftest import TIMEOUT, exchange, free_closed_port, read_all, routes_toml
 from hellos import real_hello
 
+import kiagateway
+import sniff
+
 ALERT_HEADER = b"\x15\x03\x03\x00\x02\x02"  # alert record, TLS 1.2 legacy version, 2 bytes, fatal
 
 
@@ -193,3 +196,86 @@ def test_client_that_leaves_early_is_logged(patient_gateway):
     with socket.create_connection(patient_gateway.https, timeout=TIMEOUT):
         pass
     assert patient_gateway.connection_log(outcome="client_closed", listener="https")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        sniff.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Connection refused"),
+        sniff.BackendUnreachable("cannot resolve billing-db.internal for a.example: Name or service not known"),
+        sniff.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Too many open files"),
+        sniff.BackendTimeout("connect to billing-db.internal:5432 for a.example timed out after 3s"),
+        sniff.BadRequest("invalid host: invalid character in b'<script>'"),
+    ],
+)
+def test_error_reply_carries_a_fixed_text_per_status(error):
+    reply = kiagateway.error_reply(error, "http")
+    assert reply == kiagateway.http_response(error.http_status)
+    for inside in (b"10.1.2.3", b"5432", b"billing", b"internal", b"refused", b"files", b"script", b"3s"):
+        assert inside not in reply
+    assert reply == kiagateway.error_reply(type(error)("another reason"), "http")  # fixed: the reason is not in it
+
+
+def test_502_and_504_bodies_name_nothing_inside(start_gateway, backends, blackhole):
+    refused = free_closed_port()
+    toml = routes_toml(backends, extra_gateway="connect_timeout = 0.5")
+    toml = toml.replace(
+        "[http_backends]",
+        f'[http_backends]\n"refused.example" = "localhost:{refused}"\n"slow.example" = "{blackhole}"',
+    )
+    gw = start_gateway(toml)
+    blackhole_port = blackhole.rpartition(":")[2].encode()
+    for host, status, port, outcome in (
+        ("refused.example", 502, str(refused).encode(), "backend_unreachable"),
+        ("slow.example", 504, blackhole_port, "backend_timeout"),
+    ):
+        response = exchange(gw.http, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+        assert status_of(response) == status
+        body = response.partition(b"\r\n\r\n")[2]
+        for inside in (port, b"127.0.0.1", b"localhost", b"refused", b"timed out"):
+            assert inside not in body, body
+        line = gw.connection_log(domain=host)
+        assert line["outcome"] == outcome
+        assert str(port.decode()) in line["reason"]  # the cause goes to the log
+
+
+@pytest.fixture
+def default_route_gateway(start_gateway, backends):
+    """A gateway with a "*" route: a request refused with 400 was not sent to the default backend."""
+    toml = routes_toml(backends, extra_gateway="preamble_timeout = 30.0")
+    return start_gateway(toml.replace("[http_backends]", f'[http_backends]\n"*" = "{backends["default"].address}"'))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET ws://a.example/chat HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        b"GET ftp://a.example/file HTTP/1.1\r\nHost: a.example\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n",
+    ],
+)
+def test_unroutable_targets_get_400_not_the_default_route(default_route_gateway, head):
+    response = answer_without_closing(default_route_gateway.http, head)
+    assert status_of(response) == 400
+    assert default_route_gateway.connection_log(outcome="bad_request")
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"HEAD / HTTP/1.1\r\nHost: a.ex ample\r\n\r\n", 400),
+        (b"HEAD / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n", 421),
+    ],
+)
+def test_refused_head_request_gets_no_body(patient_gateway, head, status):
+    response = answer_without_closing(patient_gateway.http, head)
+    fields, _, body = response.partition(b"\r\n\r\n")
+    assert fields.startswith(b"HTTP/1.1 %d " % status)
+    assert body == b""
+    length = int(next(line for line in fields.split(b"\r\n") if line.startswith(b"Content-Length: "))[16:])
+    assert length == len(kiagateway.http_response(status).partition(b"\r\n\r\n")[2])  # the GET's body size
+
+
+def test_http_response_for_head_has_the_fields_without_the_body():
+    full = kiagateway.http_response(502)
+    assert kiagateway.http_response(502, head=True) == full.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"

@@ -6,10 +6,14 @@ import http.client
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 
 import pytest
-from conftest import TIMEOUT, exchange, routes_toml
+from conftest import TIMEOUT, exchange, read_all, routes_toml
+from test_relay import HEAD, RawBackend
+
+import kiagateway
 
 
 def http_get(address, host: str, target: str = "/whoami", version: str = "HTTP/1.1") -> bytes:
@@ -210,3 +214,73 @@ def test_backend_names_resolve_at_connect_time(start_gateway, backends):
     gw = start_gateway(toml)
     assert b"beta http" in http_get(gw.http, "named.example")
     assert gw.connection_log(domain="named.example")["backend"] == f"localhost:{backends['beta'].port}"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_header_for_a_link_local_client_has_no_scope(version):
+    client = ("fe80::1%eth0", 40000, 0, 2)  # as accept() gives a link-local peer
+    local = ("fe80::2%eth0", 80, 0, 2)
+    header = kiagateway.proxy_header(version, client, local)
+    if version == "v1":
+        assert header == b"PROXY TCP6 fe80::1 fe80::2 40000 80\r\n"
+    else:
+        assert header[12:16] == b"\x21\x21\x00\x24"  # v2 PROXY, TCP over IPv6, 36 address bytes
+        addresses = socket.inet_pton(socket.AF_INET6, "fe80::1") + socket.inet_pton(socket.AF_INET6, "fe80::2")
+        assert header[16:] == addresses + struct.pack("!HH", 40000, 80)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_proxy_header_over_ipv6(start_gateway, version):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no ::1 on this machine")
+    seen = {}
+
+    def backend(conn):
+        seen["data"] = read_all(conn)  # until the client's half-close comes through
+
+    be = RawBackend(backend)
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["[::1]:0"]\nhttps_listen = []\n[http_backends]\n'
+            f'"raw.example" = {{ address = "{be.address}", proxy_protocol = "{version}" }}\n'
+        )
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            sock.shutdown(socket.SHUT_WR)
+            client = sock.getsockname()
+            assert read_all(sock) == b""
+        be.check()
+    finally:
+        be.close()
+    expected = kiagateway.proxy_header(version, client, gw.http)
+    assert expected.startswith((b"PROXY TCP6 ::1 ::1 ", b"\r\n\r\n\x00\r\nQUIT\n\x21\x21"))
+    assert seen["data"] == expected + HEAD
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_bytes_up_counts_the_client_bytes_not_the_proxy_header(start_gateway, version):
+    payload = HEAD + b"x" * 1000
+    seen = {}
+
+    def backend(conn):
+        seen["data"] = read_all(conn)
+
+    be = RawBackend(backend)
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[http_backends]\n'
+            f'"raw.example" = {{ address = "{be.address}", proxy_protocol = "{version}" }}\n'
+        )
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock) == b""
+        be.check()
+    finally:
+        be.close()
+    assert seen["data"].endswith(payload) and len(seen["data"]) > len(payload)  # the header came first
+    line = gw.connection_log(domain="raw.example")
+    assert (line["outcome"], line["bytes_up"], line["bytes_down"]) == ("ok", len(payload), 0)

@@ -636,7 +636,8 @@ def head(*lines: bytes, request: bytes = b"GET / HTTP/1.1") -> bytes:
         (head(b"Host: example.com", request=b"GET https://example.com#f HTTP/1.1"), "example.com"),
         (head(b"Host:", request=b"GET http://example.com/ HTTP/1.1"), "example.com"),
         (head(request=b"GET http://example.com/ HTTP/1.0"), "example.com"),
-        (head(b"Host: example.com", request=b"GET ftp://other.example/ HTTP/1.1"), "example.com"),
+        (head(b"Host: example.com", request=b"GET /?next=ftp://other.example/ HTTP/1.1"), "example.com"),
+        (head(b"Host: example.com", request=b"GET /a://b HTTP/1.1"), "example.com"),
         (head(b"Host: example.com:443", request=b"CONNECT example.com:443 HTTP/1.1"), "example.com"),
         (head(b"Host: example.com", request=b"OPTIONS * HTTP/1.1"), "example.com"),
         # Routing compares hosts only: a port that differs is the backend's business.
@@ -713,6 +714,13 @@ def test_http_every_strict_prefix_needs_more():
         head(b"Host: example.com", request=b"GET http://:80/x HTTP/1.1"),
         head(b"Host: example.com", request=b"GET http://bad_host!/x HTTP/1.1"),
         head(b"Host: example.com", request=b"GET http://example.com:99999/ HTTP/1.1"),
+        # absolute-form with a scheme this gateway does not route
+        head(b"Host: example.com", request=b"GET ftp://other.example/ HTTP/1.1"),
+        head(b"Host: example.com", request=b"GET ws://example.com/chat HTTP/1.1"),
+        head(b"Host: example.com", request=b"GET WSS://example.com/ HTTP/1.1"),
+        head(b"Host: example.com", request=b"GET git+ssh://example.com/ HTTP/1.1"),
+        head(b"Host: example.com", request=b"GET httpx://example.com/ HTTP/1.1"),
+        head(b"Host: example.com", b"X-Pad: " + b"x" * 3000, request=b"GET ws://a/ HTTP/1.1"),  # line parser
         head(b"Host: exa\x00mple.com"),
         head(b"Host: example.com\x00"),
         head(b"Host: \x01example.com"),
@@ -726,6 +734,9 @@ def test_http_every_strict_prefix_needs_more():
         head(b"Host: [::1"),
         head(b"Host: [::1]x"),
         head(b"Host: [::1%eth0]"),
+        head(b"Host: :80"),  # a port with no host is not an empty Host
+        head(b"Host: :"),
+        head(b"Host: []:80"),
         head(b"Host: bad_host!"),
         head(b"Host: a..example"),
         head(b"Host: " + b"a" * 64 + b".example"),
