@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
+import os
 import socket
 
 import gevent
@@ -46,8 +46,8 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
             "http_backends": {"raw.example": f"127.0.0.1:{backend.getsockname()[1]}"},
         }
     )
-    stream = io.StringIO()
-    gateway = kiagateway.Gateway(cfg, Log("json", stream))
+    read_end, write_end = os.pipe()
+    gateway = kiagateway.Gateway(cfg, Log("json", fd=write_end))
     gateway.open = 1  # as accepting counts it
     try:
         client.sendall(HEAD)
@@ -58,7 +58,9 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
         assert gateway.open == 0
         assert not gateway.relays
         gateway.log.flush()
-        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        os.close(write_end)
+        with os.fdopen(read_end) as logged:
+            lines = [json.loads(line) for line in logged.read().splitlines()]
         assert [line["outcome"] for line in lines if line["message"] == "connection"] == ["error"]
     finally:
         for sock in (backend, listener, client):
