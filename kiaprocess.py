@@ -167,6 +167,8 @@ def serve(cfg: Config, load: Load, make_server: MakeServer, log: Log, listeners:
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
+    if os.getpid() == 1:  # a container's init: orphans in it are reparented to us (libev keeps SIGCHLD)
+        signal.signal(signal.SIGCHLD, _reap_orphans)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
     if worker:
         log.info("worker started", worker=worker, pid=os.getpid())
@@ -194,6 +196,7 @@ def supervise(
     workers, and closes them when it stops so that new clients are refused at once.
     """
     signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
+    supervisor = os.getpid()  # as PID 1 (a container) every worker's parent is 1: compare with this instead
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     respawn: dict[int, float] = {}  # worker number -> when to start it again
 
@@ -207,7 +210,7 @@ def supervise(
         if pid == 0:  # the worker: its own hub, default signal handling
             code = 1
             try:
-                _stop_with_parent()
+                _stop_with_parent(supervisor)
                 gevent.reinit()  # signals stay blocked until serve() has its handlers
                 code = work(worker, cfg)  # the config as last reloaded
             except BaseException:
@@ -233,7 +236,7 @@ def supervise(
                     break
                 if pid == 0:
                     break
-                worker, started = children.pop(pid, (0, 0.0))
+                worker, started = children.pop(pid, (0, 0.0))  # 0: an orphan reparented to us as PID 1
                 if not stopping and worker:
                     log.error(
                         "worker died, starting a new one",
@@ -264,7 +267,7 @@ def supervise(
     return 0
 
 
-def _stop_with_parent() -> None:
+def _stop_with_parent(supervisor: int) -> None:
     """Linux: get SIGTERM if the supervisor dies, so orphaned workers never keep the ports."""
     try:
         import ctypes
@@ -273,8 +276,17 @@ def _stop_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: workers outlive a killed supervisor
         pass
-    if os.getppid() == 1:  # the supervisor died before the call above
+    if os.getppid() != supervisor:  # the supervisor died before the call above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _reap_orphans(signum: int = 0, frame: object = None) -> None:
+    """As PID 1 without workers: collect the exit status of orphans handed to us, so no zombie stays."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:  # none left
+        pass
 
 
 def _signal_all(children: dict, signum: int) -> None:

@@ -1,0 +1,87 @@
+"""The process life cycle (kiaprocess.py): PID 1 in a container, supervisor and workers, reload, limits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import conftest
+import pytest
+from conftest import TIMEOUT, read_all, routes_toml
+
+REQUEST = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]  # killed with unshare, never left over
+
+
+def ask(address: tuple[str, int], request: bytes = REQUEST, timeout: float = TIMEOUT) -> bytes:
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(request)
+        return read_all(sock, timeout)
+
+
+def children(pid: int) -> set[int]:
+    """The children of ``pid``, zombies included (Linux /proc)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(word) for word in text.split()}
+
+
+@pytest.fixture
+def in_pid_namespace(monkeypatch):
+    """Start gateways as PID 1 of a new PID namespace, as a container's entrypoint is."""
+    try:
+        probe = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=TIMEOUT)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"unshare unavailable: {exc}")
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid needs root or user namespaces: {probe.stderr.decode().strip()}")
+    plain = conftest.gateway_command
+    monkeypatch.setattr(conftest, "gateway_command", lambda: [*UNSHARE, *plain()])
+
+
+def namespace_init(gw: conftest.Gateway) -> int:
+    """The PID, as seen from here, of the gateway that is PID 1 inside the namespace (unshare's child)."""
+    (pid,) = children(gw.proc.pid)
+    return pid
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_pid_1_serves_and_reaps_orphans(in_pid_namespace, start_gateway, backends, workers):
+    gw = start_gateway(routes_toml(backends), f"--workers={workers}")
+    started = [
+        gw.wait_for(lambda line, n=n: line.get("message") == "worker started" and line["worker"] == n)
+        for n in range(1, workers + 1)
+        if workers > 1
+    ]
+    assert gw.wait_for(lambda line: line.get("message", "").startswith("kiagateway "))["pid"] == 1
+    for i in range(60):  # each worker took itself for an orphan and stopped: 7 of 60 were served
+        assert ask(gw.http, timeout=3.0).endswith(b"alpha http a.example"), f"request {i}"
+    init = namespace_init(gw)
+    outer_workers = children(init)
+    assert len(outer_workers) == len(started)
+
+    # An orphan inside the container is reparented to PID 1, which must reap it when it exits.
+    subprocess.run(
+        ["nsenter", f"--target={init}", "--pid", "--mount", "sh", "-c", "sleep 2 & exit 0"],
+        check=True,
+        timeout=TIMEOUT,
+    )
+    orphans = children(init) - outer_workers
+    assert len(orphans) == 1, "the orphaned sleep was not reparented to the gateway"
+    (orphan,) = orphans
+    deadline = time.monotonic() + TIMEOUT
+    while Path(f"/proc/{orphan}").exists():  # a zombie keeps its /proc entry until reaped
+        assert time.monotonic() < deadline, Path(f"/proc/{orphan}/status").read_text()
+        time.sleep(0.05)
+
+    os.kill(init, signal.SIGTERM)  # unshare itself ignores SIGTERM
+    assert gw.proc.wait(TIMEOUT) == 0
+    gw.stop()
+    assert not [line for line in gw.seen if "died" in line.get("message", "")]
+    assert sum(line.get("message") == "stopped" for line in gw.seen) == len(started) + 1
