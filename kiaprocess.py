@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import signal
 import socket
 import time
@@ -18,6 +19,7 @@ from typing import Callable, Protocol
 
 import gevent
 import gevent.event
+import gevent.os
 
 import kiaconfig
 from kiaconfig import Address, Config, ConfigError
@@ -129,7 +131,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         return serve(cfg, load, make_server, log, listeners, worker=0)
     return supervise(
         workers,
-        lambda worker, current: serve(current, load, make_server, log, listeners, worker),
+        lambda worker, current, lifeline: serve(current, load, make_server, log, listeners, worker, lifeline),
         cfg,
         load,
         log,
@@ -150,8 +152,16 @@ def _reload(load: Load, log: Log) -> Config | None:
     return new
 
 
-def serve(cfg: Config, load: Load, make_server: MakeServer, log: Log, listeners: list, worker: int) -> int:
-    """One gevent hub serving every listener until SIGTERM/SIGINT; SIGHUP reloads."""
+def serve(
+    cfg: Config,
+    load: Load,
+    make_server: MakeServer,
+    log: Log,
+    listeners: list,
+    worker: int,
+    lifeline: int | None = None,
+) -> int:
+    """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end)."""
     gateway = make_server(cfg, log, worker)
     gateway.serve(listeners)
     stopping = gevent.event.Event()
@@ -170,6 +180,8 @@ def serve(cfg: Config, load: Load, make_server: MakeServer, log: Log, listeners:
     if os.getpid() == 1:  # a container's init: orphans in it are reparented to us (libev keeps SIGCHLD)
         signal.signal(signal.SIGCHLD, _reap_orphans)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
+    if lifeline is not None:
+        gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker)
     if worker:
         log.info("worker started", worker=worker, pid=os.getpid())
     else:
@@ -187,37 +199,89 @@ _SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
 
 
+class _SignalPipe:
+    """Signals for a ``select`` loop: handlers only record them, the wakeup pipe ends the wait.
+
+    Built from what every Unix Python has (``set_wakeup_fd``, ``select``):
+    ``sigtimedwait``/``sigwaitinfo`` are missing on OpenBSD and macOS.
+    """
+
+    def __init__(self, signums: tuple[int, ...]) -> None:
+        self.signums = signums
+        self.pending: list[int] = []
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)  # a full pipe must never block a signal handler
+        signal.set_wakeup_fd(self.write_fd)
+        for signum in signums:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def wait(self, timeout: float | None) -> list[int]:
+        """The signals received, in order, once any came or ``timeout`` seconds passed."""
+        if not self.pending:
+            select.select([self.read_fd], [], [], timeout)
+        try:
+            while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
+                pass
+        except BlockingIOError:
+            pass
+        taken, self.pending = self.pending, []
+        return list(dict.fromkeys(taken))  # a signal sent twice before we looked is handled once
+
+    def close(self) -> None:
+        """Back to default handling: in a new worker (signals still blocked), or when the supervisor ends."""
+        signal.set_wakeup_fd(-1)
+        for signum in self.signums:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
 def supervise(
-    count: int, work: Callable[[int, Config], int], cfg: Config, load: Load, log: Log, listeners: list
+    count: int, work: Callable[[int, Config, int], int], cfg: Config, load: Load, log: Log, listeners: list
 ) -> int:
     """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on.
 
     The supervisor keeps its copies of the listening sockets to hand to replacement
     workers, and closes them when it stops so that new clients are refused at once.
+    Each worker gets the read end of a pipe, its lifeline, whose write end only the
+    supervisor holds: end of file there tells the worker that the supervisor is
+    gone, on every Unix and however it died.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
-    supervisor = os.getpid()  # as PID 1 (a container) every worker's parent is 1: compare with this instead
-    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
+    signals = _SignalPipe(_SUPERVISED)
+    children: dict[int, tuple[int, float, int]] = {}  # pid -> (worker number, start time, lifeline write end)
     respawn: dict[int, float] = {}  # worker number -> when to start it again
 
     def start(worker: int) -> None:
+        lifeline, held = os.pipe()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)  # the worker installs its own first
         try:
             pid = os.fork()
         except OSError as exc:  # out of processes or memory: try again later, keep the others serving
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(lifeline)
+            os.close(held)
             log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
             respawn[worker] = time.monotonic() + RESPAWN_DELAY
             return
         if pid == 0:  # the worker: its own hub, default signal handling
             code = 1
             try:
-                _stop_with_parent(supervisor)
+                signals.close()
+                for fd in [held, *(other for _, _, other in children.values())]:
+                    os.close(fd)  # only the supervisor may hold a lifeline's write end
                 gevent.reinit()  # signals stay blocked until serve() has its handlers
-                code = work(worker, cfg)  # the config as last reloaded
+                code = work(worker, cfg, lifeline)  # the config as last reloaded
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        children[pid] = (worker, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(lifeline)
+        children[pid] = (worker, time.monotonic(), held)
 
     for worker in range(1, count + 1):
         start(worker)
@@ -226,58 +290,58 @@ def supervise(
     stopping = False
     while children or (respawn and not stopping):
         timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
-        info = signal.sigtimedwait(_SUPERVISED, timeout) if timeout is not None else signal.sigwaitinfo(_SUPERVISED)
-        if info is None or info.si_signo == signal.SIGCHLD:
-            while children:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    children.clear()
-                    break
-                if pid == 0:
-                    break
-                worker, started = children.pop(pid, (0, 0.0))  # 0: an orphan reparented to us as PID 1
-                if not stopping and worker:
-                    log.error(
-                        "worker died, starting a new one",
-                        worker=worker,
-                        pid=pid,
-                        cause=_wait_status(status),
-                    )
-                    soon = time.monotonic() - started < RESPAWN_DELAY
-                    respawn[worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
-            for worker, due in list(respawn.items()):
-                if not stopping and due <= time.monotonic():
-                    del respawn[worker]
-                    start(worker)
-        elif info.si_signo == signal.SIGHUP:
-            new = _reload(load, log)
-            if new is not None:
-                cfg = new  # replacement workers start with it too
-                _signal_all(children, signal.SIGHUP)
-        elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
-            stopping = True
-            respawn.clear()
-            for _, sock in listeners:
-                sock.close()
-            sd_notify("STOPPING=1")
-            log.info("stopping workers", workers=len(children))
-            _signal_all(children, signal.SIGTERM)
+        for signum in signals.wait(timeout):
+            if signum == signal.SIGCHLD:
+                _reap(children, respawn, log, stopping)
+            elif signum == signal.SIGHUP:
+                new = _reload(load, log)
+                if new is not None:
+                    cfg = new  # replacement workers start with it too
+                    _signal_all(children, signal.SIGHUP)
+            elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
+                stopping = True
+                respawn.clear()
+                for _, sock in listeners:
+                    sock.close()
+                sd_notify("STOPPING=1")
+                log.info("stopping workers", workers=len(children))
+                _signal_all(children, signal.SIGTERM)
+        for worker, due in list(respawn.items()):
+            if not stopping and due <= time.monotonic():
+                del respawn[worker]
+                start(worker)
+    signals.close()
     log.info("stopped")
     return 0
 
 
-def _stop_with_parent(supervisor: int) -> None:
-    """Linux: get SIGTERM if the supervisor dies, so orphaned workers never keep the ports."""
-    try:
-        import ctypes
+def _reap(children: dict, respawn: dict, log: Log, stopping: bool) -> None:
+    """Collect every exited child; plan the replacement of workers that died."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return
+        if pid == 0:
+            return
+        if pid not in children:  # as PID 1 (a container), an orphan reparented to us: reaping is all it needs
+            continue
+        worker, started, held = children.pop(pid)
+        os.close(held)
+        if not stopping:
+            log.error("worker died, starting a new one", worker=worker, pid=pid, cause=_wait_status(status))
+            soon = time.monotonic() - started < RESPAWN_DELAY
+            respawn[worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers outlive a killed supervisor
+
+def _follow_supervisor(lifeline: int, log: Log, stopping: gevent.event.Event, worker: int) -> None:
+    """A worker's greenlet: stop when the supervisor is gone (end of file on its lifeline)."""
+    gevent.os.make_nonblocking(lifeline)
+    while gevent.os.nb_read(lifeline, 4096):
         pass
-    if os.getppid() != supervisor:  # the supervisor died before the call above
-        os.kill(os.getpid(), signal.SIGTERM)
+    if not stopping.is_set():
+        log.warning("supervisor gone, stopping", worker=worker)
+        stopping.set()
 
 
 def _reap_orphans(signum: int = 0, frame: object = None) -> None:

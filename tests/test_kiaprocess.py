@@ -85,3 +85,33 @@ def test_pid_1_serves_and_reaps_orphans(in_pid_namespace, start_gateway, backend
     gw.stop()
     assert not [line for line in gw.seen if "died" in line.get("message", "")]
     assert sum(line.get("message") == "stopped" for line in gw.seen) == len(started) + 1
+
+
+PORTABLE = str(Path(__file__).parent / "portable")  # its sitecustomize deletes the Linux-only calls
+PORTABLE_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [PORTABLE, os.environ.get("PYTHONPATH")]))}
+
+
+def test_the_portable_harness_hides_linux_only_calls_from_the_gateway_interpreter():
+    script = conftest.gateway_command()[0]
+    interpreter = Path(script).read_text().splitlines()[0].removeprefix("#!").split()  # the console script's
+    probe = "import os, signal, socket; print(hasattr(os, 'splice'), hasattr(signal, 'sigtimedwait'))"
+    out = subprocess.run(
+        [*interpreter, "-c", probe], env={**os.environ, **PORTABLE_ENV}, capture_output=True, timeout=TIMEOUT
+    )
+    assert out.stdout.split() == [b"False", b"False"], out
+
+
+def test_workers_run_without_linux_only_calls(start_gateway, backends):
+    """OpenBSD's Python has no sigtimedwait/sigwaitinfo: the supervisor crashed with an AttributeError."""
+    gw = start_gateway(routes_toml(backends), "--workers=2", env=PORTABLE_ENV)
+    for n in (1, 2):
+        gw.wait_for(lambda line, n=n: line.get("message") == "worker started" and line["worker"] == n)
+    for _ in range(10):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    gw.proc.send_signal(signal.SIGHUP)
+    for n in (1, 2):
+        gw.wait_for(lambda line, n=n: line.get("message") == "config reloaded" and line.get("worker") == n)
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.stop() == 0
+    assert not [line for line in gw.seen if line.get("message") == "NOT JSON" or "died" in line.get("message", "")]
+    assert sum(line.get("message") == "stopped" for line in gw.seen) == 3
