@@ -8,6 +8,7 @@ one way. It never reads a connection's bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import select
@@ -139,17 +140,48 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     )
 
 
-def _reload(load: Load, log: Log) -> Config | None:
-    """The new config, or None (logged) if it is bad and the running one must stay."""
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
+
+
+def _reload(load: Load, log: Log, running: Config, warn: bool = True) -> tuple[Config, list[str]] | None:
+    """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
+
+    What only start-up reads keeps its running value in the config returned, so
+    that a change not applied is reported again at every reload, never forgotten.
+    """
     try:
         new = load()
     except ConfigError as exc:
         for line in exc.errors:
             log.error(f"reload failed, keeping the running config: {line}")
         return None
-    for warning in new.warnings:
-        log.warning(warning)
-    return new
+    old = running.settings
+    ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
+    if warn:
+        for warning in new.warnings:
+            log.warning(warning)
+        for key in ignored:
+            log.warning(
+                f"reload cannot change {key}: restart the gateway to apply it",
+                key=key,
+                running=_setting_text(getattr(old, key)),
+                new=_setting_text(getattr(new.settings, key)),
+            )
+    if ignored:
+        kept = {key: getattr(old, key) for key in ignored}
+        new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
+    return new, ignored
+
+
+def _setting_text(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _reloaded(log: Log, cfg: Config, ignored: list[str], **fields: object) -> None:
+    """The line that says a reload is done; ``ignored`` names what it did not change."""
+    if ignored:
+        fields["ignored"] = ignored
+    log.info("config reloaded", http_routes=len(cfg.http_routes), https_routes=len(cfg.https_routes), **fields)
 
 
 def serve(
@@ -168,11 +200,15 @@ def serve(
 
     fields = {"worker": worker} if worker else {}
 
+    running = cfg
+
     def reload() -> None:
-        new = _reload(load, log)
-        if new is not None:
-            gateway.reload(new)
-            log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes), **fields)
+        nonlocal running
+        reloaded = _reload(load, log, running, warn=not worker)  # a supervisor warns once for all its workers
+        if reloaded is not None:
+            running, ignored = reloaded
+            gateway.reload(running)
+            _reloaded(log, running, ignored, **fields)
 
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     gevent.signal_handler(signal.SIGTERM, stopping.set)
@@ -294,9 +330,10 @@ def supervise(
             if signum == signal.SIGCHLD:
                 _reap(children, respawn, log, stopping)
             elif signum == signal.SIGHUP:
-                new = _reload(load, log)
-                if new is not None:
-                    cfg = new  # replacement workers start with it too
+                reloaded = _reload(load, log, cfg)
+                if reloaded is not None:
+                    cfg, ignored = reloaded  # replacement workers start with it too
+                    _reloaded(log, cfg, ignored, workers=len(children))
                     _signal_all(children, signal.SIGHUP)
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True

@@ -115,3 +115,38 @@ def test_workers_run_without_linux_only_calls(start_gateway, backends):
     assert gw.stop() == 0
     assert not [line for line in gw.seen if line.get("message") == "NOT JSON" or "died" in line.get("message", "")]
     assert sum(line.get("message") == "stopped" for line in gw.seen) == 3
+
+
+def reloaded(gw: conftest.Gateway, workers: int, count: int = 1) -> list[dict]:
+    """Wait until every process logged its ``count``-th "config reloaded" line; return the latest of each."""
+    lines = []
+    for worker in [None, *range(1, workers + 1)] if workers > 1 else [None]:  # the supervisor too
+
+        def nth(line: dict, worker=worker) -> bool:
+            if line.get("message") != "config reloaded" or line.get("worker") != worker:
+                return False
+            seen = [old for old in gw.seen if old.get("message") == "config reloaded" and old.get("worker") == worker]
+            return len(seen) >= count and line is seen[count - 1]
+
+        lines.append(gw.wait_for(nth))
+    return lines
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_warns_of_each_change_that_needs_a_restart(start_gateway, backends, workers):
+    gw = start_gateway(routes_toml(backends, f"workers = {workers}"))
+    elsewhere = conftest.free_closed_port()
+    alpha, beta = backends["alpha"].address, backends["beta"].address
+    changed = routes_toml(backends, f"workers = {workers + 1}", listen_http=f'"127.0.0.1:{elsewhere}"')
+    gw.config.write_text(changed.replace(f'"a.example" = "{alpha}"', f'"a.example" = "{beta}"', 1))
+    for count in (1, 2):  # what was not applied is still not applied at the next reload
+        gw.proc.send_signal(signal.SIGHUP)
+        for line in reloaded(gw, workers, count):
+            assert line["ignored"] == ["http_listen", "workers"]
+        assert ask(gw.http).endswith(b"beta http a.example")  # the routes did change
+    warnings = [line for line in gw.seen if line.get("level") == "warning"]
+    assert [w["key"] for w in warnings] == ["http_listen", "workers"] * 2  # once per reload, not per worker
+    assert "restart" in warnings[0]["message"]
+    assert warnings[0]["running"] == "127.0.0.1:0" and warnings[0]["new"] == f"127.0.0.1:{elsewhere}"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", elsewhere), timeout=TIMEOUT).close()
