@@ -143,21 +143,27 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
 RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
 
 
-def _reload(load: Load, log: Log, running: Config, warn: bool = True) -> tuple[Config, list[str]] | None:
+def _reload(load: Load, log: Log, running: Config, main: bool = True) -> tuple[Config, list[str]] | None:
     """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
 
     What only start-up reads keeps its running value in the config returned, so
     that a change not applied is reported again at every reload, never forgotten.
+    The ``main`` process (the one systemd and the operator see) tells systemd and
+    warns; a supervisor's workers keep quiet.
     """
+    if main:
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
     try:
         new = load()
     except ConfigError as exc:
         for line in exc.errors:
             log.error(f"reload failed, keeping the running config: {line}")
+        if main:  # done reloading, on the running config: systemctl reload must not hang
+            sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")
         return None
     old = running.settings
     ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
-    if warn:
+    if main:
         for warning in new.warnings:
             log.warning(warning)
         for key in ignored:
@@ -177,11 +183,20 @@ def _setting_text(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _reloaded(log: Log, cfg: Config, ignored: list[str], **fields: object) -> None:
-    """The line that says a reload is done; ``ignored`` names what it did not change."""
+def _reloaded(log: Log, cfg: Config, ignored: list[str], main: bool, **fields: object) -> None:
+    """Say that a reload is done; ``ignored`` names what it did not change."""
     if ignored:
         fields["ignored"] = ignored
     log.info("config reloaded", http_routes=len(cfg.http_routes), https_routes=len(cfg.https_routes), **fields)
+    if main:
+        status = f"config reloaded; a restart would apply {', '.join(ignored)}" if ignored else "config reloaded"
+        sd_notify(f"READY=1\nSTATUS={status}")
+
+
+def _monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, the clock systemd expects in MONOTONIC_USEC."""
+    clock = getattr(time, "CLOCK_MONOTONIC", None)
+    return (time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()) // 1000
 
 
 def serve(
@@ -204,11 +219,11 @@ def serve(
 
     def reload() -> None:
         nonlocal running
-        reloaded = _reload(load, log, running, warn=not worker)  # a supervisor warns once for all its workers
+        reloaded = _reload(load, log, running, main=not worker)  # a supervisor speaks for all its workers
         if reloaded is not None:
             running, ignored = reloaded
             gateway.reload(running)
-            _reloaded(log, running, ignored, **fields)
+            _reloaded(log, running, ignored, not worker, **fields)
 
     gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
     gevent.signal_handler(signal.SIGTERM, stopping.set)
@@ -333,8 +348,8 @@ def supervise(
                 reloaded = _reload(load, log, cfg)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
-                    _reloaded(log, cfg, ignored, workers=len(children))
                     _signal_all(children, signal.SIGHUP)
+                    _reloaded(log, cfg, ignored, True, workers=len(children))
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True
                 respawn.clear()
