@@ -23,6 +23,7 @@ import gevent.event
 import gevent.os
 
 import kiaconfig
+import relay
 from kiaconfig import Address, Config, ConfigError
 from kialog import Log, format_address
 
@@ -106,9 +107,48 @@ def sd_notify(message: str) -> None:
             pass
 
 
+SPARE_FDS = 32  # descriptors a worker needs besides relays: log, event loop, resolver threads, a few in flight
+
+
+def raise_nofile() -> int | None:
+    """Raise the soft descriptor limit to the hard one (a process may); return the soft limit now in force.
+
+    Each relay holds two descriptors: the default soft limit of 1024 (or an rc
+    login class's) caps a worker near 500 connections whatever max_connections says.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS: an unlimited hard limit cannot be the soft one
+            pass
+    return None if soft == getattr(resource, "RLIM_INFINITY", -1) else soft
+
+
+def check_nofile(log: Log, settings: kiaconfig.Settings, nofile: int | None) -> None:
+    """Warn when the descriptor limit, which counts per process, is below what max_connections needs in a worker."""
+    pipes = 2 * relay.PIPES_KEPT if relay.HAVE_SPLICE else 0  # splice pipes in flight: two descriptors each
+    listeners = len(settings.http_listen) + len(settings.https_listen)
+    needed = 2 * settings.max_connections + pipes + listeners + SPARE_FDS
+    if nofile is not None and nofile < needed:
+        log.warning(
+            "the descriptor limit is below what max_connections needs: raise the hard limit"
+            " (LimitNOFILE=, ulimit -Hn, the login class's openfiles) or lower max_connections",
+            nofile=nofile,
+            needed=needed,
+            max_connections=settings.max_connections,
+        )
+
+
 def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str) -> int:
     """Bind once, drop privileges, then serve in this process or in supervised workers."""
     s = cfg.settings
+    nofile = raise_nofile()  # before the first descriptor we open
     for warning in cfg.warnings:
         log.warning(warning)
     listeners = [("http", bind_listener(a)) for a in s.http_listen]
@@ -125,7 +165,9 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         https_routes=len(cfg.https_routes),
         workers=workers,
         pid=os.getpid(),
+        nofile=nofile,
     )
+    check_nofile(log, s, nofile)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=format_address(sock.getsockname()))
     if workers == 1:
@@ -173,6 +215,8 @@ def _reload(load: Load, log: Log, running: Config, main: bool = True) -> tuple[C
                 running=_setting_text(getattr(old, key)),
                 new=_setting_text(getattr(new.settings, key)),
             )
+    if main and new.settings.max_connections != old.max_connections:
+        check_nofile(log, new.settings, raise_nofile())
     if ignored:
         kept = {key: getattr(old, key) for key in ignored}
         new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))

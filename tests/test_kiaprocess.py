@@ -150,3 +150,23 @@ def test_reload_warns_of_each_change_that_needs_a_restart(start_gateway, backend
     assert warnings[0]["running"] == "127.0.0.1:0" and warnings[0]["new"] == f"127.0.0.1:{elsewhere}"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", elsewhere), timeout=TIMEOUT).close()
+
+
+@pytest.mark.parametrize("max_connections, enough", [(10000, False), (20, True)])
+def test_descriptor_limit_is_raised_and_checked_against_max_connections(
+    start_gateway, backends, monkeypatch, max_connections, enough
+):
+    if subprocess.run(["prlimit", "--nofile=32:256", "true"], capture_output=True).returncode != 0:
+        pytest.skip("prlimit cannot set the limits here")
+    plain = conftest.gateway_command
+    monkeypatch.setattr(conftest, "gateway_command", lambda: ["prlimit", "--nofile=32:256", *plain()])
+    gw = start_gateway(routes_toml(backends, f"max_connections = {max_connections}"))
+    assert gw.wait_for(lambda line: line.get("message", "").startswith("kiagateway "))["nofile"] == 256
+    warnings = [line for line in gw.seen if line.get("level") == "warning"]
+    if enough:
+        assert warnings == []
+    else:
+        (warning,) = warnings
+        assert "max_connections" in warning["message"] and warning["nofile"] == 256
+        assert warning["needed"] > 2 * max_connections
+    assert ask(gw.http).endswith(b"alpha http a.example")
