@@ -170,3 +170,42 @@ def test_descriptor_limit_is_raised_and_checked_against_max_connections(
         assert "max_connections" in warning["message"] and warning["nofile"] == 256
         assert warning["needed"] > 2 * max_connections
     assert ask(gw.http).endswith(b"alpha http a.example")
+
+
+def wait_stopped(pid: int) -> None:
+    """Wait until ``pid`` is stopped (SIGSTOP), so that it accepts no more connections."""
+    deadline = time.monotonic() + TIMEOUT
+    while "\nState:\tT" not in Path(f"/proc/{pid}/status").read_text():
+        assert time.monotonic() < deadline, f"{pid} did not stop"
+        time.sleep(0.01)
+
+
+def worker_pid(gw: conftest.Gateway, worker: int, count: int = 1) -> int:
+    """The PID of the ``count``-th start of ``worker``."""
+
+    def nth(line: dict) -> bool:
+        starts = [old for old in gw.seen if old.get("message") == "worker started" and old["worker"] == worker]
+        return line.get("message") == "worker started" and len(starts) >= count and line is starts[count - 1]
+
+    return gw.wait_for(nth)["pid"]
+
+
+def test_connection_ids_stay_unique_across_a_worker_respawn(start_gateway, backends):
+    gw = start_gateway(routes_toml(backends), "--workers=2")
+    first, other = worker_pid(gw, 1), worker_pid(gw, 2)
+    os.kill(other, signal.SIGSTOP)  # worker 1 alone accepts: the ids before and after its respawn are its own
+    try:
+        wait_stopped(other)
+        for _ in range(3):
+            assert ask(gw.http).endswith(b"alpha http a.example")
+        gw.wait_for(lambda _: sum(line.get("message") == "connection" for line in gw.seen) == 3)  # logged first
+        os.kill(first, signal.SIGKILL)
+        second = worker_pid(gw, 1, count=2)
+        for _ in range(3):
+            assert ask(gw.http).endswith(b"alpha http a.example")
+    finally:
+        os.kill(other, signal.SIGCONT)
+    assert gw.stop() == 0
+    ids = [line["id"] for line in gw.seen if line.get("message") == "connection"]
+    assert len(ids) == len(set(ids)) == 6, ids
+    assert [i.split(".")[0] for i in ids] == [str(first)] * 3 + [str(second)] * 3
