@@ -144,7 +144,7 @@ def test_reload_warns_of_each_change_that_needs_a_restart(start_gateway, backend
         for line in reloaded(gw, workers, count):
             assert line["ignored"] == ["http_listen", "workers"]
         assert ask(gw.http).endswith(b"beta http a.example")  # the routes did change
-    warnings = [line for line in gw.seen if line.get("level") == "warning"]
+    warnings = [line for line in gw.seen if line.get("level") == "warning" and "key" in line]
     assert [w["key"] for w in warnings] == ["http_listen", "workers"] * 2  # once per reload, not per worker
     assert "restart" in warnings[0]["message"]
     assert warnings[0]["running"] == "127.0.0.1:0" and warnings[0]["new"] == f"127.0.0.1:{elsewhere}"
