@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import pickle
 import select
 import signal
 import socket
+import struct
 import time
 import traceback
 from typing import Callable, Protocol
@@ -185,37 +187,34 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
 RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
 
 
-def _reload(load: Load, log: Log, running: Config, main: bool = True) -> tuple[Config, list[str]] | None:
+def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
     """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
 
-    What only start-up reads keeps its running value in the config returned, so
-    that a change not applied is reported again at every reload, never forgotten.
-    The ``main`` process (the one systemd and the operator see) tells systemd and
-    warns; a supervisor's workers keep quiet.
+    Run by the process systemd and the operator see: the only one, or the
+    supervisor, which hands the result to its workers. What only start-up reads
+    keeps its running value in the config returned, so that a change not
+    applied is reported again at every reload, never forgotten.
     """
-    if main:
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
     try:
         new = load()
     except ConfigError as exc:
         for line in exc.errors:
             log.error(f"reload failed, keeping the running config: {line}")
-        if main:  # done reloading, on the running config: systemctl reload must not hang
-            sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")
+        sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
         return None
     old = running.settings
     ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
-    if main:
-        for warning in new.warnings:
-            log.warning(warning)
-        for key in ignored:
-            log.warning(
-                f"reload cannot change {key}: restart the gateway to apply it",
-                key=key,
-                running=_setting_text(getattr(old, key)),
-                new=_setting_text(getattr(new.settings, key)),
-            )
-    if main and new.settings.max_connections != old.max_connections:
+    for warning in new.warnings:
+        log.warning(warning)
+    for key in ignored:
+        log.warning(
+            f"reload cannot change {key}: restart the gateway to apply it",
+            key=key,
+            running=_setting_text(getattr(old, key)),
+            new=_setting_text(getattr(new.settings, key)),
+        )
+    if new.settings.max_connections != old.max_connections:
         check_nofile(log, new.settings, raise_nofile())
     if ignored:
         kept = {key: getattr(old, key) for key in ignored}
@@ -252,7 +251,12 @@ def serve(
     worker: int,
     lifeline: int | None = None,
 ) -> int:
-    """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end)."""
+    """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
+
+    Alone, it reloads the file on SIGHUP; as a supervisor's worker it applies the
+    configs the supervisor validated and sends down its ``lifeline``, so that
+    all workers serve the same table whatever happens to the file meanwhile.
+    """
     gateway = make_server(cfg, log, worker)
     gateway.serve(listeners)
     stopping = gevent.event.Event()
@@ -263,20 +267,26 @@ def serve(
 
     def reload() -> None:
         nonlocal running
-        reloaded = _reload(load, log, running, main=not worker)  # a supervisor speaks for all its workers
+        reloaded = _reload(load, log, running)
         if reloaded is not None:
             running, ignored = reloaded
             gateway.reload(running)
-            _reloaded(log, running, ignored, not worker, **fields)
+            _reloaded(log, running, ignored, True)
 
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    def apply(new: Config, ignored: list[str]) -> None:
+        gateway.reload(new)
+        _reloaded(log, new, ignored, False, **fields)
+
+    if lifeline is None:
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker, apply)
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
     if os.getpid() == 1:  # a container's init: orphans in it are reparented to us (libev keeps SIGCHLD)
         signal.signal(signal.SIGCHLD, _reap_orphans)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
-    if lifeline is not None:
-        gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker)
     if worker:
         log.info("worker started", worker=worker, pid=os.getpid())
     else:
@@ -314,17 +324,18 @@ class _SignalPipe:
     def _record(self, signum: int, frame: object) -> None:
         self.pending.append(signum)
 
-    def wait(self, timeout: float | None) -> list[int]:
-        """The signals received, in order, once any came or ``timeout`` seconds passed."""
+    def wait(self, timeout: float | None, writers: list[int]) -> tuple[list[int], list[int]]:
+        """The signals received, in order, and the ``writers`` ready, once either or ``timeout`` came."""
+        writable: list[int] = []
         if not self.pending:
-            select.select([self.read_fd], [], [], timeout)
+            writable = select.select([self.read_fd], writers, [], timeout)[1]
         try:
             while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
                 pass
         except BlockingIOError:
             pass
         taken, self.pending = self.pending, []
-        return list(dict.fromkeys(taken))  # a signal sent twice before we looked is handled once
+        return list(dict.fromkeys(taken)), writable  # a signal sent twice before we looked is handled once
 
     def close(self) -> None:
         """Back to default handling: in a new worker (signals still blocked), or when the supervisor ends."""
@@ -335,19 +346,55 @@ class _SignalPipe:
         os.close(self.write_fd)
 
 
+class _Child:
+    """A worker as its supervisor sees it, with the configs still to send down its lifeline."""
+
+    def __init__(self, worker: int, lifeline: int) -> None:
+        self.worker = worker
+        self.started = time.monotonic()
+        self.lifeline = lifeline  # the write end; non-blocking, so a stalled worker never stalls the supervisor
+        self.sending = b""  # the message being written...
+        self.sent = 0  # ...and how much of it is out
+        self.latest = b""  # the one to send after it; a newer config replaces it
+
+    def hand(self, message: bytes) -> None:
+        if self.sent:  # a message is half out: it must be finished first
+            self.latest = message
+        else:
+            self.sending = message
+
+    def write(self) -> None:
+        """Write what the pipe takes now; called when it is writable."""
+        while self.sending:
+            try:
+                self.sent += os.write(self.lifeline, memoryview(self.sending)[self.sent :])
+            except BlockingIOError:
+                return
+            except BrokenPipeError:  # the worker is gone; its SIGCHLD follows
+                self.sending = self.latest = b""
+                return
+            if self.sent == len(self.sending):
+                self.sending, self.sent, self.latest = self.latest, 0, b""
+
+
+_LENGTH = struct.Struct("!Q")  # the length of the pickled (Config, ignored keys) that follows on a lifeline
+
+
 def supervise(
     count: int, work: Callable[[int, Config, int], int], cfg: Config, load: Load, log: Log, listeners: list
 ) -> int:
-    """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on.
+    """Fork ``count`` workers sharing the listeners; replace any that dies; reload for them; pass signals on.
 
     The supervisor keeps its copies of the listening sockets to hand to replacement
     workers, and closes them when it stops so that new clients are refused at once.
     Each worker gets the read end of a pipe, its lifeline, whose write end only the
-    supervisor holds: end of file there tells the worker that the supervisor is
-    gone, on every Unix and however it died.
+    supervisor holds. On SIGHUP the supervisor validates the file once and sends the
+    result down every lifeline (workers never read the file, which may change in
+    between); end of file there tells a worker that the supervisor is gone, on every
+    Unix and however it died.
     """
     signals = _SignalPipe(_SUPERVISED)
-    children: dict[int, tuple[int, float, int]] = {}  # pid -> (worker number, start time, lifeline write end)
+    children: dict[int, _Child] = {}  # by pid
     respawn: dict[int, float] = {}  # worker number -> when to start it again
 
     def start(worker: int) -> None:
@@ -366,7 +413,7 @@ def supervise(
             code = 1
             try:
                 signals.close()
-                for fd in [held, *(other for _, _, other in children.values())]:
+                for fd in [held, *(child.lifeline for child in children.values())]:
                     os.close(fd)  # only the supervisor may hold a lifeline's write end
                 gevent.reinit()  # signals stay blocked until serve() has its handlers
                 code = work(worker, cfg, lifeline)  # the config as last reloaded
@@ -376,7 +423,8 @@ def supervise(
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(lifeline)
-        children[pid] = (worker, time.monotonic(), held)
+        os.set_blocking(held, False)
+        children[pid] = _Child(worker, held)
 
     for worker in range(1, count + 1):
         start(worker)
@@ -385,14 +433,20 @@ def supervise(
     stopping = False
     while children or (respawn and not stopping):
         timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
-        for signum in signals.wait(timeout):
+        sending = {child.lifeline: child for child in children.values() if child.sending}
+        received, writable = signals.wait(timeout, list(sending))
+        for fd in writable:
+            sending[fd].write()
+        for signum in received:
             if signum == signal.SIGCHLD:
                 _reap(children, respawn, log, stopping)
             elif signum == signal.SIGHUP:
                 reloaded = _reload(load, log, cfg)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
-                    _signal_all(children, signal.SIGHUP)
+                    body = pickle.dumps(reloaded, pickle.HIGHEST_PROTOCOL)
+                    for child in children.values():
+                        child.hand(_LENGTH.pack(len(body)) + body)
                     _reloaded(log, cfg, ignored, True, workers=len(children))
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True
@@ -422,22 +476,43 @@ def _reap(children: dict, respawn: dict, log: Log, stopping: bool) -> None:
             return
         if pid not in children:  # as PID 1 (a container), an orphan reparented to us: reaping is all it needs
             continue
-        worker, started, held = children.pop(pid)
-        os.close(held)
+        child = children.pop(pid)
+        os.close(child.lifeline)
         if not stopping:
-            log.error("worker died, starting a new one", worker=worker, pid=pid, cause=_wait_status(status))
-            soon = time.monotonic() - started < RESPAWN_DELAY
-            respawn[worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
+            log.error("worker died, starting a new one", worker=child.worker, pid=pid, cause=_wait_status(status))
+            soon = time.monotonic() - child.started < RESPAWN_DELAY
+            respawn[child.worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
 
 
-def _follow_supervisor(lifeline: int, log: Log, stopping: gevent.event.Event, worker: int) -> None:
-    """A worker's greenlet: stop when the supervisor is gone (end of file on its lifeline)."""
+def _follow_supervisor(
+    lifeline: int, log: Log, stopping: gevent.event.Event, worker: int, apply: Callable[[Config, list[str]], None]
+) -> None:
+    """A worker's greenlet: apply each config the supervisor sends; stop when it is gone (end of file)."""
     gevent.os.make_nonblocking(lifeline)
-    while gevent.os.nb_read(lifeline, 4096):
-        pass
+    while True:
+        head = _read_exactly(lifeline, _LENGTH.size)
+        body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
+        if body is None:
+            break
+        apply(*pickle.loads(body))  # from our own supervisor, through a pipe no one else holds
+    os.close(lifeline)
     if not stopping.is_set():
         log.warning("supervisor gone, stopping", worker=worker)
         stopping.set()
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from a non-blocking ``fd``, waiting on the event loop; None at end of file."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = gevent.os.nb_read(fd, min(size - len(data), _READ_CHUNK))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+_READ_CHUNK = 1 << 20  # a pipe holds 64 KiB by default: a bigger read only returns what is there
 
 
 def _reap_orphans(signum: int = 0, frame: object = None) -> None:
@@ -449,7 +524,7 @@ def _reap_orphans(signum: int = 0, frame: object = None) -> None:
         pass
 
 
-def _signal_all(children: dict, signum: int) -> None:
+def _signal_all(children: dict[int, _Child], signum: int) -> None:
     for pid in children:
         try:
             os.kill(pid, signum)

@@ -209,3 +209,42 @@ def test_connection_ids_stay_unique_across_a_worker_respawn(start_gateway, backe
     ids = [line["id"] for line in gw.seen if line.get("message") == "connection"]
     assert len(ids) == len(set(ids)) == 6, ids
     assert [i.split(".")[0] for i in ids] == [str(first)] * 3 + [str(second)] * 3
+
+
+def with_routes(backends: dict, extra: dict[str, str]) -> str:
+    """The standard config with ``extra`` HTTP routes (domain -> backend name) added."""
+    toml = routes_toml(backends)
+    added = "".join(f'"{domain}" = "{backends[name].address}"\n' for domain, name in extra.items())
+    return toml.replace("[http_backends]\n", "[http_backends]\n" + added, 1)
+
+
+def test_workers_apply_the_table_the_supervisor_validated_not_the_file_as_it_is_later(start_gateway, backends):
+    """Workers used to re-read the file on their own SIGHUP: an edit in between split them over two tables."""
+    gw = start_gateway(with_routes(backends, {}), "--workers=2")
+    late = worker_pid(gw, 2)
+    os.kill(late, signal.SIGSTOP)  # worker 2 takes its time to look at the reload
+    try:
+        wait_stopped(late)
+        gw.config.write_text(with_routes(backends, {"new.example": "beta"}))  # table A
+        gw.proc.send_signal(signal.SIGHUP)
+        applied = gw.wait_for(lambda line: line.get("message") == "config reloaded" and line.get("worker") == 1)
+        gw.config.write_text(with_routes(backends, {"new.example": "alpha", "other.example": "alpha"}))  # B, no HUP
+    finally:
+        os.kill(late, signal.SIGCONT)
+    late_applied = gw.wait_for(lambda line: line.get("message") == "config reloaded" and line.get("worker") == 2)
+    assert late_applied["http_routes"] == applied["http_routes"] == 5  # both on table A, none on B's 6
+    for _ in range(10):
+        assert ask(gw.http, REQUEST.replace(b"a.example", b"new.example")).endswith(b"beta http new.example")
+
+
+def test_a_big_table_is_handed_to_every_worker(start_gateway, backends):
+    """20,000 routes pickle to about 1.5 MB, many times what a pipe holds at once."""
+    gw = start_gateway(with_routes(backends, {}), "--workers=2")
+    gw.config.write_text(with_routes(backends, {f"host{i}.example": "beta" for i in range(20000)}))
+    gw.proc.send_signal(signal.SIGHUP)
+    for line in reloaded(gw, 2):
+        assert line["http_routes"] == 20004
+    for _ in range(10):
+        assert ask(gw.http, REQUEST.replace(b"a.example", b"host19999.example")).endswith(
+            b"beta http host19999.example"
+        )
