@@ -2,8 +2,10 @@
 
 Its own module because the life cycle is a job apart from the data path: it
 is handed what it runs (``make_server`` builds the per-worker server, ``load``
-re-reads the config) and imports nothing from kiagateway.py, so the arrows go
-one way. It never reads a connection's bytes.
+re-reads the config, in the one process that reloads) and imports nothing from
+kiagateway.py, so the arrows go one way. It never reads a connection's bytes.
+It uses only what every Unix Python has (no sigtimedwait, no prctl): OpenBSD
+is a target.
 """
 
 from __future__ import annotations
@@ -465,7 +467,7 @@ def supervise(
     return 0
 
 
-def _reap(children: dict, respawn: dict, log: Log, stopping: bool) -> None:
+def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> None:
     """Collect every exited child; plan the replacement of workers that died."""
     while True:
         try:
