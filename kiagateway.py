@@ -227,7 +227,7 @@ class Gateway:
         self.paused = False  # accepting stopped at max_connections
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
-        self._id_prefix = f"{worker}." if worker else ""
+        self._id_prefix = f"{os.getpid()}."  # unique across respawned workers and restarts
         self._idle: list = []  # connection greenlets parked between connections
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering

@@ -2,24 +2,32 @@
 
 Its own module because the life cycle is a job apart from the data path: it
 is handed what it runs (``make_server`` builds the per-worker server, ``load``
-re-reads the config) and imports nothing from kiagateway.py, so the arrows go
-one way. It never reads a connection's bytes.
+re-reads the config, in the one process that reloads) and imports nothing from
+kiagateway.py, so the arrows go one way. It never reads a connection's bytes.
+It uses only what every Unix Python has (no sigtimedwait, no prctl): OpenBSD
+is a target.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import pickle
+import select
 import signal
 import socket
+import struct
 import time
 import traceback
 from typing import Callable, Protocol
 
 import gevent
 import gevent.event
+import gevent.os
 
 import kiaconfig
+import relay
 from kiaconfig import Address, Config, ConfigError
 from kialog import Log, format_address
 
@@ -103,9 +111,48 @@ def sd_notify(message: str) -> None:
             pass
 
 
+SPARE_FDS = 32  # descriptors a worker needs besides relays: log, event loop, resolver threads, a few in flight
+
+
+def raise_nofile() -> int | None:
+    """Raise the soft descriptor limit to the hard one (a process may); return the soft limit now in force.
+
+    Each relay holds two descriptors: the default soft limit of 1024 (or an rc
+    login class's) caps a worker near 500 connections whatever max_connections says.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # macOS: an unlimited hard limit cannot be the soft one
+            pass
+    return None if soft == getattr(resource, "RLIM_INFINITY", -1) else soft
+
+
+def check_nofile(log: Log, settings: kiaconfig.Settings, nofile: int | None) -> None:
+    """Warn when the descriptor limit, which counts per process, is below what max_connections needs in a worker."""
+    pipes = 2 * relay.PIPES_KEPT if relay.HAVE_SPLICE else 0  # splice pipes in flight: two descriptors each
+    listeners = len(settings.http_listen) + len(settings.https_listen)
+    needed = 2 * settings.max_connections + pipes + listeners + SPARE_FDS
+    if nofile is not None and nofile < needed:
+        log.warning(
+            "the descriptor limit is below what max_connections needs: raise the hard limit"
+            " (LimitNOFILE=, ulimit -Hn, the login class's openfiles) or lower max_connections",
+            nofile=nofile,
+            needed=needed,
+            max_connections=settings.max_connections,
+        )
+
+
 def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str) -> int:
     """Bind once, drop privileges, then serve in this process or in supervised workers."""
     s = cfg.settings
+    nofile = raise_nofile()  # before the first descriptor we open
     for warning in cfg.warnings:
         log.warning(warning)
     listeners = [("http", bind_listener(a)) for a in s.http_listen]
@@ -122,14 +169,16 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         https_routes=len(cfg.https_routes),
         workers=workers,
         pid=os.getpid(),
+        nofile=nofile,
     )
+    check_nofile(log, s, nofile)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=format_address(sock.getsockname()))
     if workers == 1:
         return serve(cfg, load, make_server, log, listeners, worker=0)
     return supervise(
         workers,
-        lambda worker, current: serve(current, load, make_server, log, listeners, worker),
+        lambda worker, current, lifeline: serve(current, load, make_server, log, listeners, worker, lifeline),
         cfg,
         load,
         log,
@@ -137,36 +186,108 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     )
 
 
-def _reload(load: Load, log: Log) -> Config | None:
-    """The new config, or None (logged) if it is bad and the running one must stay."""
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
+
+
+def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
+    """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
+
+    Run by the process systemd and the operator see: the only one, or the
+    supervisor, which hands the result to its workers. What only start-up reads
+    keeps its running value in the config returned, so that a change not
+    applied is reported again at every reload, never forgotten.
+    """
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
     try:
         new = load()
     except ConfigError as exc:
         for line in exc.errors:
             log.error(f"reload failed, keeping the running config: {line}")
+        sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
         return None
+    old = running.settings
+    ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
     for warning in new.warnings:
         log.warning(warning)
-    return new
+    for key in ignored:
+        log.warning(
+            f"reload cannot change {key}: restart the gateway to apply it",
+            key=key,
+            running=_setting_text(getattr(old, key)),
+            new=_setting_text(getattr(new.settings, key)),
+        )
+    if new.settings.max_connections != old.max_connections:
+        check_nofile(log, new.settings, raise_nofile())
+    if ignored:
+        kept = {key: getattr(old, key) for key in ignored}
+        new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
+    return new, ignored
 
 
-def serve(cfg: Config, load: Load, make_server: MakeServer, log: Log, listeners: list, worker: int) -> int:
-    """One gevent hub serving every listener until SIGTERM/SIGINT; SIGHUP reloads."""
+def _setting_text(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _reloaded(log: Log, cfg: Config, ignored: list[str], main: bool, **fields: object) -> None:
+    """Say that a reload is done; ``ignored`` names what it did not change."""
+    if ignored:
+        fields["ignored"] = ignored
+    log.info("config reloaded", http_routes=len(cfg.http_routes), https_routes=len(cfg.https_routes), **fields)
+    if main:
+        status = f"config reloaded; a restart would apply {', '.join(ignored)}" if ignored else "config reloaded"
+        sd_notify(f"READY=1\nSTATUS={status}")
+
+
+def _monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, the clock systemd expects in MONOTONIC_USEC."""
+    clock = getattr(time, "CLOCK_MONOTONIC", None)
+    return (time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()) // 1000
+
+
+def serve(
+    cfg: Config,
+    load: Load,
+    make_server: MakeServer,
+    log: Log,
+    listeners: list,
+    worker: int,
+    lifeline: int | None = None,
+) -> int:
+    """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
+
+    Alone, it reloads the file on SIGHUP; as a supervisor's worker it applies the
+    configs the supervisor validated and sends down its ``lifeline``, so that
+    all workers serve the same table whatever happens to the file meanwhile.
+    """
     gateway = make_server(cfg, log, worker)
     gateway.serve(listeners)
     stopping = gevent.event.Event()
 
     fields = {"worker": worker} if worker else {}
 
-    def reload() -> None:
-        new = _reload(load, log)
-        if new is not None:
-            gateway.reload(new)
-            log.info("config reloaded", http_routes=len(new.http_routes), https_routes=len(new.https_routes), **fields)
+    running = cfg
 
-    gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    def reload() -> None:
+        nonlocal running
+        reloaded = _reload(load, log, running)
+        if reloaded is not None:
+            running, ignored = reloaded
+            gateway.reload(running)
+            _reloaded(log, running, ignored, True)
+
+    def apply(new: Config, ignored: list[str]) -> None:
+        gateway.reload(new)
+        _reloaded(log, new, ignored, False, **fields)
+
+    if lifeline is None:
+        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+    else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker, apply)
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
+    if os.getpid() == 1:  # a container's init: orphans in it are reparented to us (libev keeps SIGCHLD)
+        signal.signal(signal.SIGCHLD, _reap_orphans)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
     if worker:
         log.info("worker started", worker=worker, pid=os.getpid())
@@ -185,37 +306,128 @@ _SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
 
 
+class _SignalPipe:
+    """Signals for a ``select`` loop: handlers only record them, the wakeup pipe ends the wait.
+
+    Built from what every Unix Python has (``set_wakeup_fd``, ``select``):
+    ``sigtimedwait``/``sigwaitinfo`` are missing on OpenBSD and macOS.
+    """
+
+    def __init__(self, signums: tuple[int, ...]) -> None:
+        self.signums = signums
+        self.pending: list[int] = []
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)  # a full pipe must never block a signal handler
+        signal.set_wakeup_fd(self.write_fd)
+        for signum in signums:
+            signal.signal(signum, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+
+    def wait(self, timeout: float | None, writers: list[int]) -> tuple[list[int], list[int]]:
+        """The signals received, in order, and the ``writers`` ready, once either or ``timeout`` came."""
+        writable: list[int] = []
+        if not self.pending:
+            writable = select.select([self.read_fd], writers, [], timeout)[1]
+        try:
+            while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
+                pass
+        except BlockingIOError:
+            pass
+        taken, self.pending = self.pending, []
+        return list(dict.fromkeys(taken)), writable  # a signal sent twice before we looked is handled once
+
+    def close(self) -> None:
+        """Back to default handling: in a new worker (signals still blocked), or when the supervisor ends."""
+        signal.set_wakeup_fd(-1)
+        for signum in self.signums:
+            signal.signal(signum, signal.SIG_DFL)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+
+class _Child:
+    """A worker as its supervisor sees it, with the configs still to send down its lifeline."""
+
+    def __init__(self, worker: int, lifeline: int) -> None:
+        self.worker = worker
+        self.started = time.monotonic()
+        self.lifeline = lifeline  # the write end; non-blocking, so a stalled worker never stalls the supervisor
+        self.sending = b""  # the message being written...
+        self.sent = 0  # ...and how much of it is out
+        self.latest = b""  # the one to send after it; a newer config replaces it
+
+    def hand(self, message: bytes) -> None:
+        if self.sent:  # a message is half out: it must be finished first
+            self.latest = message
+        else:
+            self.sending = message
+
+    def write(self) -> None:
+        """Write what the pipe takes now; called when it is writable."""
+        while self.sending:
+            try:
+                self.sent += os.write(self.lifeline, memoryview(self.sending)[self.sent :])
+            except BlockingIOError:
+                return
+            except BrokenPipeError:  # the worker is gone; its SIGCHLD follows
+                self.sending = self.latest = b""
+                return
+            if self.sent == len(self.sending):
+                self.sending, self.sent, self.latest = self.latest, 0, b""
+
+
+_LENGTH = struct.Struct("!Q")  # the length of the pickled (Config, ignored keys) that follows on a lifeline
+
+
 def supervise(
-    count: int, work: Callable[[int, Config], int], cfg: Config, load: Load, log: Log, listeners: list
+    count: int, work: Callable[[int, Config, int], int], cfg: Config, load: Load, log: Log, listeners: list
 ) -> int:
-    """Fork ``count`` workers sharing the listeners; replace any that dies; pass signals on.
+    """Fork ``count`` workers sharing the listeners; replace any that dies; reload for them; pass signals on.
 
     The supervisor keeps its copies of the listening sockets to hand to replacement
     workers, and closes them when it stops so that new clients are refused at once.
+    Each worker gets the read end of a pipe, its lifeline, whose write end only the
+    supervisor holds. On SIGHUP the supervisor validates the file once and sends the
+    result down every lifeline (workers never read the file, which may change in
+    between); end of file there tells a worker that the supervisor is gone, on every
+    Unix and however it died.
     """
-    signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)
-    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
+    signals = _SignalPipe(_SUPERVISED)
+    children: dict[int, _Child] = {}  # by pid
     respawn: dict[int, float] = {}  # worker number -> when to start it again
 
     def start(worker: int) -> None:
+        lifeline, held = os.pipe()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)  # the worker installs its own first
         try:
             pid = os.fork()
         except OSError as exc:  # out of processes or memory: try again later, keep the others serving
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(lifeline)
+            os.close(held)
             log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
             respawn[worker] = time.monotonic() + RESPAWN_DELAY
             return
         if pid == 0:  # the worker: its own hub, default signal handling
             code = 1
             try:
-                _stop_with_parent()
+                signals.close()
+                for fd in [held, *(child.lifeline for child in children.values())]:
+                    os.close(fd)  # only the supervisor may hold a lifeline's write end
                 gevent.reinit()  # signals stay blocked until serve() has its handlers
-                code = work(worker, cfg)  # the config as last reloaded
+                code = work(worker, cfg, lifeline)  # the config as last reloaded
             except BaseException:
                 traceback.print_exc()
             finally:
                 log.close()  # os._exit skips atexit: write what a slow reader has not taken yet
                 os._exit(code)
-        children[pid] = (worker, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(lifeline)
+        os.set_blocking(held, False)
+        children[pid] = _Child(worker, held)
 
     for worker in range(1, count + 1):
         start(worker)
@@ -224,61 +436,98 @@ def supervise(
     stopping = False
     while children or (respawn and not stopping):
         timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
-        info = signal.sigtimedwait(_SUPERVISED, timeout) if timeout is not None else signal.sigwaitinfo(_SUPERVISED)
-        if info is None or info.si_signo == signal.SIGCHLD:
-            while children:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    children.clear()
-                    break
-                if pid == 0:
-                    break
-                worker, started = children.pop(pid, (0, 0.0))
-                if not stopping and worker:
-                    log.error(
-                        "worker died, starting a new one",
-                        worker=worker,
-                        pid=pid,
-                        cause=_wait_status(status),
-                    )
-                    soon = time.monotonic() - started < RESPAWN_DELAY
-                    respawn[worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
-            for worker, due in list(respawn.items()):
-                if not stopping and due <= time.monotonic():
-                    del respawn[worker]
-                    start(worker)
-        elif info.si_signo == signal.SIGHUP:
-            new = _reload(load, log)
-            if new is not None:
-                cfg = new  # replacement workers start with it too
-                _signal_all(children, signal.SIGHUP)
-        elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
-            stopping = True
-            respawn.clear()
-            for _, sock in listeners:
-                sock.close()
-            sd_notify("STOPPING=1")
-            log.info("stopping workers", workers=len(children))
-            _signal_all(children, signal.SIGTERM)
+        sending = {child.lifeline: child for child in children.values() if child.sending}
+        received, writable = signals.wait(timeout, list(sending))
+        for fd in writable:
+            sending[fd].write()
+        for signum in received:
+            if signum == signal.SIGCHLD:
+                _reap(children, respawn, log, stopping)
+            elif signum == signal.SIGHUP:
+                reloaded = _reload(load, log, cfg)
+                if reloaded is not None:
+                    cfg, ignored = reloaded  # replacement workers start with it too
+                    body = pickle.dumps(reloaded, pickle.HIGHEST_PROTOCOL)
+                    for child in children.values():
+                        child.hand(_LENGTH.pack(len(body)) + body)
+                    _reloaded(log, cfg, ignored, True, workers=len(children))
+            elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
+                stopping = True
+                respawn.clear()
+                for _, sock in listeners:
+                    sock.close()
+                sd_notify("STOPPING=1")
+                log.info("stopping workers", workers=len(children))
+                _signal_all(children, signal.SIGTERM)
+        for worker, due in list(respawn.items()):
+            if not stopping and due <= time.monotonic():
+                del respawn[worker]
+                start(worker)
+    signals.close()
     log.info("stopped")
     return 0
 
 
-def _stop_with_parent() -> None:
-    """Linux: get SIGTERM if the supervisor dies, so orphaned workers never keep the ports."""
+def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> None:
+    """Collect every exited child; plan the replacement of workers that died."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return
+        if pid == 0:
+            return
+        if pid not in children:  # as PID 1 (a container), an orphan reparented to us: reaping is all it needs
+            continue
+        child = children.pop(pid)
+        os.close(child.lifeline)
+        if not stopping:
+            log.error("worker died, starting a new one", worker=child.worker, pid=pid, cause=_wait_status(status))
+            soon = time.monotonic() - child.started < RESPAWN_DELAY
+            respawn[child.worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
+
+
+def _follow_supervisor(
+    lifeline: int, log: Log, stopping: gevent.event.Event, worker: int, apply: Callable[[Config, list[str]], None]
+) -> None:
+    """A worker's greenlet: apply each config the supervisor sends; stop when it is gone (end of file)."""
+    gevent.os.make_nonblocking(lifeline)
+    while True:
+        head = _read_exactly(lifeline, _LENGTH.size)
+        body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
+        if body is None:
+            break
+        apply(*pickle.loads(body))  # from our own supervisor, through a pipe no one else holds
+    os.close(lifeline)
+    if not stopping.is_set():
+        log.warning("supervisor gone, stopping", worker=worker)
+        stopping.set()
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from a non-blocking ``fd``, waiting on the event loop; None at end of file."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = gevent.os.nb_read(fd, min(size - len(data), _READ_CHUNK))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+_READ_CHUNK = 1 << 20  # a pipe holds 64 KiB by default: a bigger read only returns what is there
+
+
+def _reap_orphans(signum: int = 0, frame: object = None) -> None:
+    """As PID 1 without workers: collect the exit status of orphans handed to us, so no zombie stays."""
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: workers outlive a killed supervisor
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:  # none left
         pass
-    if os.getppid() == 1:  # the supervisor died before the call above
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _signal_all(children: dict, signum: int) -> None:
+def _signal_all(children: dict[int, _Child], signum: int) -> None:
     for pid in children:
         try:
             os.kill(pid, signum)

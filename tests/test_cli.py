@@ -162,7 +162,8 @@ def test_log_lines_stay_whole_and_none_is_lost_with_two_workers(start_gateway, b
     assert [line for line in gw.seen if line.get("message") == "NOT JSON"] == []
     ids = [line["id"] for line in gw.seen if line.get("message") == "connection" and line["outcome"] == "ok"]
     assert len(ids) == len(set(ids)) == 400
-    assert {i.split(".")[0] for i in ids} == {"1", "2"}  # both workers served and logged
+    workers = {str(line["pid"]) for line in gw.seen if line.get("message") == "worker started"}
+    assert {i.split(".")[0] for i in ids} == workers  # both workers served and logged, ids prefixed by their pid
 
 
 def test_text_logs(tmp_path, backends):

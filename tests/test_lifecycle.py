@@ -159,16 +159,29 @@ def alive(pid: int) -> bool:
     return "(zombie)" not in status
 
 
-def test_systemd_notify_ready_and_stopping(start_gateway, backends, tmp_path):
-    """Type=notify: READY=1 once listening, STOPPING=1 on SIGTERM."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_systemd_notify_ready_reloading_and_stopping(start_gateway, backends, tmp_path, workers):
+    """Type=notify(-reload): READY=1 once listening, RELOADING=1 then READY=1 per reload, STOPPING=1 on SIGTERM."""
     from conftest import routes_toml
 
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(path)
         notify.settimeout(TIMEOUT)
-        gw = start_gateway(routes_toml(backends), env={"NOTIFY_SOCKET": path})
+        gw = start_gateway(routes_toml(backends), f"--workers={workers}", env={"NOTIFY_SOCKET": path})
         assert notify.recv(256) == b"READY=1"
+        for good in (True, False):  # a failed reload still ends with READY=1: the old config serves on
+            if not good:
+                gw.config.write_text("[gateway]\nbogus = 1\n")
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            gw.proc.send_signal(signal.SIGHUP)
+            reloading = notify.recv(256).decode().split("\n")
+            after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+            assert before <= int(reloading[1].removeprefix("MONOTONIC_USEC=")) <= after  # the same clock as ours
+            ready = dict(field.split("=", 1) for field in notify.recv(256).decode().split("\n"))
+            assert ready["READY"] == "1"
+            assert ready["STATUS"].startswith("config reloaded" if good else "reload failed")
         gw.proc.send_signal(signal.SIGTERM)
         assert notify.recv(256) == b"STOPPING=1"
         assert gw.proc.wait(TIMEOUT) == 0
