@@ -5,9 +5,7 @@ never rewrites HTTP: the bytes it read are forwarded as they came, then the
 relay moves the rest both ways.
 
 Usage:
-  kiagateway [--http-listen=ADDR]... [--https-listen=ADDR]... [--workers=N]
-             [--log-format=FORMAT] [--user=NAME] [CONFIG]
-  kiagateway --check [--http-listen=ADDR]... [--https-listen=ADDR]...
+  kiagateway [--check] [--http-listen=ADDR]... [--https-listen=ADDR]...
              [--workers=N] [--log-format=FORMAT] [--user=NAME] [CONFIG]
   kiagateway -h | --help
   kiagateway --version
@@ -579,6 +577,8 @@ def print_routes(cfg: Config, out: TextIO) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        # One usage line holds the repeatable options: docopt-ng appends their
+        # values again for each usage line it tries (jazzband/docopt-ng#60).
         args = docopt.docopt(__doc__, argv=argv, version=f"kiagateway {__version__}")
         overrides = parse_options(args)
     except docopt.DocoptExit as exc:

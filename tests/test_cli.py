@@ -401,3 +401,12 @@ def test_check_prints_unicode_keys_with_their_a_label(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "  xn--bcher-kva.example (bücher.example)      ->  127.0.0.1:1\n" in out.stdout
     assert "  *.xn--bcher-kva.example (*.bücher.example)  ->  127.0.0.1:2\n" in out.stdout
+
+
+def test_check_takes_repeated_listen_options_once_each(tmp_path, monkeypatch, capsys):
+    """docopt-ng re-appends a repeated option's values for each usage line it tries (jazzband/docopt-ng#60)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "servers.toml").write_text('[http_backends]\n"a.example" = "127.0.0.1:1"\n')
+    args = ("--http-listen=127.0.0.1:8080", "--http-listen=[::1]:8080", "--https-listen=127.0.0.1:8443")
+    assert kiagateway.main(["--check", *args]) == 0, capsys.readouterr().err
+    assert "http listener: 127.0.0.1:8080, [::1]:8080; 1 route\n" in capsys.readouterr().out
