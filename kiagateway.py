@@ -42,6 +42,7 @@ Errors and warnings go to stderr: stdout holds only what --check or --route prin
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import json
 import os
@@ -645,9 +646,23 @@ def print_route(report: dict, out: TextIO) -> None:
             out.write(f"  {listener:<5}  ->  {', '.join(entry['addresses'])}  ({why})\n")
 
 
-def _print_json(document: dict) -> None:
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+def _print_answer(text: str, status: int) -> int:
+    """Write what --check or --route print and return ``status``; 1 if the reader left early.
+
+    A reader that stops reading (``| head -1``) is no error of ours: no
+    traceback, and stdout goes to /dev/null so the flush at exit fails no more.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _json(document: dict) -> str:
+    return json.dumps(document, indent=2) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -674,23 +689,24 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             log.error(line)
         if args["--json"]:
-            _print_json({"ok": False, "errors": exc.errors})
+            return _print_answer(_json({"ok": False, "errors": exc.errors}), 1)
         return 1
     if args["--check"] or name is not None:
         for warning in cfg.warnings:
             log.warning(warning)
+        out = io.StringIO()
         if name is not None:
             report = route_report(cfg, name)
             if args["--json"]:
-                _print_json(report)
+                out.write(_json(report))
             else:
-                print_route(report, sys.stdout)
-            return 0 if report["routed"] else 1
+                print_route(report, out)
+            return _print_answer(out.getvalue(), 0 if report["routed"] else 1)
         if args["--json"]:
-            _print_json(kiaconfig.plain_config(cfg))
+            out.write(_json(kiaconfig.plain_config(cfg)))
         else:
-            print_routes(cfg, sys.stdout)
-        return 0
+            print_routes(cfg, out)
+        return _print_answer(out.getvalue(), 0)
     log = Log(cfg.settings.log_format)
     try:
         return kiaprocess.run(cfg, lambda: load_config(path, overrides), Gateway, log, __version__)

@@ -273,3 +273,19 @@ def test_route_match_agrees_with_lookup(table):
         for name in names:
             found = routes.match(name)
             assert (found[1] if found else None) is routes.lookup(name), name
+
+
+@pytest.mark.parametrize("args", [("--check", "--json"), ("--check",), ("--route=a.example", "--json")])
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path, args):
+    """``kiagateway --check --json | head -1``: the closed pipe ends the answer quietly, exit 1."""
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(
+        "[gateway]\nhttps_listen = []\n[http_backends]\n"
+        + "".join(f'"n{i}.example" = "127.0.0.1:{i + 1}"\n' for i in range(2000))
+    )
+    proc = subprocess.Popen(
+        [*gateway_command(), *args, "s.toml"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # no reader left: the first write fails with EPIPE
+    _, err = proc.communicate(timeout=TIMEOUT * 2)
+    assert (proc.returncode, err) == (1, b"")
