@@ -754,6 +754,8 @@ def _usage_problem(argv: list[str], message: str) -> str:
                 given.append(shorts[f"-{letter}"])
         else:
             arguments.append(word)
+    if "--check" in given and "--route" in given:
+        return "--check or --route, not both: --route checks the config too"
     for option in given:
         if option not in repeatable and given.count(option) > 1:
             return f"{option} given more than once"

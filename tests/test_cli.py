@@ -66,6 +66,7 @@ USAGE_ERRORS = [
     (["--workers=0"], "--workers must be a whole number from 1 to 1024 or auto, got '0'"),
     (["--check", "--workers=zero"], "--workers must be a whole number from 1 to 1024 or auto, got 'zero'"),
     (["--log-format=yaml"], "--log-format must be text or json, got 'yaml'"),
+    (["--check", "--route=a.example"], "--check or --route, not both: --route checks the config too"),
     (["--http-listen=localhost:80"], "--http-listen: 'localhost:80': 'localhost' is not an IP address"),
     (["--https-listen=127.0.0.1"], "--https-listen: '127.0.0.1' has no port (write 'host:port')"),
 ]
