@@ -80,6 +80,20 @@ class RouteTable:
                     dot = domain.find(".", dot + 1)
         return self.default
 
+    def match(self, domain: str) -> tuple[str, Backend] | None:
+        """(pattern, backend) that ``lookup`` picks for a normalised domain, for ``--route`` to say why.
+
+        The same rule as ``lookup``, kept beside it; lookup itself stays lean for the data path.
+        """
+        if domain in self.exact:
+            return domain, self.exact[domain]
+        dot = domain.find(".")
+        while dot >= 0:
+            if domain[dot + 1 :] in self.wildcard:
+                return f"*{domain[dot:]}", self.wildcard[domain[dot + 1 :]]
+            dot = domain.find(".", dot + 1)
+        return ("*", self.default) if self.default is not None else None
+
     def __len__(self) -> int:
         return len(self.exact) + len(self.wildcard) + (self.default is not None)
 
@@ -393,6 +407,38 @@ def override(cfg: Config, values: Mapping[str, Any]) -> Config:
         settings=dataclasses.replace(cfg.settings, **values),
         from_command_line=cfg.from_command_line | frozenset(values),
     )
+
+
+def plain_route(pattern: str, backend: Backend) -> dict[str, Any]:
+    """One route as JSON values for scripts; every key is there even when it holds nothing yet.
+
+    ``addresses`` is a list and ``allow`` is None (no allow-list: every client)
+    so that scripts need not change when pools and allow-lists come.
+    """
+    return {
+        "addresses": [str(backend.address)],
+        "proxy_protocol": backend.proxy_protocol,
+        "allow": None,
+        "unicode": unicode_form(pattern),
+    }
+
+
+def plain_config(cfg: Config) -> dict[str, Any]:
+    """The checked config as JSON values, for ``--check --json``: routes keyed by their A-label, every setting.
+
+    Settings are the effective ones, command-line options included; addresses become strings.
+    """
+    settings = {}
+    for item in dataclasses.fields(Settings):
+        value = getattr(cfg.settings, item.name)
+        settings[item.name] = [str(v) for v in value] if isinstance(value, tuple) else value
+    return {
+        "ok": True,
+        "source": cfg.source,
+        "http_backends": {pattern: plain_route(pattern, b) for pattern, b in cfg.http_routes.rows()},
+        "https_backends": {pattern: plain_route(pattern, b) for pattern, b in cfg.https_routes.rows()},
+        "gateway": settings,
+    }
 
 
 def _name(cfg: Config, key: str) -> str:

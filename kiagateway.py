@@ -5,10 +5,9 @@ never rewrites HTTP: the bytes it read are forwarded as they came, then the
 relay moves the rest both ways.
 
 Usage:
-  kiagateway [--http-listen=ADDR]... [--https-listen=ADDR]... [--workers=N]
-             [--log-format=FORMAT] [--user=NAME] [CONFIG]
-  kiagateway --check [--http-listen=ADDR]... [--https-listen=ADDR]...
-             [--workers=N] [--log-format=FORMAT] [--user=NAME] [CONFIG]
+  kiagateway [--check | --route=NAME] [--json] [--http-listen=ADDR]...
+             [--https-listen=ADDR]... [--workers=N] [--log-format=FORMAT]
+             [--user=NAME] [CONFIG]
   kiagateway -h | --help
   kiagateway --version
 
@@ -24,17 +23,28 @@ Options:
   --user=NAME           Drop privileges to this user after binding.
   --check               Check CONFIG and the options as start-up would, print
                         the route table, exit 0 or 1.
+  --route=NAME          Check as --check does, then print the backend a client
+                        naming NAME gets on each listener and how it matched:
+                        exact, wildcard (which pattern) or default. Exit 0 if
+                        a listener routes it, 1 if neither does.
+  --json                With --check or --route: print one JSON document
+                        instead of text; for a bad config (exit 1) it is
+                        {"ok": false, "errors": [...]}.
   -h --help             Show this text.
   --version             Print the version.
 
-Exit status: 0 after a graceful stop or a good --check, 1 for a bad config,
-a listener that cannot be bound or a fatal error, 2 for bad usage.
+Exit status: 0 after a graceful stop, a good --check or a NAME routed; 1 for
+a bad config, a NAME that no listener routes, a listener that cannot be bound
+or a fatal error; 2 for bad usage (a NAME that is not a domain included).
+Errors and warnings go to stderr: stdout holds only what --check or --route print.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import itertools
+import json
 import os
 import re
 import socket
@@ -716,11 +726,95 @@ def print_routes(cfg: Config, out: TextIO) -> None:
             out.write(f"  {pattern.ljust(width)}  ->  {backend}{extra}\n")
 
 
+def parse_name(text: str) -> str:
+    """``--route``'s NAME as a client would send it: the A-label, normalised; a bad one is a UsageError."""
+    try:
+        return sniff.normalize_domain(kiaconfig.to_ascii(text))
+    except ValueError as exc:
+        raise UsageError(f"--route: {text!r} is not a valid domain ({exc})") from None
+
+
+def route_report(cfg: Config, name: str) -> dict[str, object]:
+    """What a client naming ``name`` gets on each listener, as JSON values for ``--route``.
+
+    ``match`` is exact, wildcard or default (``pattern`` says which entry), none
+    (the client is refused), or off (the listener has no listen address).
+    """
+    report: dict[str, object] = {
+        "ok": True,
+        "source": cfg.source,
+        "name": name,
+        "unicode": kiaconfig.unicode_form(name),
+        "routed": False,
+    }
+    for listener, table, listen in (
+        ("http", cfg.http_routes, cfg.settings.http_listen),
+        ("https", cfg.https_routes, cfg.settings.https_listen),
+    ):
+        found = table.match(name) if listen else None
+        if found is None:
+            report[listener] = {
+                "match": "none" if listen else "off",
+                "pattern": None,
+                "addresses": [],
+                "proxy_protocol": None,
+                "allow": None,
+                "unicode": None,
+            }
+            continue
+        pattern, backend = found
+        how = "default" if pattern == "*" else "wildcard" if pattern.startswith("*.") else "exact"
+        report[listener] = {"match": how, "pattern": pattern, **kiaconfig.plain_route(pattern, backend)}
+        report["routed"] = True
+    return report
+
+
+def print_route(report: dict, out: TextIO) -> None:
+    """``route_report`` for people: the name, then a line per listener in print_routes' style."""
+    unicode = report["unicode"]
+    out.write(f"{report['name']} ({unicode})\n" if unicode else f"{report['name']}\n")
+    for listener in ("http", "https"):
+        entry = report[listener]
+        if entry["match"] == "off":
+            out.write(f"  {listener:<5}  off (no listen address)\n")
+        elif entry["match"] == "none":
+            out.write(f"  {listener:<5}  no route\n")
+        else:
+            why = f"{entry['match']} {entry['pattern']}"
+            if entry["proxy_protocol"]:
+                why += f", proxy_protocol {entry['proxy_protocol']}"
+            out.write(f"  {listener:<5}  ->  {', '.join(entry['addresses'])}  ({why})\n")
+
+
+def _print_answer(text: str, status: int) -> int:
+    """Write what --check or --route print and return ``status``; 1 if the reader left early.
+
+    A reader that stops reading (``| head -1``) is no error of ours: no
+    traceback, and stdout goes to /dev/null so the flush at exit fails no more.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
+
+
+def _json(document: dict) -> str:
+    return json.dumps(document, indent=2) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        # One usage line holds the repeatable options: docopt-ng appends their
+        # values again for each usage line it tries (jazzband/docopt-ng#60).
         args = docopt.docopt(__doc__, argv=argv, version=f"kiagateway {__version__}")
         overrides = parse_options(args)
+        name = None if args["--route"] is None else parse_name(args["--route"])
+        if args["--json"] and not (args["--check"] or name is not None):
+            raise UsageError("--json goes with --check or --route")
     except docopt.DocoptExit as exc:
         return _bad_usage(_usage_problem(argv, str(exc.code)))
     except UsageError as exc:
@@ -734,12 +828,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         for line in exc.errors:
             log.error(line)
+        if args["--json"]:
+            return _print_answer(_json({"ok": False, "errors": exc.errors}), 1)
         return 1
-    if args["--check"]:
+    if args["--check"] or name is not None:
         for warning in cfg.warnings:
             log.warning(warning)
-        print_routes(cfg, sys.stdout)
-        return 0
+        out = io.StringIO()
+        if name is not None:
+            report = route_report(cfg, name)
+            if args["--json"]:
+                out.write(_json(report))
+            else:
+                print_route(report, out)
+            return _print_answer(out.getvalue(), 0 if report["routed"] else 1)
+        if args["--json"]:
+            out.write(_json(kiaconfig.plain_config(cfg)))
+        else:
+            print_routes(cfg, out)
+        return _print_answer(out.getvalue(), 0)
     log = Log(cfg.settings.log_format)
     try:
         return kiaprocess.run(cfg, lambda: load_config(path, overrides), Gateway, log, __version__)
@@ -787,6 +894,8 @@ def _usage_problem(argv: list[str], message: str) -> str:
                 given.append(shorts[f"-{letter}"])
         else:
             arguments.append(word)
+    if "--check" in given and "--route" in given:
+        return "--check or --route, not both: --route checks the config too"
     for option in given:
         if option not in repeatable and given.count(option) > 1:
             return f"{option} given more than once"

@@ -66,6 +66,7 @@ USAGE_ERRORS = [
     (["--workers=0"], "--workers must be a whole number from 1 to 1024 or auto, got '0'"),
     (["--check", "--workers=zero"], "--workers must be a whole number from 1 to 1024 or auto, got 'zero'"),
     (["--log-format=yaml"], "--log-format must be text or json, got 'yaml'"),
+    (["--check", "--route=a.example"], "--check or --route, not both: --route checks the config too"),
     (["--http-listen=localhost:80"], "--http-listen: 'localhost:80': 'localhost' is not an IP address"),
     (["--https-listen=127.0.0.1"], "--https-listen: '127.0.0.1' has no port (write 'host:port')"),
 ]
@@ -402,3 +403,12 @@ def test_check_prints_unicode_keys_with_their_a_label(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "  xn--bcher-kva.example (bücher.example)      ->  127.0.0.1:1\n" in out.stdout
     assert "  *.xn--bcher-kva.example (*.bücher.example)  ->  127.0.0.1:2\n" in out.stdout
+
+
+def test_check_takes_repeated_listen_options_once_each(tmp_path, monkeypatch, capsys):
+    """docopt-ng re-appends a repeated option's values for each usage line it tries (jazzband/docopt-ng#60)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "servers.toml").write_text('[http_backends]\n"a.example" = "127.0.0.1:1"\n')
+    args = ("--http-listen=127.0.0.1:8080", "--http-listen=[::1]:8080", "--https-listen=127.0.0.1:8443")
+    assert kiagateway.main(["--check", *args]) == 0, capsys.readouterr().err
+    assert "http listener: 127.0.0.1:8080, [::1]:8080; 1 route\n" in capsys.readouterr().out
