@@ -51,9 +51,9 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([*gateway_command(), *args], capture_output=True, text=True, timeout=TIMEOUT * 2, cwd=cwd)
 
 
-def main(capsys, *args: str) -> tuple[int, str, str]:
+def main(capfd, *args: str) -> tuple[int, str, str]:
     status = kiagateway.main(list(args))
-    out = capsys.readouterr()
+    out = capfd.readouterr()
     return status, out.out, out.err
 
 
@@ -87,17 +87,17 @@ def test_check_json_through_the_installed_script_is_the_file(table):
     assert out.stderr == ""
 
 
-def test_check_json_settings_are_the_effective_ones(capsys, table):
-    status, out, err = main(capsys, "--check", "--json", "--workers=auto", "--log-format=json", str(table))
+def test_check_json_settings_are_the_effective_ones(capfd, table):
+    status, out, err = main(capfd, "--check", "--json", "--workers=auto", "--log-format=json", str(table))
     assert status == 0, err
     gateway = json.loads(out)["gateway"]
     assert (gateway["workers"], gateway["log_format"], gateway["http_listen"]) == ("auto", "json", ["127.0.0.1:8080"])
 
 
-def test_check_json_keeps_warnings_off_stdout(capsys, tmp_path):
+def test_check_json_keeps_warnings_off_stdout(capfd, tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[gateway]\nhttp_listen = ["127.0.0.1:8080"]\n[backends]\n"a.example" = "127.0.0.1:1"\n')
-    status, out, err = main(capsys, "--check", "--json", str(cfg))
+    status, out, err = main(capfd, "--check", "--json", str(cfg))
     assert status == 0
     doc = json.loads(out)  # the whole of stdout is the one document
     assert doc["http_backends"] == doc["https_backends"] == {"a.example": route("127.0.0.1:1")}
@@ -115,14 +115,14 @@ def test_check_json_bad_config_exits_1_with_an_error_object(table):
     assert all(e in out.stderr for e in doc["errors"])  # the log has them too, as without --json
 
 
-def test_check_json_start_up_refusal_is_an_error_object(capsys, table):
-    status, out, _ = main(capsys, "--check", "--json", "--user=no-such-user-here", str(table))
+def test_check_json_start_up_refusal_is_an_error_object(capfd, table):
+    status, out, _ = main(capfd, "--check", "--json", "--user=no-such-user-here", str(table))
     assert status == 1
     assert json.loads(out) == {"ok": False, "errors": ["command line: --user: no such user 'no-such-user-here'"]}
 
 
-def test_json_without_check_or_route_is_bad_usage(capsys, table):
-    status, out, err = main(capsys, "--json", str(table))
+def test_json_without_check_or_route_is_bad_usage(capfd, table):
+    status, out, err = main(capfd, "--json", str(table))
     assert status == 2 and out == ""
     assert err.startswith("kiagateway: --json goes with --check or --route (see kiagateway --help)\n")
 
@@ -147,8 +147,8 @@ def test_route_no_route_on_either_listener_exits_1(table):
     assert out.stdout == "nowhere.example\n  http   no route\n  https  no route\n"
 
 
-def route_json(capsys, *args: str) -> tuple[int, dict]:
-    status, out, err = main(capsys, "--json", *args)
+def route_json(capfd, *args: str) -> tuple[int, dict]:
+    status, out, err = main(capfd, "--json", *args)
     assert err == ""
     return status, json.loads(out)
 
@@ -178,8 +178,8 @@ def route_json(capsys, *args: str) -> tuple[int, dict]:
         ),
     ],
 )
-def test_route_json_says_how_each_listener_matched(capsys, table, name, http, https):
-    status, doc = route_json(capsys, f"--route={name}", str(table))
+def test_route_json_says_how_each_listener_matched(capfd, table, name, http, https):
+    status, doc = route_json(capfd, f"--route={name}", str(table))
     assert status == 0
     assert doc == {
         "ok": True,
@@ -192,27 +192,27 @@ def test_route_json_says_how_each_listener_matched(capsys, table, name, http, ht
     }
 
 
-def test_route_text_per_listener_differences(capsys, table):
-    status, out, _ = main(capsys, "--route", "a.example", str(table))
+def test_route_text_per_listener_differences(capfd, table):
+    status, out, _ = main(capfd, "--route", "a.example", str(table))
     assert status == 0
     assert out == (
         "a.example\n"
         "  http   ->  127.0.0.1:8081  (exact a.example)\n"
         "  https  ->  backend.internal:443  (exact a.example, proxy_protocol v2)\n"
     )
-    status, out, _ = main(capsys, "--route", "example.org", str(table))
+    status, out, _ = main(capfd, "--route", "example.org", str(table))
     assert status == 0
     assert out == "example.org\n  http   no route\n  https  ->  127.0.0.1:8999  (default *)\n"
 
 
-def test_route_unicode_name_is_looked_up_by_its_a_label(capsys, table):
-    status, out, _ = main(capsys, "--route=BÜCHER.example", str(table))
+def test_route_unicode_name_is_looked_up_by_its_a_label(capfd, table):
+    status, out, _ = main(capfd, "--route=BÜCHER.example", str(table))
     assert status == 0
     assert out.splitlines()[:2] == [
         "xn--bcher-kva.example (bücher.example)",
         "  http   ->  127.0.0.1:8084  (exact xn--bcher-kva.example)",
     ]
-    status, doc = route_json(capsys, "--route=xn--bcher-kva.example", str(table))
+    status, doc = route_json(capfd, "--route=xn--bcher-kva.example", str(table))
     assert (doc["name"], doc["unicode"], doc["http"]["unicode"]) == (
         "xn--bcher-kva.example",
         "bücher.example",
@@ -220,20 +220,20 @@ def test_route_unicode_name_is_looked_up_by_its_a_label(capsys, table):
     )
 
 
-def test_route_listener_without_a_listen_address_routes_nothing(capsys, table):
+def test_route_listener_without_a_listen_address_routes_nothing(capfd, table):
     table.write_text(TABLE.replace('https_listen = ["127.0.0.1:8443", "[::1]:8443"]', "https_listen = []"))
-    status, out, _ = main(capsys, "--route=example.org", str(table))
+    status, out, _ = main(capfd, "--route=example.org", str(table))
     assert status == 1
     assert out == "example.org\n  http   no route\n  https  off (no listen address)\n"
-    status, doc = route_json(capsys, "--route=example.org", "--https-listen=127.0.0.1:9443", str(table))
+    status, doc = route_json(capfd, "--route=example.org", "--https-listen=127.0.0.1:9443", str(table))
     assert status == 0 and doc["https"]["match"] == "default"
 
 
-def test_route_json_no_route_exits_1(capsys, table):
-    status, doc = route_json(capsys, "--route=nowhere.test", "--https-listen=127.0.0.1:0", str(table))
+def test_route_json_no_route_exits_1(capfd, table):
+    status, doc = route_json(capfd, "--route=nowhere.test", "--https-listen=127.0.0.1:0", str(table))
     assert status == 0 and doc["https"]["match"] == "default"  # the default route catches it
     table.write_text(TABLE.replace('"*" = "127.0.0.1:8999"', ""))
-    status, doc = route_json(capsys, "--route=nowhere.test", str(table))
+    status, doc = route_json(capfd, "--route=nowhere.test", str(table))
     assert status == 1
     assert (doc["ok"], doc["routed"], doc["http"]["match"], doc["https"]["match"]) == (True, False, "none", "none")
 
@@ -248,20 +248,20 @@ def test_route_json_no_route_exits_1(capsys, table):
         ("-a.example", "label starts or ends with '-'"),
     ],
 )
-def test_route_name_that_is_not_a_domain_is_bad_usage(capsys, table, name, why):
-    status, out, err = main(capsys, f"--route={name}", "--json", str(table))
+def test_route_name_that_is_not_a_domain_is_bad_usage(capfd, table, name, why):
+    status, out, err = main(capfd, f"--route={name}", "--json", str(table))
     assert status == 2 and out == ""
     first = err.splitlines()[0]
     assert first.startswith(f"kiagateway: --route: {name!r} is not a valid domain (") and why in first
 
 
-def test_route_bad_config_exits_1(capsys, table):
+def test_route_bad_config_exits_1(capfd, table):
     table.write_text('[http_backends]\n"a.example" = "127.0.0.1"\n')
-    status, out, err = main(capsys, "--route=a.example", "--json", str(table))
+    status, out, err = main(capfd, "--route=a.example", "--json", str(table))
     assert status == 1
     doc = json.loads(out)
     assert doc["ok"] is False and "s.toml: [http_backends] 'a.example'" in doc["errors"][0]
-    status, out, err = main(capsys, "--route=a.example", str(table))
+    status, out, err = main(capfd, "--route=a.example", str(table))
     assert status == 1 and out == "" and "s.toml: [http_backends] 'a.example'" in err
 
 
