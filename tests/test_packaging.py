@@ -8,9 +8,14 @@ where a test says so (and skips, with the reason, without it).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,3 +58,122 @@ def test_ci_runs_the_readme_commands_with_debians_python():
     for package in ("python3-venv", "curl", "openssl", "gnutls-bin", "haproxy"):
         assert re.search(rf"apt-get install[^\n]*(\\\n[^\n]*)*\b{re.escape(package)}\b", ci), package
     assert "python3 -m pip" not in ci and "\npython3 -m pytest" not in ci
+
+
+# -- the sdist and the wheel ---------------------------------------------------------------
+
+BUILD_TIMEOUT = 300  # seconds for one build or install on 2 loaded cores; usually 2-15
+# The part of the test extra the suite imports or its pytest config names; the rest (ruff,
+# pytest-cov, the build tools) would only slow the install down.
+TEST_RUNTIME = ["pytest", "pytest-timeout", "trustme", "hypothesis"]
+NOT_REQUIRED = {".gitignore", "bench/.gitignore"}  # version-control files: the sdist may leave them out
+
+
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    """Run a build step, failing with its output (pip's and setuptools' reasons) when it fails."""
+    out = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT, **kwargs)
+    assert out.returncode == 0, f"{command} exited {out.returncode}:\n{out.stdout}\n{out.stderr}"
+    return out
+
+
+def source_files() -> set[str]:
+    """The files of the source tree: what git tracks or would (not ignored), or (in a copy without .git, as CI makes)
+    every file but caches, build output and virtual environments."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if listed.returncode == 0 and listed.stdout:
+        files = set(listed.stdout.splitlines())
+    else:
+        skip = ("__pycache__", ".venv", ".git", ".pytest_cache", ".ruff_cache", ".hypothesis", "build", "dist")
+        files = {
+            str(path.relative_to(ROOT))
+            for path in ROOT.rglob("*")
+            if path.is_file()
+            and not any(part in skip or part.endswith(".egg-info") for part in path.relative_to(ROOT).parts)
+            and not path.name.startswith(".coverage")
+        }
+    return {name for name in files if (ROOT / name).exists()}
+
+
+@pytest.fixture(scope="session")
+def dist(tmp_path_factory) -> dict:
+    """Build the sdist from a copy of this tree with setuptools' PEP 517 hook, unpack it, and build the
+    wheel from the unpacked sdist with pip, as a packager would: both without build isolation,
+    so no network is needed."""
+    out = tmp_path_factory.mktemp("dist")
+    # A clean copy of the tree: setuptools also ships whatever a stale *.egg-info/SOURCES.txt
+    # in the work tree lists, which would hide a MANIFEST.in that forgets a file.
+    checkout = out / "checkout"
+    for name in source_files():
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, checkout / name)
+    hook = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    name = run([sys.executable, "-c", hook, out], cwd=checkout).stdout.split()[-1]
+    sdist = out / name
+    with tarfile.open(sdist) as archive:
+        members = archive.getnames()
+        if hasattr(tarfile, "data_filter"):  # Python 3.12 and the 3.8-3.11 security releases
+            archive.extractall(out, filter="data")
+        else:
+            archive.extractall(out)
+    tree = out / name.removesuffix(".tar.gz")
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, tree])
+    (wheel,) = out.glob("*.whl")
+    return {"sdist": sdist, "members": members, "tree": tree, "wheel": wheel}
+
+
+@pytest.fixture(scope="session")
+def fresh_venv(tmp_path_factory, dist) -> Path:
+    """A new virtual environment holding the wheel built from the sdist, its dependencies and
+    what the suite needs to run, installed by pip from its cache or the index; skipped when
+    they cannot be had (no network, no cache)."""
+    venv = tmp_path_factory.mktemp("venv")
+    run([sys.executable, "-m", "venv", venv])
+    python = venv / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", dist["wheel"], *TEST_RUNTIME],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    if install.returncode != 0:
+        pytest.skip(f"cannot install the wheel's dependencies into a new venv (network?): {install.stderr[-500:]}")
+    return venv
+
+
+def test_sdist_carries_every_source_file_and_the_license(dist):
+    """The sdist had no servers.toml, no contrib/, no LICENSE, and tests without conftest.py,
+    hellos.py or tests/data: now it ships every file of the source tree."""
+    top = dist["tree"].name
+    shipped = {member.removeprefix(f"{top}/") for member in dist["members"]}
+    missing = source_files() - NOT_REQUIRED - shipped
+    assert not missing, f"not in {dist['sdist'].name}: {sorted(missing)}"
+    for name in (
+        "LICENSE",
+        "servers.toml",
+        "tests/conftest.py",
+        "tests/hellos.py",
+        "contrib/systemd/kiagateway.service",
+    ):
+        assert name in shipped
+    with zipfile.ZipFile(dist["wheel"]) as wheel:
+        assert any(entry.endswith(".dist-info/LICENSE") for entry in wheel.namelist())
+
+
+@pytest.mark.timeout(600)  # a venv, an install and two pytest runs: ~30 s, 60 s under load here
+def test_the_unpacked_sdist_runs_its_own_tests(dist, fresh_venv):
+    """From the unpacked sdist, with the wheel built from it installed in a fresh venv, every
+    test module imports and a fast part of the suite passes (the end-to-end tests start the
+    venv's console script)."""
+    python = fresh_venv / "bin" / "python"
+    pytest_cmd = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q"]
+    collected = run([*pytest_cmd, "--collect-only"], cwd=dist["tree"]).stdout  # exit 2 on an import error
+    modules = {line.split("::")[0] for line in collected.splitlines() if "::" in line}
+    assert modules == {f"tests/{path.name}" for path in (dist["tree"] / "tests").glob("test_*.py")}
+    fast = ["tests/test_sniff.py", "tests/test_kiaconfig.py", "tests/test_cli.py", "-k", "not cli or check or version"]
+    run([*pytest_cmd, *fast], cwd=dist["tree"])
