@@ -7,6 +7,7 @@ where a test says so (and skips, with the reason, without it).
 
 from __future__ import annotations
 
+import configparser
 import re
 import shutil
 import subprocess
@@ -177,3 +178,69 @@ def test_the_unpacked_sdist_runs_its_own_tests(dist, fresh_venv):
     assert modules == {f"tests/{path.name}" for path in (dist["tree"] / "tests").glob("test_*.py")}
     fast = ["tests/test_sniff.py", "tests/test_kiaconfig.py", "tests/test_cli.py", "-k", "not cli or check or version"]
     run([*pytest_cmd, *fast], cwd=dist["tree"])
+
+
+# -- top-level module names ----------------------------------------------------------------
+
+# Top-level modules that packages in use on PyPI install: a module of ours by one of these names
+# shadows theirs or is shadowed by it when both are installed (0.2.0's `config` was: kiagateway
+# could not start beside PyPI's `config`). Ranks are among PyPI's 15,000 most downloaded
+# packages, 2026-11; the list is short on purpose, not a registry copy.
+TAKEN = {
+    "config": "PyPI config, rank 3,887",
+    "supervisor": "PyPI supervisor, rank 1,071",
+    "utils": "PyPI utils, rank 5,539",
+    "logger": "PyPI logger, rank 8,012",
+    "common": "PyPI common, rank 8,787",
+    "service": "PyPI service",
+    "metrics": "PyPI metrics",
+    "lifecycle": "PyPI lifecycle",
+    "docopt": "our dependency docopt-ng (docopt: rank 1,016)",
+    "gevent": "our dependency gevent, rank 511",
+    "greenlet": "gevent's dependency, rank 80",
+    "tomli": "our dependency on Python < 3.11, rank 101",
+    "idna": "PyPI idna, rank 5",
+}
+
+
+def py_modules() -> list[str]:
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return [name.strip() for name in parser["options"]["py_modules"].split(",")]
+
+
+def test_top_level_module_names_are_ours_alone():
+    """Every module we install at the top level has a name no package in common use takes,
+    and setup.cfg lists every top-level module of the tree (a forgotten one would be missing
+    from the wheel)."""
+    modules = py_modules()
+    clashes = {name: TAKEN[name] for name in modules if name in TAKEN}
+    assert not clashes, f"top-level module names taken on PyPI: {clashes}"
+    assert set(modules) == {path.stem for path in ROOT.glob("*.py")} - {"setup"}
+
+
+@pytest.mark.timeout(600)  # shares the fresh venv's set-up: ~30 s, 60 s under load here
+def test_the_wheel_starts_beside_pypis_config_package(dist, fresh_venv, tmp_path):
+    """Installed next to PyPI's `config`, the wheel's console script starts, checks a config and
+    tells its version; the wheel installs only our modules at the top level."""
+    with zipfile.ZipFile(dist["wheel"]) as wheel:
+        top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
+    assert top == {f"{name}.py" for name in py_modules()}
+
+    python = fresh_venv / "bin" / "python"
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "config"], capture_output=True, text=True, timeout=BUILD_TIMEOUT
+    )
+    if install.returncode != 0:
+        pytest.skip(f"cannot install PyPI's config package (network?): {install.stderr[-500:]}")
+    where = run([python, "-c", "import config; print(config.__file__)"], cwd=tmp_path).stdout.strip()
+    assert Path(where).is_relative_to(fresh_venv), where
+
+    kiagateway = fresh_venv / "bin" / "kiagateway"
+    version = run([kiagateway, "--version"], cwd=tmp_path).stdout
+    assert dist["wheel"].name.split("-")[1] in version
+    conf = tmp_path / "servers.toml"
+    conf.write_text('[gateway]\nhttp_listen = ["127.0.0.1:0"]\n\n[http_backends]\n"a.example" = "127.0.0.1:9"\n')
+    checked = run([kiagateway, "--check", conf], cwd=tmp_path)
+    assert "a.example" in checked.stdout + checked.stderr
+    run([kiagateway, "--check", dist["tree"] / "servers.toml"], cwd=tmp_path)
