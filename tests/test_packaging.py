@@ -244,3 +244,52 @@ def test_the_wheel_starts_beside_pypis_config_package(dist, fresh_venv, tmp_path
     checked = run([kiagateway, "--check", conf], cwd=tmp_path)
     assert "a.example" in checked.stdout + checked.stderr
     run([kiagateway, "--check", dist["tree"] / "servers.toml"], cwd=tmp_path)
+
+
+# -- service files -------------------------------------------------------------------------
+
+UNIT = ROOT / "contrib" / "systemd" / "kiagateway.service"
+VENV_SCRIPT = "/opt/kiagateway/bin/kiagateway"  # where the README's service install puts it
+
+
+def drain_seconds() -> float:
+    """How long a stop lets open relays finish: `drain_timeout`'s default, or the fixed grace."""
+    import kiaconfig
+    import kiaprocess
+
+    return getattr(kiaconfig.Settings(), "drain_timeout", None) or kiaprocess.SHUTDOWN_GRACE
+
+
+def unit_entries(text: str) -> list[tuple[str, str]]:
+    """The unit's key=value lines in order (a key such as ExecReload may repeat)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return [tuple(part.strip() for part in line.split("=", 1)) for line in lines if "=" in line and line[0] not in "#;"]
+
+
+def test_systemd_unit_checks_before_reload_and_outlasts_the_drain():
+    """`systemctl reload` checks the file first (so a bad file fails the reload), every command
+    runs the /opt venv's script, the stop timeout outlasts the drain, and Documentation= no
+    longer points at the Rust project."""
+    values: dict[str, list[str]] = {}
+    for name, value in unit_entries(UNIT.read_text()):
+        values.setdefault(name, []).append(value)
+    assert values["ExecStart"] == [f"{VENV_SCRIPT} /etc/kiagateway/servers.toml"]
+    assert values["ExecStartPre"] == [f"{VENV_SCRIPT} --check /etc/kiagateway/servers.toml"]
+    assert values["ExecReload"] == [f"{VENV_SCRIPT} --check /etc/kiagateway/servers.toml", "/bin/kill -HUP $MAINPID"]
+    (stop,) = values["TimeoutStopSec"]
+    assert float(stop) >= drain_seconds() + 10, "systemd would kill relays still inside their drain"
+    assert not any("jpegleg" in value for value in values.get("Documentation", []))
+
+
+def test_systemd_analyze_verifies_the_unit(tmp_path):
+    """systemd's own parser accepts the unit (the script path pointed at this venv's)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    script = shutil.which("kiagateway", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("no kiagateway console script next to this python")
+    unit = tmp_path / "kiagateway.service"
+    unit.write_text(UNIT.read_text().replace(VENV_SCRIPT, script))
+    out = subprocess.run([analyze, "verify", "--man=no", unit], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr.strip(), out.stderr
