@@ -293,3 +293,93 @@ def test_systemd_analyze_verifies_the_unit(tmp_path):
     unit.write_text(UNIT.read_text().replace(VENV_SCRIPT, script))
     out = subprocess.run([analyze, "verify", "--man=no", unit], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
+
+
+RC_SCRIPT = ROOT / "contrib" / "openbsd" / "kiagateway"
+LOGIN_CLASS = ROOT / "contrib" / "openbsd" / "login.conf.d" / "kiagateway"
+# Stands in for OpenBSD's /etc/rc.d/rc.subr: rc_exec prints the command it would run, and
+# rc_cmd shows the variables the real rc.subr would use or runs the script's configtest.
+RC_SUBR_STUB = """
+rc_exec() { printf '%s\\n' "$*"; }
+rc_cmd() {
+    case $1 in
+    show) printf '%s\\n' "$pexp" "$daemon_timeout" "$(rc_start)" ;;
+    configtest) rc_configtest ;;
+    esac
+}
+"""
+
+
+def rc_script(tmp_path: Path, daemon: str, config: Path) -> Path:
+    """A copy of the rc.d script that sources the stub and runs `daemon` on `config`."""
+    text = RC_SCRIPT.read_text()
+    for old, new in (
+        ("/etc/rc.d/rc.subr", str(tmp_path / "rc.subr")),
+        ('daemon="/opt/kiagateway/bin/kiagateway"', f'daemon="{daemon}"'),
+        ('kiagateway_config="/etc/kiagateway/servers.toml"', f'kiagateway_config="{config}"'),
+    ):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    (tmp_path / "rc.subr").write_text(RC_SUBR_STUB)
+    script = tmp_path / "kiagateway"
+    script.write_text(text)
+    return script
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash", "bash", "ksh", "mksh"])
+def test_rc_script_parses(shell):
+    """The rc.d script runs under OpenBSD's ksh (mksh is its nearest kin on Debian); it keeps to
+    POSIX sh so that every shell here parses it."""
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    out = subprocess.run([shell, "-n", RC_SCRIPT], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+
+
+def test_rc_script_follows_rc_subr(tmp_path):
+    """rc.subr's conventions: configtest (not rc_pre) checks the config named by a variable, the
+    stop timeout outlasts the drain, rc.subr picks the login class, and pexp finds the gateway
+    run by a system python3.X or by a venv's python, but not a `--check` run."""
+    text = RC_SCRIPT.read_text()
+    assert "rc_configtest()" in text and "rc_pre" not in text and "daemon_class=" not in text
+    config = "/etc/kiagateway/servers.toml"
+    script = rc_script(tmp_path, "/opt/kiagateway/bin/kiagateway", Path(config))
+    pexp, timeout, start = run(["sh", script, "show"]).stdout.splitlines()
+    assert float(timeout) >= drain_seconds() + 10
+    assert start.startswith("/opt/kiagateway/bin/kiagateway ") and start.endswith(f" {config}")
+    assert "--user=_kiagateway" in start
+    lines = [f"{python} {start}" for python in ("/opt/kiagateway/bin/python3", "/usr/local/bin/python3.12")]
+    lines.append(f"/opt/kiagateway/bin/python3 /opt/kiagateway/bin/kiagateway --check {config}")
+    found = subprocess.run(["grep", "-Ex", pexp], input="\n".join(lines) + "\n", capture_output=True, text=True)
+    assert found.stdout.splitlines() == lines[:2]  # POSIX extended regex, as pgrep -xf reads pexp
+
+
+def test_rc_configtest_runs_the_gateways_check(tmp_path):
+    """`rcctl configtest` (and so a checked `rcctl reload`) fails on a bad file, passes on a good one."""
+    script = shutil.which("kiagateway", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("no kiagateway console script next to this python")
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text('[gateway]\nhttp_listen = ["127.0.0.1:0"]\n\n[http_backends]\n"a.example" = "127.0.0.1:9"\n')
+    bad.write_text('[gateway]\nhttp_listen = ["127.0.0.1:0"]\nworkres = 2\n')
+    for config, status in ((good, 0), (bad, 1)):
+        where = tmp_path / config.stem
+        where.mkdir()
+        out = subprocess.run(
+            ["sh", rc_script(where, script, config), "configtest"], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == status, out.stdout + out.stderr
+
+
+def test_openbsd_login_class_covers_the_default_connections():
+    """Each process needs 2 descriptors per relay (no splice pipes on OpenBSD) plus listeners,
+    log and spare; 16,384 was below the 20,000 of the default max_connections."""
+    import kiaconfig
+
+    text = LOGIN_CLASS.read_text()
+    assert re.search(r"^kiagateway:\\$", text, re.M)
+    need = 2 * kiaconfig.Settings().max_connections + 1000  # listeners, log, a worker's spare
+    for cap in ("openfiles-cur", "openfiles-max"):
+        (value,) = re.findall(rf":{cap}=(\d+):", text)
+        assert int(value) >= need, cap
+    assert ":tc=daemon:" in text
