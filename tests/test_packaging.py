@@ -383,3 +383,9 @@ def test_openbsd_login_class_covers_the_default_connections():
         (value,) = re.findall(rf":{cap}=(\d+):", text)
         assert int(value) >= need, cap
     assert ":tc=daemon:" in text
+
+
+def test_systemd_unit_keeps_every_connection_line_from_journalds_rate_limit():
+    """journald's default limit (10,000 lines per 30 s) drops connection lines above a few
+    hundred a second; the unit lifts it for the gateway."""
+    assert dict(unit_entries(UNIT.read_text())).get("LogRateLimitIntervalSec") == "0"
