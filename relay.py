@@ -178,7 +178,10 @@ class _Direction:
         try:
             n = _splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            return False
+            # Readable, yet nothing to splice: TCP urgent data at the front of the queue
+            # stops splice() for good, while recv() steps over it (the urgent byte is not
+            # part of the stream). Rare otherwise: a full pipe's worth read just before.
+            return self._copy_once()
         except OSError:
             self.relay.abort(f"{self.name[0]}_reset")
             return False

@@ -55,16 +55,16 @@ def raw_gateway(start_gateway, request):
 
     Every relay test runs twice: with the splice path and with the recv/send copy path.
     """
-    env = {"KIAGATEWAY_NO_SPLICE": "1"} if request.param == "copy" else None
+    base_env = {"KIAGATEWAY_NO_SPLICE": "1"} if request.param == "copy" else {}
     made = []
 
-    def start(handler, extra: str = ""):
+    def start(handler, extra: str = "", env: dict | None = None):
         backend = RawBackend(handler)
         made.append(backend)
         gw = start_gateway(
             f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n{extra}\n'
             f'[http_backends]\n"raw.example" = "{backend.address}"\n',
-            env=env,
+            env={**base_env, **(env or {})},
         )
         return gw, backend
 
@@ -334,4 +334,48 @@ def test_a_slow_steady_reader_is_not_idle(raw_gateway):
         assert digest.hexdigest() == hashlib.sha256(down).hexdigest()
     assert time.monotonic() - started > 1.0
     be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to read the gateway's CPU time")
+def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway):
+    """An MSG_OOB byte on a direction that splices: the bytes after it still arrive, without a busy loop.
+
+    The contract: the urgent byte is not part of the stream (a plain recv, without
+    SO_OOBINLINE, steps over it), every other byte arrives in order.
+    """
+    before, after = os.urandom(1 << 20), os.urandom(256 << 10)
+    expected = HEAD + before + after
+    got = {}
+    arrived = threading.Event()
+
+    def backend(conn):
+        digest, n = hashlib.sha256(), 0
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+            n += len(chunk)
+            if n >= len(expected):
+                arrived.set()
+        got["size"], got["sha"] = n, digest.hexdigest()
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD + before)
+        cpu = cpu_seconds(gw.proc.pid)
+        sock.send(b"!", socket.MSG_OOB)
+        sock.sendall(after)
+        arrived.wait(2.0)  # the half-close must not be what ends a stuck direction
+        spent = cpu_seconds(gw.proc.pid) - cpu
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b""
+    be.check()
+    assert spent < 1.0, f"the gateway used {spent:.2f}s of CPU for 256 KiB"
+    assert (got["size"], got["sha"]) == (len(expected), hashlib.sha256(expected).hexdigest())
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
