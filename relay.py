@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -46,6 +47,7 @@ _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux (named in fcntl only from Py
 _READ, _WRITE = 1, 2  # libev event masks
 _SIOCOUTQ = 0x5411  # Linux ioctl: bytes in a TCP socket's send queue not yet acknowledged
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
+_now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
 
 
 @dataclass
@@ -149,7 +151,7 @@ class _Direction:
             self._on_eof()
             return False
         relay = self.relay
-        relay.last_activity = relay.loop.now()  # touch() and _count() inlined: this runs per message
+        relay.last_activity = _now()  # touch() and _count() inlined: this runs per message
         size = len(data)
         self.bulk = HAVE_SPLICE and size == CHUNK
         try:
@@ -320,7 +322,7 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_done = on_done
         self.result = result or RelayResult()
-        self.last_activity = self.loop.now()
+        self.last_activity = _now()
         self.up = _Direction(self, self.client, self.backend, True)
         self.down = _Direction(self, self.backend, self.client, False)
         self.open_directions = 2  # directions not finished yet
@@ -330,10 +332,10 @@ class Relay:
         self.down.start()
 
     def touch(self) -> None:
-        self.last_activity = self.loop.now()
+        self.last_activity = _now()
 
     def on_timer(self) -> None:
-        idle = self.loop.now() - self.last_activity
+        idle = _now() - self.last_activity
         if idle >= self.idle_timeout:
             waiting = [d for d in (self.up, self.down) if d.pending is not None or d.piped]
             if any([self.up.kernel_drained(), self.down.kernel_drained()]):  # a slow reader still takes bytes

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -379,3 +382,67 @@ def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway):
     assert spent < 1.0, f"the gateway used {spent:.2f}s of CPU for 256 KiB"
     assert (got["size"], got["sha"]) == (len(expected), hashlib.sha256(expected).hexdigest())
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+@pytest.fixture
+def clock_shift(tmp_path):
+    """(env, step): env makes a gateway's wall clock follow step(seconds), through an LD_PRELOAD shim."""
+    cc = shutil.which("cc")
+    if cc is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs cc and Linux's LD_PRELOAD to shift a process's wall clock")
+    shim, offset = tmp_path / "clockshift.so", tmp_path / "clockshift"
+    source = os.path.join(os.path.dirname(__file__), "clockshift.c")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), source, "-ldl"], check=True, timeout=TIMEOUT * 3)
+    offset.write_text("0")
+    return {"LD_PRELOAD": str(shim), "CLOCKSHIFT_FILE": str(offset)}, lambda seconds: offset.write_text(str(seconds))
+
+
+def test_a_wall_clock_step_forward_cuts_no_active_relay(raw_gateway, clock_shift):
+    """+30 s on the wall clock between two bytes of a relay that is never 2 s idle: it stays up."""
+    env, step = clock_shift
+    first, second = threading.Event(), threading.Event()
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        started = time.monotonic()
+        time.sleep(1.0)
+        conn.sendall(bytes(1 << 20))  # big enough for the splice path to take it
+        assert first.wait(TIMEOUT)  # the test has stepped the clock: the idle timer fires at +2 s
+        time.sleep(max(0.0, started + 2.5 - time.monotonic()))
+        conn.sendall(b"more")
+        assert second.wait(TIMEOUT)
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 2.0", env=env)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        recv_exactly(sock, 1 << 20)
+        step(30)
+        first.set()
+        assert recv_exactly(sock, 4) == b"more"
+        second.set()
+        assert read_all(sock) == b""
+    be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def test_a_wall_clock_step_back_keeps_no_idle_relay(raw_gateway, clock_shift):
+    """-20 s on the wall clock of an idle relay: it is still cut after 1 s of silence, not 21 s."""
+    env, step = clock_shift
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        assert conn.recv(1) == b""
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 1.0", env=env)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        assert recv_exactly(sock, 5) == b"hello"
+        step(-20)
+        assert read_all(sock, timeout=TIMEOUT) == b""
+    be.check()
+    line = gw.connection_log(domain="raw.example")
+    assert line["outcome"] == "idle_timeout"
+    assert line["duration_ms"] < 4000, line
