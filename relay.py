@@ -31,21 +31,31 @@ from typing import Callable
 
 import gevent
 
+try:
+    import termios
+except ImportError:  # a Python built without it: no send-queue ioctl either
+    termios = None
+
 CHUNK = 65536  # bytes per recv: the default socket buffer, one syscall per 64 KiB
 SPLICE_BELOW = 4096  # a splice that moves less than a page costs more than recv + send: copy again
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ for pooled pipes: 1 MiB moves bulk data in few syscalls
 PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs more than a small connection
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
+IDLE_LOOKS = 4  # the idle timer looks at the send queues this often per idle_timeout (see Relay.on_timer)
 
+_LINUX = sys.platform.startswith("linux")
 # KIAGATEWAY_NO_SPLICE=1 forces the copy path (kernels or sandboxes where splice misbehaves, and tests).
-HAVE_SPLICE = sys.platform.startswith("linux") and hasattr(os, "splice") and not os.environ.get("KIAGATEWAY_NO_SPLICE")
+HAVE_SPLICE = _LINUX and hasattr(os, "splice") and not os.environ.get("KIAGATEWAY_NO_SPLICE")
 if HAVE_SPLICE:
-    _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    # Linux's values where a Python build does not name them.
+    _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
     _splice = os.splice
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux (named in fcntl only from Python 3.10)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl only from Python 3.10
 
 _READ, _WRITE = 1, 2  # libev event masks
-_SIOCOUTQ = 0x5411  # Linux ioctl: bytes in a TCP socket's send queue not yet acknowledged
+# ioctl giving the bytes in a TCP socket's send queue not yet acknowledged: Linux's
+# SIOCOUTQ, a BSD's FIONWRITE where Python names it; None where there is none (OpenBSD).
+_OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 _now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
 
@@ -92,6 +102,7 @@ class _Direction:
         "bulk",
         "dst",
         "dst_fd",
+        "looked",
         "name",
         "pending",
         "pipe",
@@ -100,7 +111,7 @@ class _Direction:
         "relay",
         "src",
         "src_fd",
-        "unsent",
+        "taken",
         "up",
         "writer",
     )
@@ -117,7 +128,10 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.piped = 0  # bytes in the pipe
         self.bulk = False  # splicing: the last reads were big
-        self.unsent: int | None = None  # dst's kernel send queue when the idle timer last looked
+        # Bytes dst's reader had taken when the idle timer last looked, and when that was;
+        # the bytes sent before the relay count as taken.
+        self.taken = relay.result.bytes_up if up else relay.result.bytes_down
+        self.looked = relay.last_activity
 
     def start(self) -> None:
         self.reader.start(self.on_readable)
@@ -254,21 +268,24 @@ class _Direction:
             self.relay.abort("error")
             raise
 
-    def kernel_drained(self) -> bool:
-        """Whether dst's kernel send queue shrank since last asked: its reader is taking bytes.
+    def reader_took(self, now: float) -> float | None:
+        """When dst's reader last took bytes at the latest, as far as we can tell: the time of the
+        previous look if it took some since, else None. Records this look.
 
         A full destination wakes us only when much of its (often MiB-sized) send
         buffer is free, so a slow reader can be busy for longer than idle_timeout
-        without one writable event.
+        without one writable event. What it took is what we wrote to dst less
+        what dst's kernel send queue still holds: a count that only grows, so a
+        look from before our last write is still a fair base.
         """
         try:
-            unsent = struct.unpack("i", fcntl.ioctl(self.dst_fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:  # no such ioctl here: judge by writable events alone
-            return False
-        # With no earlier look, bytes still queued get the benefit of the doubt once.
-        drained = unsent < self.unsent if self.unsent is not None else unsent > 0
-        self.unsent = unsent
-        return drained
+            unsent = struct.unpack("i", fcntl.ioctl(self.dst_fd, _OUTQ, b"\0\0\0\0"))[0]
+        except OSError:  # refused here: judge by writable events alone
+            return None
+        taken = (self.relay.result.bytes_up if self.up else self.relay.result.bytes_down) - unsent
+        since = self.looked if taken > self.taken else None
+        self.taken, self.looked = taken, now
+        return since
 
     def _on_eof(self) -> None:
         """src is done. Nothing is in flight: a direction reads only after dst took all it had."""
@@ -326,7 +343,7 @@ class Relay:
         self.up = _Direction(self, self.client, self.backend, True)
         self.down = _Direction(self, self.backend, self.client, False)
         self.open_directions = 2  # directions not finished yet
-        self.timer = self.loop.timer(idle_timeout)
+        self.timer = self.loop.timer(idle_timeout / IDLE_LOOKS)
         self.timer.start(self.on_timer)
         self.up.start()
         self.down.start()
@@ -335,18 +352,27 @@ class Relay:
         self.last_activity = _now()
 
     def on_timer(self) -> None:
-        idle = _now() - self.last_activity
+        """Cut the relay once nothing moved for idle_timeout, bytes a reader took from the kernel included.
+
+        Such bytes are seen only by looking, IDLE_LOOKS times per period, and are
+        dated to the look before, the earliest they can have moved: a relay is cut
+        at most a fraction of a period early, never a whole period late (a reader
+        that takes nothing is judged at the first expiry).
+        """
+        now = _now()
+        if _OUTQ is not None:
+            for direction in (self.up, self.down):
+                took = direction.reader_took(now)
+                if took is not None and took > self.last_activity:
+                    self.last_activity = took
+        idle = now - self.last_activity
         if idle >= self.idle_timeout:
             waiting = [d for d in (self.up, self.down) if d.pending is not None or d.piped]
-            if any([self.up.kernel_drained(), self.down.kernel_drained()]):  # a slow reader still takes bytes
-                self.touch()
-                idle = 0.0
-            else:
-                # Bytes still in flight are lost: then a reset says so, a FIN would not.
-                self.abort("idle_timeout", reset=bool(waiting))
-                return
-        self.timer.close()  # re-arm for the rest of the idle period: one timer per period, not per byte
-        self.timer = self.loop.timer(self.idle_timeout - idle)
+            # Bytes still in flight are lost: then a reset says so, a FIN would not.
+            self.abort("idle_timeout", reset=bool(waiting))
+            return
+        self.timer.close()  # re-arm: a few timers per period, not one per byte
+        self.timer = self.loop.timer(min(self.idle_timeout - idle, self.idle_timeout / IDLE_LOOKS))
         self.timer.start(self.on_timer)
 
     def direction_done(self) -> None:

@@ -384,6 +384,30 @@ def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway):
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
 
 
+def test_a_client_that_never_reads_is_cut_after_one_idle_timeout(raw_gateway):
+    """A zero-window client: the first expiry judges, with a reset, not a second period later."""
+    seen = {}
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        try:
+            conn.sendall(bytes(64 << 20))  # far more than the buffers hold: it stops when they are full
+        except OSError as exc:  # the gateway's reset ends it
+            seen["error"] = exc
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 1.0")
+    with small_buffer_connection(gw.http) as sock:
+        sock.sendall(HEAD)
+        line = gw.connection_log(domain="raw.example")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(1 << 20):
+                pass
+    be.check()
+    assert isinstance(seen.get("error"), ConnectionResetError)
+    assert line["outcome"] == "idle_timeout"
+    assert 1000 <= line["duration_ms"] < 1800, line
+
+
 @pytest.fixture
 def clock_shift(tmp_path):
     """(env, step): env makes a gateway's wall clock follow step(seconds), through an LD_PRELOAD shim."""
