@@ -196,6 +196,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self._id_prefix = f"{worker}." if worker else ""
         self._idle: list = []  # connection greenlets parked between connections
+        relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import pwd
 import shutil
 import socket
 import struct
@@ -16,6 +19,7 @@ import pytest
 from conftest import TIMEOUT, read_all
 
 HEAD = b"GET /stream HTTP/1.1\r\nHost: raw.example\r\n\r\n"
+HAVE_SPLICE_HERE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
 
 class RawBackend:
@@ -470,3 +474,219 @@ def test_a_wall_clock_step_back_keeps_no_idle_relay(raw_gateway, clock_shift):
     line = gw.connection_log(domain="raw.example")
     assert line["outcome"] == "idle_timeout"
     assert line["duration_ms"] < 4000, line
+
+
+class BulkBackend:
+    """Accepts ``count`` connections on 127.0.0.1:0; sends ``blob`` down each, reporting progress."""
+
+    def __init__(self, count: int, blob: bytes) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(TIMEOUT)
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.blob, self.count = blob, count
+        self.sent = [0] * count
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._serve, args=(i,), daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _serve(self, i: int) -> None:
+        try:
+            conn, _ = self.server.accept()
+            with conn:
+                conn.settimeout(TIMEOUT * 3)
+                recv_exactly(conn, len(HEAD))
+                view = memoryview(self.blob)
+                while self.sent[i] < len(view):
+                    self.sent[i] += conn.send(view[self.sent[i] : self.sent[i] + (256 << 10)])
+        except BaseException as exc:  # reported by check()
+            self.errors.append(exc)
+
+    def wait_sent(self, at_least: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while min(self.sent) < at_least and not self.errors:
+            assert time.monotonic() < deadline, f"backends sent only {self.sent}"
+            time.sleep(0.01)
+
+    def check(self) -> None:
+        for thread in self.threads:
+            thread.join(TIMEOUT * 3)
+        self.server.close()
+        if self.errors:
+            raise self.errors[0]
+
+
+def gateway_pipes(pid: int) -> dict[str, int]:
+    """The gateway's pipes: {pipe inode: one of its fds}, from /proc/PID/fd."""
+    pipes = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if link.startswith("pipe:"):
+            pipes[link] = int(fd)
+    return pipes
+
+
+def download_all(gw, backend: BulkBackend, sockets: list, sample) -> None:
+    """Every client gets the whole blob, while ``sample()`` runs before, during and after."""
+    for sock in sockets:
+        sock.sendall(HEAD)
+    backend.wait_sent(2 << 20)  # the clients read nothing yet: the gateway holds what is in flight
+    sample()
+    expected = hashlib.sha256(backend.blob).hexdigest()
+    for sock in sockets:
+        assert slow_read(sock, len(backend.blob)) == expected
+        sample()
+    backend.check()
+
+
+@pytest.mark.skipif(not HAVE_SPLICE_HERE, reason="pipes are used only where the gateway splices")
+def test_pipes_stay_within_the_cap(start_gateway):
+    """KIAGATEWAY_MAX_PIPES=2: six downloads at once hold no more than 2 pipes, the rest copy."""
+    count, cap = 6, 2
+    backend = BulkBackend(count, os.urandom(4 << 20))
+    gw = start_gateway(
+        f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+        f'[http_backends]\n"raw.example" = "{backend.address}"\n',
+        env={"KIAGATEWAY_MAX_PIPES": str(cap)},
+    )
+    baseline = gateway_pipes(gw.proc.pid)
+    most = [0]
+
+    def sample():
+        most[0] = max(most[0], len(set(gateway_pipes(gw.proc.pid)) - set(baseline)))
+
+    sockets = [socket.create_connection(gw.http, timeout=TIMEOUT * 3) for _ in range(count)]
+    try:
+        download_all(gw, backend, sockets, sample)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert 0 < most[0] <= cap, f"{most[0]} pipes open with a cap of {cap}"
+
+
+@contextlib.contextmanager
+def pipe_quota_spent(user: pwd.struct_passwd, room: int):
+    """A process of ``user`` that holds 1 MiB pipes until the user's pipe quota leaves room for ``room`` more."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child uses nothing but os calls, then _exit
+        status = 1
+        try:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            pipes = []
+            while len(pipes) < 4096:
+                r, w = os.pipe()
+                try:
+                    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+                except PermissionError:  # the quota is spent
+                    os.close(r)
+                    os.close(w)
+                    break
+                pipes.append((r, w))
+            for r, w in pipes[:room]:
+                os.close(r)
+                os.close(w)
+            os.write(ready_w, str(len(pipes)).encode())
+            os.read(hold_r, 1)  # until the parent closes its end
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    os.close(hold_r)
+    try:
+        filled = os.read(ready_r, 32)
+        assert filled and int(filled) > room, f"the pipe quota of {user.pw_name} could not be filled"
+        yield
+    finally:
+        os.close(hold_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def pipe_size(pid: int, fd: int) -> int:
+    """F_GETPIPE_SZ of another process's pipe, opened anew through /proc."""
+    with open(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as pipe:
+        return fcntl.fcntl(pipe.fileno(), 1032)  # F_GETPIPE_SZ
+
+
+@pytest.mark.skipif(not HAVE_SPLICE_HERE or os.geteuid() != 0, reason="needs Linux's splice and root to run as nobody")
+def test_an_unprivileged_gateway_never_splices_through_a_small_pipe(start_gateway):
+    """Another process of the user left room for 2 pipes in its quota: all bytes arrive, through full pipes only."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    with pipe_quota_spent(nobody, room=2):
+        count = 6
+        backend = BulkBackend(count, os.urandom(4 << 20))
+        gw = start_gateway(
+            f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nuser = "nobody"\n'
+            f'[http_backends]\n"raw.example" = "{backend.address}"\n'
+        )
+        baseline = gateway_pipes(gw.proc.pid)
+        sizes = {}
+
+        def sample():
+            for name, fd in gateway_pipes(gw.proc.pid).items():
+                if name not in baseline:
+                    try:
+                        sizes[name] = pipe_size(gw.proc.pid, fd)
+                    except FileNotFoundError:  # closed meanwhile
+                        pass
+
+        sockets = [socket.create_connection(gw.http, timeout=TIMEOUT * 3) for _ in range(count)]
+        try:
+            download_all(gw, backend, sockets, sample)
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert all(size >= 1 << 20 for size in sizes.values()), f"pipe sizes: {sorted(sizes.values())}"
+
+
+@pytest.mark.parametrize(
+    ("capable", "soft", "hard", "workers", "expected"),
+    [
+        (False, 16384, 0, 1, 48),  # 3/4 of the default quota, in 256-page pipes
+        (False, 16384, 0, 4, 12),  # shared by the workers
+        (False, 16384, 8192, 1, 24),  # the smaller of the two quotas
+        (False, 0, 0, 4, 256),  # no quota: MAX_PIPES
+        (False, 16384, 0, 64, 0),  # too many workers for the quota: copy only
+        (True, 16384, 0, 1, 256),  # CAP_SYS_RESOURCE: the quota does not apply
+    ],
+)
+def test_pipe_limit_shares_the_users_pipe_quota(monkeypatch, capable, soft, hard, workers, expected):
+    import relay
+
+    quotas = {"/proc/sys/fs/pipe-user-pages-soft": soft, "/proc/sys/fs/pipe-user-pages-hard": hard}
+    monkeypatch.setattr(relay, "_LINUX", True)
+    monkeypatch.setattr(relay, "MAX_PIPES", 256)
+    monkeypatch.setattr(relay, "_capable", lambda bit: capable)
+    monkeypatch.setattr(relay, "_read_int", quotas.get)
+    monkeypatch.setattr(relay.os, "sysconf", lambda name: 4096)
+    assert relay.pipe_limit(workers) == expected
+
+
+@pytest.mark.skipif(not HAVE_SPLICE_HERE, reason="pipes are sized only on Linux")
+def test_pipe_pool_lends_only_full_pipes_and_counts_them(monkeypatch):
+    import relay
+
+    pool = relay.PipePool(limit=2, keep=1)
+    first, second = pool.get(), pool.get()
+    assert fcntl.fcntl(first[1], 1032) >= relay.PIPE_SIZE  # F_GETPIPE_SZ
+    assert pool.get() is None and pool.open == 2  # the cap: copy instead
+    pool.put(first)
+    pool.put(second)  # beyond what is kept: closed
+    assert (pool.open, pool.free) == (1, [first])
+    assert pool.get() == first
+    monkeypatch.setattr(relay, "_F_SETPIPE_SZ", 1032)  # F_GETPIPE_SZ: "sizing" leaves the default 64 KiB
+    assert pool.get() is None and pool.limit == 1  # a pipe that could not be sized is never lent
+    pool.put(first, empty=False)
+    assert pool.open == 0
