@@ -8,12 +8,19 @@ stops reading and waits for the destination to drain (backpressure). A
 direction whose reads fill a whole chunk switches to ``os.splice`` through a
 pipe borrowed from a pool for as long as data is in flight (Linux, Python
 3.10+), so bulk data never enters Python; when splices turn small again it
-goes back to copying, which is cheaper for small messages.
+goes back to copying, which is cheaper for small messages. The pool is
+bounded (``MAX_PIPES``, and a share of the user's pipe quota, see
+``configure_pipes``) and lends only pipes of ``PIPE_SIZE``: a direction that
+gets none copies. TCP urgent data is not part of the stream: like a plain
+``recv`` (no ``SO_OOBINLINE``), the relay drops the urgent byte and passes on
+every other byte in order, on both paths.
 
 EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
 direction keeps flowing (half-close). Silence in both directions together for
-``idle_timeout`` ends the relay with a FIN; a reset on either side ends it and
-is passed on as a reset, so neither peer mistakes a broken stream for a
+``idle_timeout`` (on the monotonic clock; bytes a slow reader takes out of the
+kernel's send queue count as activity) ends the relay with a FIN, or with a
+reset if bytes still in flight would be lost; a reset on either side ends it
+and is passed on as a reset, so neither peer mistakes a broken stream for a
 complete one. This module never logs and never touches the servers: it calls
 ``on_done(result)`` once, after both sockets are closed.
 """
