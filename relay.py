@@ -50,7 +50,7 @@ PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs m
 # Pipes a process may have open, lent and kept (HAProxy's maxpipes); beyond it directions
 # copy. Each pins up to PIPE_SIZE of kernel memory behind a stalled reader: 256 MiB at most.
 # KIAGATEWAY_MAX_PIPES overrides it (0 turns splicing off; tests use a small one).
-MAX_PIPES = int(os.environ.get("KIAGATEWAY_MAX_PIPES") or 256)
+MAX_PIPES = 256
 PIPE_QUOTA_SHARE = 0.75  # of the user's pipe quota, for all workers' pools; the rest for its other pipes
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
 IDLE_LOOKS = 4  # the idle timer looks at the send queues this often per idle_timeout (see Relay.on_timer)
@@ -71,6 +71,12 @@ _READ, _WRITE = 1, 2  # libev event masks
 _OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 _now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
+
+if os.environ.get("KIAGATEWAY_MAX_PIPES"):
+    try:
+        MAX_PIPES = int(os.environ["KIAGATEWAY_MAX_PIPES"])
+    except ValueError:
+        raise ValueError(f"KIAGATEWAY_MAX_PIPES={os.environ['KIAGATEWAY_MAX_PIPES']!r} is not a whole number") from None
 
 
 @dataclass
@@ -109,7 +115,7 @@ class PipePool:
         if size < PIPE_SIZE:
             os.close(pipe[0])
             os.close(pipe[1])
-            self.limit = self.open  # the quota is spent: stop trying (a pipe2 and an fcntl per connection)
+            self.limit = self.open  # the quota is spent: stop paying four syscalls per try
             return None
         self.open += 1
         return pipe
@@ -357,8 +363,8 @@ class _Direction:
             raise
 
     def reader_took(self, now: float) -> float | None:
-        """When dst's reader last took bytes at the latest, as far as we can tell: the time of the
-        previous look if it took some since, else None. Records this look.
+        """The time of the previous look if dst's reader took bytes since (the earliest they can
+        have moved), else None; records this look.
 
         A full destination wakes us only when much of its (often MiB-sized) send
         buffer is free, so a slow reader can be busy for longer than idle_timeout
@@ -444,8 +450,8 @@ class Relay:
 
         Such bytes are seen only by looking, IDLE_LOOKS times per period, and are
         dated to the look before, the earliest they can have moved: a relay is cut
-        at most a fraction of a period early, never a whole period late (a reader
-        that takes nothing is judged at the first expiry).
+        at most idle_timeout / IDLE_LOOKS early, never a whole period late (a
+        reader that takes nothing is judged at the first expiry).
         """
         now = _now()
         if _OUTQ is not None:
