@@ -1,4 +1,4 @@
-"""The relay through the gateway: bulk both ways at once, half-close, idle timeout, resets."""
+"""The relay through the gateway: bulk both ways, half-close, idle timeout, resets, urgent data, clock steps, pipes."""
 
 from __future__ import annotations
 
