@@ -242,6 +242,7 @@ class Gateway:
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
         self._lookups: dict[tuple[str, int], gevent.event.AsyncResult] = {}  # backend names being resolved
+        relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()

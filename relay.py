@@ -8,12 +8,19 @@ stops reading and waits for the destination to drain (backpressure). A
 direction whose reads fill a whole chunk switches to ``os.splice`` through a
 pipe borrowed from a pool for as long as data is in flight (Linux, Python
 3.10+), so bulk data never enters Python; when splices turn small again it
-goes back to copying, which is cheaper for small messages.
+goes back to copying, which is cheaper for small messages. The pool is
+bounded (``MAX_PIPES``, and a share of the user's pipe quota, see
+``configure_pipes``) and lends only pipes of ``PIPE_SIZE``: a direction that
+gets none copies. TCP urgent data is not part of the stream: like a plain
+``recv`` (no ``SO_OOBINLINE``), the relay drops the urgent byte and passes on
+every other byte in order, on both paths.
 
 EOF on one side becomes ``shutdown(SHUT_WR)`` on the other while the opposite
 direction keeps flowing (half-close). Silence in both directions together for
-``idle_timeout`` ends the relay with a FIN; a reset on either side ends it and
-is passed on as a reset, so neither peer mistakes a broken stream for a
+``idle_timeout`` (on the monotonic clock; bytes a slow reader takes out of the
+kernel's send queue count as activity) ends the relay with a FIN, or with a
+reset if bytes still in flight would be lost; a reset on either side ends it
+and is passed on as a reset, so neither peer mistakes a broken stream for a
 complete one. This module never logs and never touches the servers: it calls
 ``on_done(result)`` once, after both sockets are closed.
 """
@@ -25,27 +32,51 @@ import os
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import gevent
 
+try:
+    import termios
+except ImportError:  # a Python built without it: no send-queue ioctl either
+    termios = None
+
 CHUNK = 65536  # bytes per recv: the default socket buffer, one syscall per 64 KiB
 SPLICE_BELOW = 4096  # a splice that moves less than a page costs more than recv + send: copy again
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ for pooled pipes: 1 MiB moves bulk data in few syscalls
 PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs more than a small connection
+# Pipes a process may have open, lent and kept (HAProxy's maxpipes); beyond it directions
+# copy. Each pins up to PIPE_SIZE of kernel memory behind a stalled reader: 256 MiB at most.
+# KIAGATEWAY_MAX_PIPES overrides it (0 turns splicing off; tests use a small one).
+MAX_PIPES = 256
+PIPE_QUOTA_SHARE = 0.75  # of the user's pipe quota, for all workers' pools; the rest for its other pipes
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
+IDLE_LOOKS = 4  # the idle timer looks at the send queues this often per idle_timeout (see Relay.on_timer)
 
+_LINUX = sys.platform.startswith("linux")
 # KIAGATEWAY_NO_SPLICE=1 forces the copy path (kernels or sandboxes where splice misbehaves, and tests).
-HAVE_SPLICE = sys.platform.startswith("linux") and hasattr(os, "splice") and not os.environ.get("KIAGATEWAY_NO_SPLICE")
+HAVE_SPLICE = _LINUX and hasattr(os, "splice") and not os.environ.get("KIAGATEWAY_NO_SPLICE")
 if HAVE_SPLICE:
-    _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+    # Linux's values where a Python build does not name them.
+    _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
     _splice = os.splice
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ on Linux (named in fcntl only from Python 3.10)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl only from Python 3.10
+_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capability bits: either lifts the per-user pipe quota
 
 _READ, _WRITE = 1, 2  # libev event masks
-_SIOCOUTQ = 0x5411  # Linux ioctl: bytes in a TCP socket's send queue not yet acknowledged
+# ioctl giving the bytes in a TCP socket's send queue not yet acknowledged: Linux's
+# SIOCOUTQ, a BSD's FIONWRITE where Python names it; None where there is none (OpenBSD).
+_OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
+_now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
+
+if os.environ.get("KIAGATEWAY_MAX_PIPES"):
+    try:
+        MAX_PIPES = int(os.environ["KIAGATEWAY_MAX_PIPES"])
+    except ValueError:
+        raise ValueError(f"KIAGATEWAY_MAX_PIPES={os.environ['KIAGATEWAY_MAX_PIPES']!r} is not a whole number") from None
 
 
 @dataclass
@@ -56,21 +87,38 @@ class RelayResult:
 
 
 class PipePool:
-    """Empty, pre-sized pipes lent to directions while they splice."""
+    """Empty pipes of PIPE_SIZE lent to directions while they splice; at most ``limit`` open."""
 
-    def __init__(self, keep: int = PIPES_KEPT) -> None:
+    def __init__(self, limit: int | None = None, keep: int = PIPES_KEPT) -> None:
+        self.limit = limit  # pipes open at most, lent and kept; None: pipe_limit(1) when first needed
         self.keep = keep
         self.free: list[tuple[int, int]] = []
+        self.open = 0
 
-    def get(self) -> tuple[int, int]:
+    def get(self) -> tuple[int, int] | None:
+        """A pipe, or None: then the direction copies. Never one smaller than PIPE_SIZE, which
+        would make splicing slower than copying."""
         if self.free:
             return self.free.pop()
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.limit is None:
+            self.limit = pipe_limit(1)
+        if self.open >= self.limit:
+            return None
         try:
-            fcntl.fcntl(write_end, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # over /proc/sys/fs/pipe-max-size: the default size still works
-            pass
-        return read_end, write_end
+            pipe = _pipe()
+        except OSError:  # out of descriptors
+            return None
+        try:
+            size = fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # EPERM: over the user's pipe quota or fs.pipe-max-size
+            size = 0
+        if size < PIPE_SIZE:
+            os.close(pipe[0])
+            os.close(pipe[1])
+            self.limit = self.open  # the quota is spent: stop paying four syscalls per try
+            return None
+        self.open += 1
+        return pipe
 
     def put(self, pipe: tuple[int, int], empty: bool = True) -> None:
         if empty and len(self.free) < self.keep:
@@ -78,6 +126,65 @@ class PipePool:
         else:
             os.close(pipe[0])
             os.close(pipe[1])
+            self.open -= 1
+
+
+def _pipe() -> tuple[int, int]:
+    if hasattr(os, "pipe2"):
+        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    read_end, write_end = os.pipe()  # not inheritable already
+    os.set_blocking(read_end, False)
+    os.set_blocking(write_end, False)
+    return read_end, write_end
+
+
+def pipe_limit(workers: int) -> int:
+    """How many pipes one of ``workers`` processes may open: MAX_PIPES, within its share of the user's quota.
+
+    Without CAP_SYS_RESOURCE, Linux refuses to grow a pipe (F_SETPIPE_SZ fails
+    with EPERM) once all the pipes of the user, in every process, hold
+    fs.pipe-user-pages-soft pages (16384 by default: 64 pipes of 1 MiB), and
+    new pipes get 8 KiB. Root in a container usually lacks the capability too.
+    """
+    limit = MAX_PIPES
+    if not _LINUX or _capable(_CAP_SYS_RESOURCE) or _capable(_CAP_SYS_ADMIN):
+        return limit
+    quotas = [_read_int(f"/proc/sys/fs/pipe-user-pages-{kind}") for kind in ("soft", "hard")]
+    quotas = [q for q in quotas if q]  # 0 or unreadable: no such limit
+    if quotas:
+        try:
+            page = os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            page = 4096
+        pages_per_pipe = max(1, PIPE_SIZE // page)
+        limit = min(limit, int(min(quotas) * PIPE_QUOTA_SHARE) // max(1, workers) // pages_per_pipe)
+    return limit
+
+
+def configure_pipes(workers: int) -> int:
+    """Share the user's pipe quota among ``workers`` processes; call in each, after dropping privileges."""
+    PIPES.limit = pipe_limit(workers)
+    return PIPES.limit
+
+
+def _read_int(path: str) -> int:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _capable(bit: int) -> bool:
+    """Whether this process holds a capability, from /proc/self/status (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 PIPES = PipePool()
@@ -90,6 +197,7 @@ class _Direction:
         "bulk",
         "dst",
         "dst_fd",
+        "looked",
         "name",
         "pending",
         "pipe",
@@ -98,7 +206,7 @@ class _Direction:
         "relay",
         "src",
         "src_fd",
-        "unsent",
+        "taken",
         "up",
         "writer",
     )
@@ -115,7 +223,10 @@ class _Direction:
         self.pipe: tuple[int, int] | None = None
         self.piped = 0  # bytes in the pipe
         self.bulk = False  # splicing: the last reads were big
-        self.unsent: int | None = None  # dst's kernel send queue when the idle timer last looked
+        # Bytes dst's reader had taken when the idle timer last looked, and when that was;
+        # the bytes sent before the relay count as taken.
+        self.taken = relay.result.bytes_up if up else relay.result.bytes_down
+        self.looked = relay.last_activity
 
     def start(self) -> None:
         self.reader.start(self.on_readable)
@@ -149,7 +260,7 @@ class _Direction:
             self._on_eof()
             return False
         relay = self.relay
-        relay.last_activity = relay.loop.now()  # touch() and _count() inlined: this runs per message
+        relay.last_activity = _now()  # touch() and _count() inlined: this runs per message
         size = len(data)
         self.bulk = HAVE_SPLICE and size == CHUNK
         try:
@@ -171,14 +282,16 @@ class _Direction:
 
     def _splice_once(self) -> bool:
         if self.pipe is None:
-            try:
-                self.pipe = PIPES.get()
-            except OSError:  # out of descriptors: copy this round instead
+            self.pipe = PIPES.get()
+            if self.pipe is None:  # none to be had: copy this round instead
                 return self._copy_once()
         try:
             n = _splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            return False
+            # Readable, yet nothing to splice: TCP urgent data at the front of the queue
+            # stops splice() for good, while recv() steps over it (the urgent byte is not
+            # part of the stream). Rare otherwise: a full pipe's worth read just before.
+            return self._copy_once()
         except OSError:
             self.relay.abort(f"{self.name[0]}_reset")
             return False
@@ -249,21 +362,24 @@ class _Direction:
             self.relay.abort("error")
             raise
 
-    def kernel_drained(self) -> bool:
-        """Whether dst's kernel send queue shrank since last asked: its reader is taking bytes.
+    def reader_took(self, now: float) -> float | None:
+        """The time of the previous look if dst's reader took bytes since (the earliest they can
+        have moved), else None; records this look.
 
         A full destination wakes us only when much of its (often MiB-sized) send
         buffer is free, so a slow reader can be busy for longer than idle_timeout
-        without one writable event.
+        without one writable event. What it took is what we wrote to dst less
+        what dst's kernel send queue still holds: a count that only grows, so a
+        look from before our last write is still a fair base.
         """
         try:
-            unsent = struct.unpack("i", fcntl.ioctl(self.dst_fd, _SIOCOUTQ, b"\0\0\0\0"))[0]
-        except OSError:  # no such ioctl here: judge by writable events alone
-            return False
-        # With no earlier look, bytes still queued get the benefit of the doubt once.
-        drained = unsent < self.unsent if self.unsent is not None else unsent > 0
-        self.unsent = unsent
-        return drained
+            unsent = struct.unpack("i", fcntl.ioctl(self.dst_fd, _OUTQ, b"\0\0\0\0"))[0]
+        except OSError:  # refused here: judge by writable events alone
+            return None
+        taken = (self.relay.result.bytes_up if self.up else self.relay.result.bytes_down) - unsent
+        since = self.looked if taken > self.taken else None
+        self.taken, self.looked = taken, now
+        return since
 
     def _on_eof(self) -> None:
         """src is done. Nothing is in flight: a direction reads only after dst took all it had."""
@@ -317,31 +433,40 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_done = on_done
         self.result = result or RelayResult()
-        self.last_activity = self.loop.now()
+        self.last_activity = _now()
         self.up = _Direction(self, self.client, self.backend, True)
         self.down = _Direction(self, self.backend, self.client, False)
         self.open_directions = 2  # directions not finished yet
-        self.timer = self.loop.timer(idle_timeout)
+        self.timer = self.loop.timer(idle_timeout / IDLE_LOOKS)
         self.timer.start(self.on_timer)
         self.up.start()
         self.down.start()
 
     def touch(self) -> None:
-        self.last_activity = self.loop.now()
+        self.last_activity = _now()
 
     def on_timer(self) -> None:
-        idle = self.loop.now() - self.last_activity
+        """Cut the relay once nothing moved for idle_timeout, bytes a reader took from the kernel included.
+
+        Such bytes are seen only by looking, IDLE_LOOKS times per period, and are
+        dated to the look before, the earliest they can have moved: a relay is cut
+        at most idle_timeout / IDLE_LOOKS early, never a whole period late (a
+        reader that takes nothing is judged at the first expiry).
+        """
+        now = _now()
+        if _OUTQ is not None:
+            for direction in (self.up, self.down):
+                took = direction.reader_took(now)
+                if took is not None and took > self.last_activity:
+                    self.last_activity = took
+        idle = now - self.last_activity
         if idle >= self.idle_timeout:
             waiting = [d for d in (self.up, self.down) if d.pending is not None or d.piped]
-            if any([self.up.kernel_drained(), self.down.kernel_drained()]):  # a slow reader still takes bytes
-                self.touch()
-                idle = 0.0
-            else:
-                # Bytes still in flight are lost: then a reset says so, a FIN would not.
-                self.abort("idle_timeout", reset=bool(waiting))
-                return
-        self.timer.close()  # re-arm for the rest of the idle period: one timer per period, not per byte
-        self.timer = self.loop.timer(self.idle_timeout - idle)
+            # Bytes still in flight are lost: then a reset says so, a FIN would not.
+            self.abort("idle_timeout", reset=bool(waiting))
+            return
+        self.timer.close()  # re-arm: a few timers per period, not one per byte
+        self.timer = self.loop.timer(min(self.idle_timeout - idle, self.idle_timeout / IDLE_LOOKS))
         self.timer.start(self.on_timer)
 
     def direction_done(self) -> None:

@@ -1,11 +1,17 @@
-"""The relay through the gateway: bulk both ways at once, half-close, idle timeout, resets."""
+"""The relay through the gateway: bulk both ways, half-close, idle timeout, resets, urgent data, clock steps, pipes."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import pwd
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,6 +19,7 @@ import pytest
 from conftest import TIMEOUT, read_all
 
 HEAD = b"GET /stream HTTP/1.1\r\nHost: raw.example\r\n\r\n"
+HAVE_SPLICE_HERE = sys.platform.startswith("linux") and hasattr(os, "splice")
 
 
 class RawBackend:
@@ -55,16 +62,16 @@ def raw_gateway(start_gateway, request):
 
     Every relay test runs twice: with the splice path and with the recv/send copy path.
     """
-    env = {"KIAGATEWAY_NO_SPLICE": "1"} if request.param == "copy" else None
+    base_env = {"KIAGATEWAY_NO_SPLICE": "1"} if request.param == "copy" else {}
     made = []
 
-    def start(handler, extra: str = ""):
+    def start(handler, extra: str = "", env: dict | None = None):
         backend = RawBackend(handler)
         made.append(backend)
         gw = start_gateway(
             f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n{extra}\n'
             f'[http_backends]\n"raw.example" = "{backend.address}"\n',
-            env=env,
+            env={**base_env, **(env or {})},
         )
         return gw, backend
 
@@ -335,3 +342,351 @@ def test_a_slow_steady_reader_is_not_idle(raw_gateway):
     assert time.monotonic() - started > 1.0
     be.check()
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to read the gateway's CPU time")
+def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway):
+    """An MSG_OOB byte on a direction that splices: the bytes after it still arrive, without a busy loop.
+
+    The contract: the urgent byte is not part of the stream (a plain recv, without
+    SO_OOBINLINE, steps over it), every other byte arrives in order.
+    """
+    before, after = os.urandom(1 << 20), os.urandom(256 << 10)
+    expected = HEAD + before + after
+    got = {}
+    arrived = threading.Event()
+
+    def backend(conn):
+        digest, n = hashlib.sha256(), 0
+        while chunk := conn.recv(1 << 20):
+            digest.update(chunk)
+            n += len(chunk)
+            if n >= len(expected):
+                arrived.set()
+        got["size"], got["sha"] = n, digest.hexdigest()
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD + before)
+        cpu = cpu_seconds(gw.proc.pid)
+        sock.send(b"!", socket.MSG_OOB)
+        sock.sendall(after)
+        arrived.wait(2.0)  # the half-close must not be what ends a stuck direction
+        spent = cpu_seconds(gw.proc.pid) - cpu
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b""
+    be.check()
+    assert spent < 1.0, f"the gateway used {spent:.2f}s of CPU for 256 KiB"
+    assert (got["size"], got["sha"]) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def test_a_client_that_never_reads_is_cut_after_one_idle_timeout(raw_gateway):
+    """A zero-window client: the first expiry judges, with a reset, not a second period later."""
+    seen = {}
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        try:
+            conn.sendall(bytes(64 << 20))  # far more than the buffers hold: it stops when they are full
+        except OSError as exc:  # the gateway's reset ends it
+            seen["error"] = exc
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 1.0")
+    with small_buffer_connection(gw.http) as sock:
+        sock.sendall(HEAD)
+        line = gw.connection_log(domain="raw.example")
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(1 << 20):
+                pass
+    be.check()
+    assert isinstance(seen.get("error"), ConnectionResetError)
+    assert line["outcome"] == "idle_timeout"
+    assert 1000 <= line["duration_ms"] < 1800, line
+
+
+@pytest.fixture
+def clock_shift(tmp_path):
+    """(env, step): env makes a gateway's wall clock follow step(seconds), through an LD_PRELOAD shim."""
+    cc = shutil.which("cc")
+    if cc is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs cc and Linux's LD_PRELOAD to shift a process's wall clock")
+    shim, offset = tmp_path / "clockshift.so", tmp_path / "clockshift"
+    source = os.path.join(os.path.dirname(__file__), "clockshift.c")
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), source, "-ldl"], check=True, timeout=TIMEOUT * 3)
+    offset.write_text("0")
+    return {"LD_PRELOAD": str(shim), "CLOCKSHIFT_FILE": str(offset)}, lambda seconds: offset.write_text(str(seconds))
+
+
+def test_a_wall_clock_step_forward_cuts_no_active_relay(raw_gateway, clock_shift):
+    """+30 s on the wall clock between two bytes of a relay that is never 2 s idle: it stays up."""
+    env, step = clock_shift
+    first, second = threading.Event(), threading.Event()
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        started = time.monotonic()
+        time.sleep(1.0)
+        conn.sendall(bytes(1 << 20))  # big enough for the splice path to take it
+        assert first.wait(TIMEOUT)  # the test has stepped the clock: the idle timer fires at +2 s
+        time.sleep(max(0.0, started + 2.5 - time.monotonic()))
+        conn.sendall(b"more")
+        assert second.wait(TIMEOUT)
+        conn.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 2.0", env=env)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        recv_exactly(sock, 1 << 20)
+        step(30)
+        first.set()
+        assert recv_exactly(sock, 4) == b"more"
+        second.set()
+        assert read_all(sock) == b""
+    be.check()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def test_a_wall_clock_step_back_keeps_no_idle_relay(raw_gateway, clock_shift):
+    """-20 s on the wall clock of an idle relay: it is still cut after 1 s of silence, not 21 s."""
+    env, step = clock_shift
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        assert conn.recv(1) == b""
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 1.0", env=env)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        assert recv_exactly(sock, 5) == b"hello"
+        step(-20)
+        assert read_all(sock, timeout=TIMEOUT) == b""
+    be.check()
+    line = gw.connection_log(domain="raw.example")
+    assert line["outcome"] == "idle_timeout"
+    assert line["duration_ms"] < 4000, line
+
+
+class BulkBackend:
+    """Accepts ``count`` connections on 127.0.0.1:0; sends ``blob`` down each, reporting progress."""
+
+    def __init__(self, count: int, blob: bytes) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(TIMEOUT)
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.blob, self.count = blob, count
+        self.sent = [0] * count
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._serve, args=(i,), daemon=True) for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _serve(self, i: int) -> None:
+        try:
+            conn, _ = self.server.accept()
+            with conn:
+                conn.settimeout(TIMEOUT * 3)
+                recv_exactly(conn, len(HEAD))
+                view = memoryview(self.blob)
+                while self.sent[i] < len(view):
+                    self.sent[i] += conn.send(view[self.sent[i] : self.sent[i] + (256 << 10)])
+        except BaseException as exc:  # reported by check()
+            self.errors.append(exc)
+
+    def wait_sent(self, at_least: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while min(self.sent) < at_least and not self.errors:
+            assert time.monotonic() < deadline, f"backends sent only {self.sent}"
+            time.sleep(0.01)
+
+    def check(self) -> None:
+        for thread in self.threads:
+            thread.join(TIMEOUT * 3)
+        self.server.close()
+        if self.errors:
+            raise self.errors[0]
+
+
+def gateway_pipes(pid: int) -> dict[str, int]:
+    """The gateway's pipes: {pipe inode: one of its fds}, from /proc/PID/fd."""
+    pipes = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile
+            continue
+        if link.startswith("pipe:"):
+            pipes[link] = int(fd)
+    return pipes
+
+
+def download_all(gw, backend: BulkBackend, sockets: list, sample) -> None:
+    """Every client gets the whole blob, while ``sample()`` runs before, during and after."""
+    for sock in sockets:
+        sock.sendall(HEAD)
+    backend.wait_sent(2 << 20)  # the clients read nothing yet: the gateway holds what is in flight
+    sample()
+    expected = hashlib.sha256(backend.blob).hexdigest()
+    for sock in sockets:
+        assert slow_read(sock, len(backend.blob)) == expected
+        sample()
+    backend.check()
+
+
+@pytest.mark.skipif(not HAVE_SPLICE_HERE, reason="pipes are used only where the gateway splices")
+def test_pipes_stay_within_the_cap(start_gateway):
+    """KIAGATEWAY_MAX_PIPES=2: six downloads at once hold no more than 2 pipes, the rest copy."""
+    count, cap = 6, 2
+    backend = BulkBackend(count, os.urandom(4 << 20))
+    gw = start_gateway(
+        f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+        f'[http_backends]\n"raw.example" = "{backend.address}"\n',
+        env={"KIAGATEWAY_MAX_PIPES": str(cap)},
+    )
+    baseline = gateway_pipes(gw.proc.pid)
+    most = [0]
+
+    def sample():
+        most[0] = max(most[0], len(set(gateway_pipes(gw.proc.pid)) - set(baseline)))
+
+    sockets = [socket.create_connection(gw.http, timeout=TIMEOUT * 3) for _ in range(count)]
+    try:
+        download_all(gw, backend, sockets, sample)
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert 0 < most[0] <= cap, f"{most[0]} pipes open with a cap of {cap}"
+
+
+@contextlib.contextmanager
+def pipe_quota_spent(user: pwd.struct_passwd, room: int):
+    """A process of ``user`` that holds 1 MiB pipes until the user's pipe quota leaves room for ``room`` more."""
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child uses nothing but os calls, then _exit
+        status = 1
+        try:
+            os.close(ready_r)
+            os.close(hold_w)
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+            pipes = []
+            while len(pipes) < 4096:
+                r, w = os.pipe()
+                try:
+                    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+                except PermissionError:  # the quota is spent
+                    os.close(r)
+                    os.close(w)
+                    break
+                pipes.append((r, w))
+            for r, w in pipes[:room]:
+                os.close(r)
+                os.close(w)
+            os.write(ready_w, str(len(pipes)).encode())
+            os.read(hold_r, 1)  # until the parent closes its end
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(ready_w)
+    os.close(hold_r)
+    try:
+        filled = os.read(ready_r, 32)
+        assert filled and int(filled) > room, f"the pipe quota of {user.pw_name} could not be filled"
+        yield
+    finally:
+        os.close(hold_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def pipe_size(pid: int, fd: int) -> int:
+    """F_GETPIPE_SZ of another process's pipe, opened anew through /proc."""
+    with open(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as pipe:
+        return fcntl.fcntl(pipe.fileno(), 1032)  # F_GETPIPE_SZ
+
+
+@pytest.mark.skipif(not HAVE_SPLICE_HERE or os.geteuid() != 0, reason="needs Linux's splice and root to run as nobody")
+def test_an_unprivileged_gateway_never_splices_through_a_small_pipe(start_gateway):
+    """Another process of the user left room for 2 pipes in its quota: all bytes arrive, through full pipes only."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    with pipe_quota_spent(nobody, room=2):
+        count = 6
+        backend = BulkBackend(count, os.urandom(4 << 20))
+        gw = start_gateway(
+            f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nuser = "nobody"\n'
+            f'[http_backends]\n"raw.example" = "{backend.address}"\n'
+        )
+        baseline = gateway_pipes(gw.proc.pid)
+        sizes = {}
+
+        def sample():
+            for name, fd in gateway_pipes(gw.proc.pid).items():
+                if name not in baseline:
+                    try:
+                        sizes[name] = pipe_size(gw.proc.pid, fd)
+                    except FileNotFoundError:  # closed meanwhile
+                        pass
+
+        sockets = [socket.create_connection(gw.http, timeout=TIMEOUT * 3) for _ in range(count)]
+        try:
+            download_all(gw, backend, sockets, sample)
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert all(size >= 1 << 20 for size in sizes.values()), f"pipe sizes: {sorted(sizes.values())}"
+
+
+@pytest.mark.parametrize(
+    ("capable", "soft", "hard", "workers", "expected"),
+    [
+        (False, 16384, 0, 1, 48),  # 3/4 of the default quota, in 256-page pipes
+        (False, 16384, 0, 4, 12),  # shared by the workers
+        (False, 16384, 8192, 1, 24),  # the smaller of the two quotas
+        (False, 0, 0, 4, 256),  # no quota: MAX_PIPES
+        (False, 16384, 0, 64, 0),  # too many workers for the quota: copy only
+        (True, 16384, 0, 1, 256),  # CAP_SYS_RESOURCE: the quota does not apply
+    ],
+)
+def test_pipe_limit_shares_the_users_pipe_quota(monkeypatch, capable, soft, hard, workers, expected):
+    import relay
+
+    quotas = {"/proc/sys/fs/pipe-user-pages-soft": soft, "/proc/sys/fs/pipe-user-pages-hard": hard}
+    monkeypatch.setattr(relay, "_LINUX", True)
+    monkeypatch.setattr(relay, "MAX_PIPES", 256)
+    monkeypatch.setattr(relay, "_capable", lambda bit: capable)
+    monkeypatch.setattr(relay, "_read_int", quotas.get)
+    monkeypatch.setattr(relay.os, "sysconf", lambda name: 4096)
+    assert relay.pipe_limit(workers) == expected
+
+
+@pytest.mark.skipif(not HAVE_SPLICE_HERE, reason="pipes are sized only on Linux")
+def test_pipe_pool_lends_only_full_pipes_and_counts_them(monkeypatch):
+    import relay
+
+    pool = relay.PipePool(limit=2, keep=1)
+    first, second = pool.get(), pool.get()
+    assert fcntl.fcntl(first[1], 1032) >= relay.PIPE_SIZE  # F_GETPIPE_SZ
+    assert pool.get() is None and pool.open == 2  # the cap: copy instead
+    pool.put(first)
+    pool.put(second)  # beyond what is kept: closed
+    assert (pool.open, pool.free) == (1, [first])
+    assert pool.get() == first
+    monkeypatch.setattr(relay, "_F_SETPIPE_SZ", 1032)  # F_GETPIPE_SZ: "sizing" leaves the default 64 KiB
+    assert pool.get() is None and pool.limit == 1  # a pipe that could not be sized is never lent
+    pool.put(first, empty=False)
+    assert pool.open == 0
