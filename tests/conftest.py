@@ -19,6 +19,7 @@ import socketserver
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -248,9 +249,10 @@ def start_gateway(tmp_path):
     """Start gateways with a given TOML text; all are stopped at teardown."""
     started: list[Gateway] = []
 
-    def start(toml: str, *args: str, env: dict | None = None, max_fds: int = 0) -> Gateway:
-        workdir = tmp_path / f"gw{len(started)}"
-        workdir.mkdir()
+    def start(toml: str, *args: str, env: dict | None = None, max_fds: int = 0, under: Path | None = None) -> Gateway:
+        """``under``: a directory for the config other than pytest's 0700 one, for a gateway that drops privileges."""
+        workdir = (under or tmp_path) / f"gw{len(started)}"
+        workdir.mkdir(mode=0o755)
         gateway = Gateway(workdir, toml, args, env, max_fds)
         started.append(gateway)
         return gateway
@@ -258,6 +260,15 @@ def start_gateway(tmp_path):
     yield start
     for gateway in started:
         gateway.stop()
+
+
+@pytest.fixture
+def searchable_dir():
+    """A directory every user can search, outside pytest's own 0700 base directory."""
+    path = Path(tempfile.mkdtemp(prefix="kiagateway-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
 
 
 @pytest.fixture

@@ -7,11 +7,9 @@ import grp
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -361,15 +359,6 @@ def test_check_catches_overlapping_wildcard_listeners(tmp_path):
     assert out.returncode == 1 and out.stdout == ""
     assert f"{cfg}: [gateway] http_listen: 127.0.0.1:8080 overlaps 0.0.0.0:8080 of [gateway] http_listen" in out.stderr
     assert "[::]:8080" not in out.stderr  # IPv6 listeners are bound IPV6_V6ONLY
-
-
-@pytest.fixture
-def searchable_dir():
-    """A directory every user can search, outside pytest's own 0700 base directory."""
-    path = Path(tempfile.mkdtemp(prefix="kiagateway-test-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="files that only root can read need root")

@@ -618,7 +618,7 @@ def pipe_size(pid: int, fd: int) -> int:
 
 
 @pytest.mark.skipif(not HAVE_SPLICE_HERE or os.geteuid() != 0, reason="needs Linux's splice and root to run as nobody")
-def test_an_unprivileged_gateway_never_splices_through_a_small_pipe(start_gateway):
+def test_an_unprivileged_gateway_never_splices_through_a_small_pipe(start_gateway, searchable_dir):
     """Another process of the user left room for 2 pipes in its quota: all bytes arrive, through full pipes only."""
     try:
         nobody = pwd.getpwnam("nobody")
@@ -629,7 +629,8 @@ def test_an_unprivileged_gateway_never_splices_through_a_small_pipe(start_gatewa
         backend = BulkBackend(count, os.urandom(4 << 20))
         gw = start_gateway(
             f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nuser = "nobody"\n'
-            f'[http_backends]\n"raw.example" = "{backend.address}"\n'
+            f'[http_backends]\n"raw.example" = "{backend.address}"\n',
+            under=searchable_dir,
         )
         baseline = gateway_pipes(gw.proc.pid)
         sizes = {}
