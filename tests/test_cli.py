@@ -401,3 +401,16 @@ def test_check_prints_unicode_keys_with_their_a_label(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "  xn--bcher-kva.example (bücher.example)      ->  127.0.0.1:1\n" in out.stdout
     assert "  *.xn--bcher-kva.example (*.bücher.example)  ->  127.0.0.1:2\n" in out.stdout
+
+
+def test_check_prints_pools_and_allow_lists(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(
+        "[http_backends]\n"
+        '"a.example" = ["127.0.0.1:1", "127.0.0.1:2"]\n'
+        '"b.example" = { address = ["127.0.0.1:3"], allow = ["10.0.0.0/8", "2001:db8::/32"], proxy_protocol = "v1" }\n'
+    )
+    out = run("--check", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "  a.example  ->  127.0.0.1:1, 127.0.0.1:2  (pool of 2, round-robin)\n" in out.stdout
+    assert "  b.example  ->  127.0.0.1:3  (proxy_protocol v1; allow 10.0.0.0/8, 2001:db8::/32)\n" in out.stdout
