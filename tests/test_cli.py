@@ -33,6 +33,17 @@ def test_check_shipped_config():
     assert "example.com" in out.stdout and "->  127.0.0.1:8001" in out.stdout
 
 
+def test_shipped_config_examples_are_valid_once_uncommented(tmp_path):
+    text = (ROOT / "servers.toml").read_text()
+    uncommented = "\n".join(
+        line[2:] if line.startswith(('# "', "# ")) and " = " in line else line for line in text.split("\n")
+    )
+    (tmp_path / "all.toml").write_text(uncommented)
+    out = run("--check", str(tmp_path / "all.toml"))
+    assert out.returncode == 0, out.stderr
+    assert "(pool of 2, round-robin; allow 192.0.2.0/24)" in out.stdout
+
+
 def test_check_bad_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[http_backends]\n"a.example" = "127.0.0.1"\n[gateway]\nidle_timout = 3\n')
