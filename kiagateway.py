@@ -34,7 +34,6 @@ a listener that cannot be bound or a fatal error, 2 for bad usage.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import itertools
 import os
 import re
@@ -335,7 +334,7 @@ class Gateway:
         backend_sock = None
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         try:
-            self._admit(conn)
+            self._admit(conn)  # where the client address is final: a trusted PROXY header would come first
             preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
@@ -344,7 +343,7 @@ class Gateway:
                 name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
                 raise sniff.NoRoute(f"no route for {name}")
             conn.backend = backend
-            if backend.allow is not None and not allowed(conn.peer[0], backend.allow):
+            if backend.allow is not None and not allowed(conn.peer[0], backend.allow_masks):
                 raise sniff.Forbidden(f"client {conn.peer[0]} is outside the allow-list of {preamble.domain}'s route")
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout, conn)
             outgoing = buffered
@@ -580,11 +579,26 @@ def client_key(host: str) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
-def allowed(host: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
-    """Is the client at ``host`` in one of ``networks``? An IPv4-mapped IPv6 address matches IPv4 networks too."""
-    ip = ipaddress.ip_address(host.partition("%")[0])  # a link-local address's scope is not part of it
-    mapped = ip.ipv4_mapped if ip.version == 6 else None
-    return any(ip in network or (mapped is not None and mapped in network) for network in networks)
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): an IPv4 address in IPv6
+
+
+def allowed(host: str, masks: tuple[tuple[int, int, int], ...]) -> bool:
+    """Is the client at ``host`` in one of the networks (``Backend.allow_masks``)?
+
+    An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) matches
+    IPv4 networks too; a link-local address's scope is not part of it.
+    """
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        v6: int | None = int.from_bytes(packed, "big")
+        v4 = int.from_bytes(packed[12:], "big") if packed[:12] == _V4_MAPPED else None
+    else:
+        v4, v6 = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big"), None
+    for version, network, mask in masks:
+        number = v4 if version == 4 else v6
+        if number is not None and number & mask == network:
+            return True
+    return False
 
 
 class _ConnectTimedOut(Exception):

@@ -17,6 +17,7 @@ from conftest import TIMEOUT, _HTTPBackend, _WhoAmI, free_closed_port, read_all
 from hellos import real_hello
 from test_errors import alert, blackhole, status_of  # noqa: F401 - blackhole is a fixture
 
+import kiaconfig
 import kiagateway
 import sniff
 
@@ -187,7 +188,8 @@ def test_pool_all_failed_answers_as_the_last_attempt(start_gateway, blackhole): 
     ],
 )
 def test_allowed(client, networks, expected):
-    assert kiagateway.allowed(client, tuple(ipaddress.ip_network(n) for n in networks)) is expected
+    masks = kiaconfig.network_masks(tuple(ipaddress.ip_network(n) for n in networks))
+    assert kiagateway.allowed(client, masks) is expected
 
 
 def test_client_key_counts_an_ipv4_client_once_on_any_listener():
