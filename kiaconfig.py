@@ -52,9 +52,10 @@ class Address:
 class Backend:
     """One route entry: one address, or a pool tried round-robin; ``allow``: the client networks it serves.
 
-    ``allow`` is None when every client may use it. Per-worker state (where
-    round-robin goes next) lives in the gateway, keyed by the entry's identity:
-    this stays frozen, so a reload swaps whole tables.
+    ``allow`` is None when every client may use it; ``allow_masks`` holds the
+    same networks as integers, for the check made on each connection.
+    Per-worker state (where round-robin goes next) lives in the gateway, keyed
+    by the entry's identity: this stays frozen, so a reload swaps whole tables.
     """
 
     addresses: tuple[Address, ...]

@@ -234,6 +234,18 @@ def test_allow_list_refuses_other_clients_before_any_connect(start_gateway):
             assert read_all(client) == b"HTTP/1.1 204 No Content\r\n\r\n"
 
 
+def test_allow_list_over_ipv6(start_gateway, backends):
+    alpha = backends["alpha"].address
+    gw = start_gateway(
+        '[gateway]\nhttp_listen = ["[::1]:0"]\nhttps_listen = []\n[http_backends]\n'
+        f'"six.example" = {{ address = "{alpha}", allow = ["10.0.0.0/8", "::1/128"] }}\n'
+        f'"doc.example" = {{ address = "{alpha}", allow = ["127.0.0.0/8", "2001:db8::/32"] }}\n'
+    )
+    assert served_by(get(gw.http, "six.example", source="::1")) == "alpha"
+    assert status_of(get(gw.http, "doc.example", source="::1")) == 403
+    assert gw.connection_log(outcome="forbidden")["client"].startswith("[::1]:")
+
+
 # ---------------------------------------------------------------------------
 # Per-client limit
 
