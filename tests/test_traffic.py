@@ -59,8 +59,14 @@ def connection_lines(gw, count: int, **match) -> list[dict]:
     def matches(line: dict) -> bool:
         return line.get("message") == "connection" and all(line.get(k) == v for k, v in match.items())
 
-    seen = []
-    gw.wait_for(lambda line: matches(line) and (seen.append(line) or len(seen) >= count))
+    found = 0
+
+    def enough(line: dict) -> bool:  # wait_for offers each line once: count them as they come
+        nonlocal found
+        found += matches(line)
+        return found >= count
+
+    gw.wait_for(enough)
     return [line for line in gw.seen if matches(line)]
 
 
