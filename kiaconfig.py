@@ -50,11 +50,38 @@ class Address:
 
 @dataclass(frozen=True)
 class Backend:
-    address: Address
+    """One route entry: one address, or a pool tried round-robin; ``allow``: the client networks it serves.
+
+    ``allow`` is None when every client may use it; ``allow_masks`` holds the
+    same networks as integers, for the check made on each connection.
+    Per-worker state (where round-robin goes next) lives in the gateway, keyed
+    by the entry's identity: this stays frozen, so a reload swaps whole tables.
+    """
+
+    addresses: tuple[Address, ...]
     proxy_protocol: str | None = None
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # Not a field (so not in comparisons or asdict): ``allow`` as integers, which
+        # the gateway matches a client against for each connection in a fraction of
+        # the time ipaddress objects take (measured: 7.6 µs per check down to about 1).
+        object.__setattr__(self, "allow_masks", None if self.allow is None else network_masks(self.allow))
+
+    @property
+    def address(self) -> Address:
+        """The first address: the only one of a route that is not a pool."""
+        return self.addresses[0]
 
     def __str__(self) -> str:
-        return str(self.address)
+        return ", ".join(map(str, self.addresses))
+
+
+def network_masks(
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> tuple[tuple[int, int, int], ...]:
+    """(IP version, network address, netmask) as integers, per network."""
+    return tuple((n.version, int(n.network_address), int(n.netmask)) for n in networks)
 
 
 @dataclass(frozen=True)
@@ -120,6 +147,8 @@ class Settings:
     log_format: str = "text"
     log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
     drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
+    backend_cooldown: float = 10.0  # seconds a pool address that failed to connect is skipped; 0: never skipped
+    max_connections_per_client: int = 0  # open connections per client address and worker; 0: no limit
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -294,26 +323,78 @@ def _routes(table: Any, name: str, source: str, errors: list[str]) -> RouteTable
     return RouteTable(exact, wildcard, default)
 
 
+BACKEND_KEYS = ("address", "proxy_protocol", "allow")
+
+
 def _backend(value: Any, where: str, errors: list[str]) -> Backend | None:
-    proxy_protocol = None
+    proxy_protocol = allow = None
+    count = len(errors)
     if isinstance(value, dict):
         for key in value:
-            if key not in ("address", "proxy_protocol"):
-                errors.append(f"{where}: unknown key {key!r}{_did_you_mean(key, ('address', 'proxy_protocol'))}")
+            if key not in BACKEND_KEYS:
+                errors.append(f"{where}: unknown key {key!r}{_did_you_mean(key, BACKEND_KEYS)}")
         proxy_protocol = value.get("proxy_protocol")
         if proxy_protocol is not None and proxy_protocol not in PROXY_PROTOCOLS:
             errors.append(
                 f"{where}: proxy_protocol must be one of {', '.join(PROXY_PROTOCOLS)}, got {proxy_protocol!r}"
             )
+        if "allow" in value:
+            allow = _allow(value["allow"], f"{where} allow", errors)
         if "address" not in value:
             errors.append(f"{where}: missing 'address'")
             return None
         value = value["address"]
-    try:
-        return Backend(parse_address(value), proxy_protocol)
-    except ValueError as exc:
-        errors.append(f"{where}: {exc}")
+    addresses = _addresses(value, where, errors)
+    if len(errors) > count:
         return None
+    return Backend(addresses, proxy_protocol, allow)
+
+
+def _addresses(value: Any, where: str, errors: list[str]) -> tuple[Address, ...]:
+    """One address, or a pool: a non-empty list of distinct ones, each error naming its index."""
+    if not isinstance(value, list):
+        try:
+            return (parse_address(value),)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+            return ()
+    if not value:
+        errors.append(f"{where}: the address list is empty: give at least one 'host:port'")
+    addresses: list[Address] = []
+    for index, item in enumerate(value):
+        try:
+            address = parse_address(item)
+        except ValueError as exc:
+            errors.append(f"{where} address[{index}]: {exc}")
+            continue
+        if address in addresses:
+            errors.append(f"{where} address[{index}]: {address} is already in the list")
+            continue
+        addresses.append(address)
+    return tuple(addresses)
+
+
+def _allow(value: Any, where: str, errors: list[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Client networks as CIDRs ("10.0.0.0/8", "2001:db8::/32"; a bare IP is one host)."""
+    if not isinstance(value, list) or not value:
+        errors.append(
+            f'{where}: must be a non-empty list of networks like "10.0.0.0/8" '
+            "(an empty list would refuse every client: remove the route instead)"
+        )
+        return ()
+    networks = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            errors.append(f'{where}[{index}]: expected a string like "10.0.0.0/8", got {type(item).__name__}')
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError as exc:
+            hint = ""
+            if "host bits set" in str(exc):
+                hint = f" (did you mean {str(ipaddress.ip_network(item, strict=False))!r}?)"
+            errors.append(f"{where}[{index}]: {item!r} is not a network: {exc}{hint}")
+    return tuple(networks)
 
 
 def _settings(table: Any, source: str, errors: list[str]) -> Settings:
@@ -343,6 +424,12 @@ def _listen(value: Any) -> tuple[Address, ...]:
 def _positive(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e6:
         raise ValueError("must be a positive number of seconds")
+    return float(value)
+
+
+def _seconds_or_off(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e6:
+        raise ValueError("must be a number of seconds, or 0 for off")
     return float(value)
 
 
@@ -395,6 +482,8 @@ _CHECKS = {
     "log_format": _choice(LOG_FORMATS),
     "log_connections": _boolean,
     "drain_timeout": _positive,
+    "backend_cooldown": _seconds_or_off,
+    "max_connections_per_client": _int_range(0, 1 << 20),
 }
 
 

@@ -63,7 +63,7 @@ import kiaconfig
 import kiaprocess
 import relay
 import sniff
-from kiaconfig import Backend, Config, ConfigError, Settings
+from kiaconfig import Address, Backend, Config, ConfigError, Settings
 from kialog import Log, format_address
 from kiaprocess import FatalError
 
@@ -83,8 +83,10 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST 
 
 _HTTP_REASONS = {
     400: "Bad Request",
+    403: "Forbidden",
     408: "Request Timeout",
     421: "Misdirected Request",
+    429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
     504: "Gateway Timeout",
@@ -95,8 +97,10 @@ _HTTP_REASONS = {
 # address, errno, resolver message, the client's own bytes) goes to the log only.
 _HTTP_DETAILS = {
     400: "the request head is malformed or names no valid host",
+    403: "this client may not use the requested host",
     408: "the request head did not arrive in time",
     421: "this gateway has no route for the requested host",
+    429: "too many connections from this client",
     431: "the request head is too large",
     502: "the backend for this host cannot be reached",
     504: "the backend for this host did not answer in time",
@@ -243,6 +247,9 @@ class Gateway:
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
         self._lookups: dict[tuple[str, int], gevent.event.AsyncResult] = {}  # backend names being resolved
         relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
+        self._pools: dict[int, _Pool] = {}  # round-robin state of the pools used, by id() of their Backend
+        self._cooling: dict[Address, float] = {}  # pool addresses that failed -> monotonic time they are tried again
+        self._per_client: dict[str, int] = {}  # open connections by client address, with max_connections_per_client
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -277,6 +284,9 @@ class Gateway:
     def reload(self, cfg: Config) -> None:
         self.config = cfg
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
+        self._pools = {}  # the new table's pools are new objects; round-robin starts over on them
+        now = time.monotonic()
+        self._cooling = {address: until for address, until in self._cooling.items() if until > now}
         self._resume_if_room()  # a raised max_connections takes effect now, not at the next close
 
     def _resume_if_room(self) -> None:
@@ -335,6 +345,7 @@ class Gateway:
         backend_sock = None
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         try:
+            self._admit(conn)  # where the client address is final: a trusted PROXY header would come first
             preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
@@ -343,7 +354,9 @@ class Gateway:
                 name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
                 raise sniff.NoRoute(f"no route for {name}")
             conn.backend = backend
-            backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
+            if backend.allow is not None and not allowed(conn.peer[0], backend.allow_masks):
+                raise sniff.Forbidden(f"client {conn.peer[0]} is outside the allow-list of {preamble.domain}'s route")
+            backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout, conn)
             outgoing = buffered
             if backend.proxy_protocol:
                 try:
@@ -361,7 +374,7 @@ class Gateway:
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            _answer(client, error_reply(exc, listener, sniffer.buffer))
+            _answer(client, error_reply(exc, listener, sniffer.buffer), fin=isinstance(exc, sniff.ClientLimit))
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
         except _Drained:  # thrown in by _cut: the drain is over
@@ -430,8 +443,85 @@ class Gateway:
                 deadline.close()
         return result
 
-    def _connect(self, backend: Backend, domain: str | None, timeout: float) -> socket.socket:
-        address = backend.address
+    def _admit(self, conn: _Connection) -> None:
+        """Count the connection against max_connections_per_client, or raise ClientLimit if its client is at it.
+
+        Call it once the client address is final: right after accept, or for a
+        connection from a trusted proxy once its PROXY header has named the
+        client. ``_Connection.done`` gives the count back, once, however the
+        connection ends. With no limit set it does nothing.
+        """
+        limit = self.config.settings.max_connections_per_client
+        if not limit:
+            return
+        key = client_key(conn.peer[0])
+        count = self._per_client.get(key, 0)
+        if count >= limit:
+            raise sniff.ClientLimit(f"{count} connections open from {key} (max_connections_per_client = {limit})")
+        self._per_client[key] = count + 1
+        conn.counted = key
+
+    def _release(self, key: str) -> None:
+        """One connection fewer from ``key``; a client with none left leaves the table, so it never grows."""
+        count = self._per_client[key] - 1
+        if count:
+            self._per_client[key] = count
+        else:
+            del self._per_client[key]
+
+    def _connect(self, backend: Backend, domain: str | None, timeout: float, conn: _Connection) -> socket.socket:
+        """Connect to the route's address, or to its pool's; ``conn.address`` says which was tried last."""
+        addresses = backend.addresses
+        if len(addresses) == 1:
+            conn.address = addresses[0]
+            return self._connect_to(addresses[0], domain, timeout)
+        return self._connect_pool(backend, domain, timeout, conn)
+
+    def _connect_pool(self, backend: Backend, domain: str | None, timeout: float, conn: _Connection) -> socket.socket:
+        """Try a pool's addresses, each once with its own ``timeout``, until one connects.
+
+        The order starts one further round the pool at each connection
+        (round-robin, per route entry and worker); addresses that failed within
+        ``backend_cooldown`` go last, so they are tried only when every other has
+        failed too. All failed: the last attempt's error is the answer.
+        """
+        pool = self._pools.get(id(backend))
+        if pool is None or pool.backend is not backend:  # a new entry, or a dead one's id reused
+            pool = self._pools[id(backend)] = _Pool(backend)
+        addresses = backend.addresses
+        start = pool.next
+        pool.next = (start + 1) % len(addresses)
+        order = addresses[start:] + addresses[:start]
+        cooling = self._cooling
+        if cooling:
+            now = time.monotonic()
+            for address in order:
+                if cooling.get(address, now) < now:  # cooled down: forget it
+                    del cooling[address]
+            order = [a for a in order if a not in cooling] + [a for a in order if a in cooling]
+        cooldown = self.config.settings.backend_cooldown
+        tried = []
+        for address in order:
+            conn.address = address
+            tried.append(address)
+            try:
+                sock = self._connect_to(address, domain, timeout)
+            except (sniff.BackendUnreachable, sniff.BackendTimeout) as exc:
+                if cooldown:
+                    cooling[address] = time.monotonic() + cooldown
+                error = exc
+                continue
+            if cooling:
+                cooling.pop(address, None)  # if it was cooling down: it answers again
+            if len(tried) > 1:
+                conn.tried = tried
+            return sock
+        if len(tried) > 1:
+            conn.tried = tried
+        raise type(error)(f"{error.reason} (the last of {len(tried)} pool addresses tried)")
+
+    def _connect_to(self, address: Address, domain: str | None, timeout: float) -> socket.socket:
+        """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not."""
         try:
             if address.ip is not None:  # no resolver round-trip for IP literals
                 family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
@@ -479,6 +569,47 @@ class Gateway:
             lookup.set_exception(exc)
         finally:
             del self._lookups[key]
+
+
+class _Pool:
+    """A pool's state in one worker: where its next connection starts round the addresses."""
+
+    __slots__ = ("backend", "next")
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend  # held, so that its id() is not reused while this is in the table
+        self.next = 0
+
+
+def client_key(host: str) -> str:
+    """The client's address as the per-client limit counts it: an IPv4-mapped IPv6 address is its IPv4 one.
+
+    A dual-stack listener sees an IPv4 client as ``::ffff:a.b.c.d``; another
+    listener on an IPv4 address sees it as ``a.b.c.d``: one client, one count.
+    """
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): an IPv4 address in IPv6
+
+
+def allowed(host: str, masks: tuple[tuple[int, int, int], ...]) -> bool:
+    """Is the client at ``host`` in one of the networks (``Backend.allow_masks``)?
+
+    An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) matches
+    IPv4 networks too; a link-local address's scope is not part of it.
+    """
+    if ":" in host:
+        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+        v6: int | None = int.from_bytes(packed, "big")
+        v4 = int.from_bytes(packed[12:], "big") if packed[:12] == _V4_MAPPED else None
+    else:
+        v4, v6 = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big"), None
+    for version, network, mask in masks:
+        number = v4 if version == 4 else v6
+        if number is not None and number & mask == network:
+            return True
+    return False
 
 
 class _ConnectTimedOut(Exception):
@@ -564,7 +695,9 @@ class _Connection:
     """What the log line of one connection needs, kept until the connection ends."""
 
     __slots__ = (
+        "address",
         "backend",
+        "counted",
         "domain",
         "ended",
         "gateway",
@@ -575,6 +708,7 @@ class _Connection:
         "relay",
         "result",
         "started",
+        "tried",
     )
 
     def __init__(self, gateway: Gateway, listener: str, address: tuple) -> None:
@@ -585,6 +719,9 @@ class _Connection:
         self.started = time.monotonic()
         self.domain: str | None = None
         self.backend: Backend | None = None
+        self.address: Address | None = None  # the backend address tried last: the one that serves
+        self.tried: list[Address] | None = None  # every address tried, when a pool tried more than one
+        self.counted: str | None = None  # the key _admit counted this connection under
         self.reason: str | None = None
         self.result = relay.RelayResult()
         self.relay: relay.Relay | None = None
@@ -599,12 +736,14 @@ class _Connection:
         if self.relay is not None:
             gateway.relays.discard(self.relay)
         gateway._closed()
+        if self.counted is not None:
+            gateway._release(self.counted)
         fields = {
             "id": self.id,
             "listener": self.listener,
             "client": format_address(self.peer),
             "domain": self.domain,
-            "backend": str(self.backend) if self.backend else None,
+            "backend": str(self.address) if self.address else None,
             "outcome": result.outcome,
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
@@ -612,6 +751,8 @@ class _Connection:
         }
         if self.reason:
             fields["reason"] = self.reason
+        if self.tried:
+            fields["tried"] = [str(address) for address in self.tried]
         if gateway.config.settings.log_connections:
             gateway.log.connection(fields)
 
@@ -640,9 +781,13 @@ def _reset(*socks: socket.socket | None) -> None:
                 pass
 
 
-def _answer(client: socket.socket, reply: bytes) -> None:
-    """Send an error reply, then drain briefly so that closing does not reset it away."""
-    if not reply:
+def _answer(client: socket.socket, reply: bytes, fin: bool = False) -> None:
+    """Send an error reply, then drain briefly so that closing does not reset it away.
+
+    An empty reply sends nothing, unless ``fin`` asks for a clean close: a FIN
+    alone, and the client's unread bytes drained so the close sends no reset.
+    """
+    if not reply and not fin:
         return
     try:
         with gevent.Timeout(REPLY_TIMEOUT, False):  # a client too slow to take it gets the close alone
@@ -723,7 +868,14 @@ def print_routes(cfg: Config, out: TextIO) -> None:
             rows.append((f"{pattern} ({unicode})" if unicode else pattern, backend))
         width = max((len(pattern) for pattern, _ in rows), default=0)
         for pattern, backend in rows:
-            extra = f"  (proxy_protocol {backend.proxy_protocol})" if backend.proxy_protocol else ""
+            notes = []
+            if len(backend.addresses) > 1:
+                notes.append(f"pool of {len(backend.addresses)}, round-robin")
+            if backend.proxy_protocol:
+                notes.append(f"proxy_protocol {backend.proxy_protocol}")
+            if backend.allow is not None:
+                notes.append(f"allow {', '.join(map(str, backend.allow))}")
+            extra = f"  ({'; '.join(notes)})" if notes else ""
             out.write(f"  {pattern.ljust(width)}  ->  {backend}{extra}\n")
 
 

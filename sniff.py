@@ -31,6 +31,8 @@ __all__ = [
     "BackendUnreachable",
     "BadClientHello",
     "BadRequest",
+    "ClientLimit",
+    "Forbidden",
     "GatewayError",
     "HeadTooLarge",
     "HttpOnTlsPort",
@@ -76,6 +78,7 @@ SniffResult = Union[Preamble, _NeedMore]
 ALERT_UNEXPECTED_MESSAGE = 10
 ALERT_RECORD_OVERFLOW = 22
 ALERT_HANDSHAKE_FAILURE = 40
+ALERT_ACCESS_DENIED = 49
 ALERT_DECODE_ERROR = 50
 ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112  # RFC 6066 section 3
@@ -132,6 +135,22 @@ class BackendTimeout(GatewayError):
     http_status = 504
     tls_alert = ALERT_INTERNAL_ERROR
     outcome = "backend_timeout"
+
+
+class Forbidden(GatewayError):
+    """The route's allow-list leaves the client out: refused before any backend connect."""
+
+    http_status = 403
+    tls_alert = ALERT_ACCESS_DENIED
+    outcome = "forbidden"
+
+
+class ClientLimit(GatewayError):
+    """The client has max_connections_per_client open already: 429, or on TLS a clean close."""
+
+    http_status = 429
+    tls_alert = None
+    outcome = "client_limit"
 
 
 class BadClientHello(BadRequest):

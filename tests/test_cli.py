@@ -31,6 +31,17 @@ def test_check_shipped_config():
     assert "example.com" in out.stdout and "->  127.0.0.1:8001" in out.stdout
 
 
+def test_shipped_config_examples_are_valid_once_uncommented(tmp_path):
+    text = (ROOT / "servers.toml").read_text()
+    uncommented = "\n".join(
+        line[2:] if line.startswith(('# "', "# ")) and " = " in line else line for line in text.split("\n")
+    )
+    (tmp_path / "all.toml").write_text(uncommented)
+    out = run("--check", str(tmp_path / "all.toml"))
+    assert out.returncode == 0, out.stderr
+    assert "(pool of 2, round-robin; allow 192.0.2.0/24)" in out.stdout
+
+
 def test_check_bad_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[http_backends]\n"a.example" = "127.0.0.1"\n[gateway]\nidle_timout = 3\n')
@@ -401,3 +412,16 @@ def test_check_takes_repeated_listen_options_once_each(tmp_path, monkeypatch, ca
     args = ("--http-listen=127.0.0.1:8080", "--http-listen=[::1]:8080", "--https-listen=127.0.0.1:8443")
     assert kiagateway.main(["--check", *args]) == 0, capsys.readouterr().err
     assert "http listener: 127.0.0.1:8080, [::1]:8080; 1 route\n" in capsys.readouterr().out
+
+
+def test_check_prints_pools_and_allow_lists(tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(
+        "[http_backends]\n"
+        '"a.example" = ["127.0.0.1:1", "127.0.0.1:2"]\n'
+        '"b.example" = { address = ["127.0.0.1:3"], allow = ["10.0.0.0/8", "2001:db8::/32"], proxy_protocol = "v1" }\n'
+    )
+    out = run("--check", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert "  a.example  ->  127.0.0.1:1, 127.0.0.1:2  (pool of 2, round-robin)\n" in out.stdout
+    assert "  b.example  ->  127.0.0.1:3  (proxy_protocol v1; allow 10.0.0.0/8, 2001:db8::/32)\n" in out.stdout

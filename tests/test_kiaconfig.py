@@ -306,3 +306,53 @@ def test_log_connections_is_a_boolean_on_by_default():
         "[gateway] log_connections: must be true or false" in e
         for e in errors_of({"gateway": {"log_connections": "no"}})
     )
+
+
+def test_pools_and_allow_lists():
+    cfg = validate(
+        {
+            "http_backends": {
+                "a.example": ["10.0.0.1:80", "[2001:db8::2]:80", "backend.internal:80"],
+                "b.example": {"address": ["10.0.0.1:80"], "proxy_protocol": "v2", "allow": ["10.0.0.0/8", "::1"]},
+                "c.example": {"address": "10.0.0.3:80", "allow": ["2001:db8::/32"]},
+            }
+        }
+    )
+    a, b, c = (cfg.http_routes.lookup(n) for n in ("a.example", "b.example", "c.example"))
+    assert [str(x) for x in a.addresses] == ["10.0.0.1:80", "[2001:db8::2]:80", "backend.internal:80"]
+    assert (str(a), a.address, a.allow) == ("10.0.0.1:80, [2001:db8::2]:80, backend.internal:80", a.addresses[0], None)
+    assert (str(b), b.proxy_protocol, [str(n) for n in b.allow]) == ("10.0.0.1:80", "v2", ["10.0.0.0/8", "::1/128"])
+    assert (len(c.addresses), [str(n) for n in c.allow]) == (1, ["2001:db8::/32"])
+    s = validate({}).settings
+    assert (s.backend_cooldown, s.max_connections_per_client) == (10.0, 0)  # a 0.2 config behaves as before
+    s = validate({"gateway": {"backend_cooldown": 0, "max_connections_per_client": 20}}).settings
+    assert (s.backend_cooldown, s.max_connections_per_client) == (0.0, 20)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ([], "[http_backends] 'a.example': the address list is empty"),
+        ({"address": []}, "[http_backends] 'a.example': the address list is empty"),
+        (["10.0.0.1:80", "10.0.0.2"], "[http_backends] 'a.example' address[1]: '10.0.0.2' has no port"),
+        (["10.0.0.1:80", 5], "[http_backends] 'a.example' address[1]: expected a string"),
+        (["10.0.0.1:80", "Backend.Internal:80", "backend.internal.:80"], "address[2]: backend.internal:80 is already"),
+        ({"address": "10.0.0.1:80", "allow": []}, "'a.example' allow: must be a non-empty list of networks"),
+        ({"address": "10.0.0.1:80", "allow": "10.0.0.0/8"}, "'a.example' allow: must be a non-empty list"),
+        ({"address": "10.0.0.1:80", "allow": ["10.0.0.0/8", 10]}, "'a.example' allow[1]: expected a string"),
+        ({"address": "10.0.0.1:80", "allow": ["10.0.0.0/33"]}, "'a.example' allow[0]: '10.0.0.0/33' is not a network"),
+        ({"address": "10.0.0.1:80", "allow": ["10.1.2.3/8"]}, "has host bits set (did you mean '10.0.0.0/8'?)"),
+        ({"address": "10.0.0.1:80", "alow": ["10.0.0.0/8"]}, "unknown key 'alow' (did you mean 'allow'?)"),
+    ],
+)
+def test_pool_and_allow_errors_name_the_key_and_index(value, expected):
+    errors = errors_of({"http_backends": {"a.example": value}})
+    assert any(e.startswith("servers.toml: ") and expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("backend_cooldown", -1), ("backend_cooldown", "10"), ("max_connections_per_client", -1)],
+)
+def test_traffic_settings_are_checked(key, value):
+    assert any(f"servers.toml: [gateway] {key}: must be" in e for e in errors_of({"gateway": {key: value}}))

@@ -489,3 +489,17 @@ def test_log_connections_false_leaves_connection_lines_out_and_a_reload_brings_t
         gw.close()
     assert [line["domain"] for line in lines if line["message"] == "connection"] == ["two.example"]
     assert lines[-1]["message"] == "stopped"
+
+
+def test_a_pools_tried_addresses_are_in_both_formats():
+    fields = {**CONNECTION, "backend": "127.0.0.1:7", "tried": ["127.0.0.1:6", "127.0.0.1:7"], "reason": "x y"}
+    r, w = os.pipe()
+    reader = Reader(r)
+    for fmt in ("text", "json"):
+        log = Log(fmt, fd=w)
+        log.connection(fields)
+        log.close()
+    text, line = reader.finish(w)
+    os.close(r)
+    assert " backend=127.0.0.1:7 " in text and text.endswith(' tried=127.0.0.1:6,127.0.0.1:7 reason="x y"')
+    assert json.loads(line)["tried"] == ["127.0.0.1:6", "127.0.0.1:7"]
