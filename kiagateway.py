@@ -120,6 +120,8 @@ def error_reply(error: sniff.GatewayError, listener: str, preamble: bytes | byte
 
     ``preamble`` is what the client sent so far: a HEAD request gets no body.
     """
+    if error.http_status is None:
+        return b""  # a clean close on either listener
     head = preamble.startswith(b"HEAD ")
     if isinstance(error, sniff.HttpOnTlsPort):
         return http_response(error.http_status, _HTTP_ON_TLS_PORT, head)
