@@ -106,6 +106,7 @@ class Settings:
     log_format: str = "text"
     log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
     drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # must send a PROXY header
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -362,6 +363,29 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDRs, IPv4 or IPv6; a bare address is one host. Host bits set (``10.0.0.1/8``) are an error.
+
+    A typo in a list of who may name any client address should stop the start,
+    not widen or narrow the list silently.
+    """
+    if not isinstance(value, list):
+        raise ValueError('must be a list of networks like "10.0.0.0/8" or "2001:db8::/32"')
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f'must be a list of networks like "10.0.0.0/8", and {item!r} is no string')
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError:
+            try:
+                hint = f" (did you mean {str(ipaddress.ip_network(item, strict=False))!r}?)"
+            except ValueError:
+                hint = ""
+            raise ValueError(f"{item!r} is not a network{hint}") from None
+    return tuple(networks)
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -381,6 +405,7 @@ _CHECKS = {
     "log_format": _choice(LOG_FORMATS),
     "log_connections": _boolean,
     "drain_timeout": _positive,
+    "trusted_proxies": _networks,
 }
 
 
