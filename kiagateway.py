@@ -34,6 +34,7 @@ a listener that cannot be bound or a fatal error, 2 for bad usage.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import os
 import re
@@ -51,6 +52,7 @@ import gevent.socket
 
 import kiaconfig
 import kiaprocess
+import proxyproto
 import relay
 import sniff
 from kiaconfig import Backend, Config, ConfigError, Settings
@@ -325,8 +327,14 @@ class Gateway:
         settings = self.config.settings
         backend_sock = None
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
+        proxied_to = None  # where a trusted proxy's client connected to, from its PROXY header
         try:
-            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
+            first = sniff.NEED_MORE
+            if settings.trusted_proxies and _trusted(address, settings.trusted_proxies):
+                proxied_to, rest = self._read_proxy_header(client, conn, settings)
+                if rest:
+                    first = sniffer.feed(rest)
+            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started, first)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
@@ -338,10 +346,10 @@ class Gateway:
             outgoing = buffered
             if backend.proxy_protocol:
                 try:
-                    local = client.getsockname()
+                    local = client.getsockname() if proxied_to is None else proxied_to
                 except OSError:
                     raise _ClientGone("client_reset") from None
-                outgoing = proxy_header(backend.proxy_protocol, address, local) + buffered
+                outgoing = proxy_header(backend.proxy_protocol, conn.peer, local) + buffered
             try:
                 _sendall(backend_sock, outgoing, settings.connect_timeout)
             except _ConnectTimedOut:
@@ -352,7 +360,7 @@ class Gateway:
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            _answer(client, error_reply(exc, listener, sniffer.buffer))
+            _answer(client, error_reply(exc, listener, sniffer.buffer), exc.http_status is None)
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
         except _Drained:  # thrown in by _cut: the drain is over
@@ -379,22 +387,47 @@ class Gateway:
         _close(client, backend_sock)
         conn.done(conn.result)
 
+    def _read_proxy_header(self, client: socket.socket, conn: _Connection, settings: Settings) -> tuple:
+        """Read a trusted proxy's PROXY header; its source becomes ``conn.peer``, the client for all that follows.
+
+        Returns the address the client connected to at the proxy (None: keep this
+        connection's own) and the bytes after the header, which are the preamble's.
+        The header shares the preamble's deadline, counted from accept. Whatever
+        keeps it from coming whole, a late, cut short or bad header, is refused with
+        a clean close: the peer is a proxy, and no answer would mean anything to it.
+        """
+        reader = proxyproto.ProxyHeaderReader(settings.max_preamble)
+        try:
+            header = self._read_preamble(client, reader, conn.listener, settings, conn.started)
+        except sniff.PreambleTimeout:
+            raise proxyproto.BadProxyHeader(
+                f"no complete PROXY header from a trusted proxy within {settings.preamble_timeout:g}s"
+            ) from None
+        except _ClientGone as exc:
+            if exc.outcome == "client_closed" and reader.buffer:
+                raise proxyproto.BadProxyHeader("the trusted proxy closed in the middle of a PROXY header") from None
+            raise
+        if header.source is not None:
+            conn.peer = header.source
+        return header.destination, bytes(reader.buffer[header.length :])
+
     def _read_preamble(
         self,
         client: socket.socket,
-        sniffer: sniff.HttpSniffer | sniff.TlsSniffer,
+        sniffer: sniff.HttpSniffer | sniff.TlsSniffer | proxyproto.ProxyHeaderReader,
         listener: str,
         settings: Settings,
         accepted: float,
-    ) -> sniff.Preamble:
+        result: object = sniff.NEED_MORE,
+    ) -> sniff.Preamble | proxyproto.ProxyHeader:
         """Feed ``sniffer`` until it decides, under one deadline counted from accept.
 
         The deadline's timer is started only if a read would block: most preambles
-        are whole in the first read.
+        are whole in the first read. ``result`` is the answer to the bytes fed
+        already (those after a PROXY header), if any.
         """
         deadline = None
         try:
-            result = sniff.NEED_MORE
             while result is sniff.NEED_MORE:
                 try:
                     data = client.recv(READ_SIZE)
@@ -607,6 +640,14 @@ class _Connection:
             gateway.log.connection(fields)
 
 
+def _trusted(address: tuple, networks: tuple) -> bool:
+    """Is the peer in a ``trusted_proxies`` network? An IPv4-mapped IPv6 peer counts as its IPv4 address."""
+    ip = ipaddress.ip_address(address[0])  # "fe80::1%eth0" too: the scope is kept and ignored by `in`
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener inherited by socket activation
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
 class _ClientGone(Exception):
     """The client closed or reset before the preamble was in: nothing to answer."""
 
@@ -631,9 +672,13 @@ def _reset(*socks: socket.socket | None) -> None:
                 pass
 
 
-def _answer(client: socket.socket, reply: bytes) -> None:
-    """Send an error reply, then drain briefly so that closing does not reset it away."""
-    if not reply:
+def _answer(client: socket.socket, reply: bytes, clean_close: bool = False) -> None:
+    """Send an error reply, then drain briefly so that closing does not reset it away.
+
+    ``clean_close``: with no reply either, send the FIN at once and drain the
+    same way, so that bytes still unread do not turn the close into a reset.
+    """
+    if not reply and not clean_close:
         return
     try:
         with gevent.Timeout(REPLY_TIMEOUT, False):  # a client too slow to take it gets the close alone
