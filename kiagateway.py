@@ -747,6 +747,8 @@ def print_routes(cfg: Config, out: TextIO) -> None:
     """The route table as lookup sees it; a name with ``xn--`` labels shows its Unicode form beside it."""
     s = cfg.settings
     out.write(f"{cfg.source}: OK\n")
+    if s.trusted_proxies:
+        out.write(f"trusted proxies (a PROXY header required): {', '.join(map(str, s.trusted_proxies))}\n")
     for name, table, listen in (
         ("http", cfg.http_routes, s.http_listen),
         ("https", cfg.https_routes, s.https_listen),

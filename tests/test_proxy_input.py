@@ -19,7 +19,7 @@ import threading
 import time
 
 import pytest
-from conftest import TIMEOUT, Gateway, read_all
+from conftest import TIMEOUT, Gateway, gateway_command, read_all
 from hellos import real_hello
 
 import kiagateway
@@ -279,6 +279,17 @@ def test_trusted_proxies_errors_name_the_key(value, expected):
         validate({"gateway": {"trusted_proxies": value}}, "servers.toml")
     (error,) = info.value.errors
     assert error.startswith("servers.toml: [gateway] trusted_proxies: ") and expected in error
+
+
+def test_check_prints_the_trusted_networks(tmp_path):
+    config = tmp_path / "servers.toml"
+    config.write_text(
+        '[gateway]\ntrusted_proxies = ["10.0.0.0/8", "::1"]\n[http_backends]\n"a.example" = "127.0.0.1:1"\n'
+    )
+    out = subprocess.run(
+        [*gateway_command(), "--check", str(config)], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    ).stdout
+    assert "trusted proxies (a PROXY header required): 10.0.0.0/8, ::1/128\n" in out
 
 
 def test_trusted_membership():
