@@ -605,7 +605,7 @@ class _Connection:
         self.gateway = gateway
         self.id = gateway._id_prefix + str(next(gateway._ids))
         self.listener = listener
-        self.peer = address
+        self.peer = address  # the client: a trusted proxy's PROXY header replaces it, for all that follows
         self.started = time.monotonic()
         self.domain: str | None = None
         self.backend: Backend | None = None
