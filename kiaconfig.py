@@ -149,6 +149,7 @@ class Settings:
     drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
     backend_cooldown: float = 10.0  # seconds a pool address that failed to connect is skipped; 0: never skipped
     max_connections_per_client: int = 0  # open connections per client address and worker; 0: no limit
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # must send a PROXY header
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -463,6 +464,29 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """CIDRs, IPv4 or IPv6; a bare address is one host. Host bits set (``10.0.0.1/8``) are an error.
+
+    A typo in a list of who may name any client address should stop the start,
+    not widen or narrow the list silently.
+    """
+    if not isinstance(value, list):
+        raise ValueError('must be a list of networks like "10.0.0.0/8" or "2001:db8::/32"')
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f'must be a list of networks like "10.0.0.0/8", and {item!r} is no string')
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError:
+            try:
+                hint = f" (did you mean {str(ipaddress.ip_network(item, strict=False))!r}?)"
+            except ValueError:
+                hint = ""
+            raise ValueError(f"{item!r} is not a network{hint}") from None
+    return tuple(networks)
+
+
 def _string(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -484,6 +508,7 @@ _CHECKS = {
     "drain_timeout": _positive,
     "backend_cooldown": _seconds_or_off,
     "max_connections_per_client": _int_range(0, 1 << 20),
+    "trusted_proxies": _networks,
 }
 
 

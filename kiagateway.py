@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import io
+import ipaddress
 import itertools
 import json
 import os
@@ -61,6 +62,7 @@ import gevent.socket
 
 import kiaconfig
 import kiaprocess
+import proxyproto
 import relay
 import sniff
 from kiaconfig import Address, Backend, Config, ConfigError, Settings
@@ -134,6 +136,8 @@ def error_reply(error: sniff.GatewayError, listener: str, preamble: bytes | byte
 
     ``preamble`` is what the client sent so far: a HEAD request gets no body.
     """
+    if error.http_status is None:
+        return b""  # a clean close on either listener
     head = preamble.startswith(b"HEAD ")
     if isinstance(error, sniff.HttpOnTlsPort):
         return http_response(error.http_status, _HTTP_ON_TLS_PORT, head)
@@ -344,9 +348,15 @@ class Gateway:
         settings = self.config.settings
         backend_sock = None
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
+        proxied_to = None  # where a trusted proxy's client connected to, from its PROXY header
         try:
-            self._admit(conn)  # where the client address is final: a trusted PROXY header would come first
-            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
+            first = sniff.NEED_MORE
+            if settings.trusted_proxies and _trusted(address, settings.trusted_proxies):
+                proxied_to, rest = self._read_proxy_header(client, conn, settings)
+                if rest:
+                    first = sniffer.feed(rest)
+            self._admit(conn)  # the client address is final here, after a trusted PROXY header
+            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started, first)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
@@ -360,10 +370,10 @@ class Gateway:
             outgoing = buffered
             if backend.proxy_protocol:
                 try:
-                    local = client.getsockname()
+                    local = client.getsockname() if proxied_to is None else proxied_to
                 except OSError:
                     raise _ClientGone("client_reset") from None
-                outgoing = proxy_header(backend.proxy_protocol, address, local) + buffered
+                outgoing = proxy_header(backend.proxy_protocol, conn.peer, local) + buffered
             try:
                 _sendall(backend_sock, outgoing, settings.connect_timeout)
             except _ConnectTimedOut:
@@ -374,7 +384,11 @@ class Gateway:
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            _answer(client, error_reply(exc, listener, sniffer.buffer), fin=isinstance(exc, sniff.ClientLimit))
+            _answer(
+                client,
+                error_reply(exc, listener, sniffer.buffer),
+                fin=isinstance(exc, sniff.ClientLimit) or exc.http_status is None,
+            )
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
         except _Drained:  # thrown in by _cut: the drain is over
@@ -401,22 +415,47 @@ class Gateway:
         _close(client, backend_sock)
         conn.done(conn.result)
 
+    def _read_proxy_header(self, client: socket.socket, conn: _Connection, settings: Settings) -> tuple:
+        """Read a trusted proxy's PROXY header; its source becomes ``conn.peer``, the client for all that follows.
+
+        Returns the address the client connected to at the proxy (None: keep this
+        connection's own) and the bytes after the header, which are the preamble's.
+        The header shares the preamble's deadline, counted from accept. Whatever
+        keeps it from coming whole, a late, cut short or bad header, is refused with
+        a clean close: the peer is a proxy, and no answer would mean anything to it.
+        """
+        reader = proxyproto.ProxyHeaderReader(settings.max_preamble)
+        try:
+            header = self._read_preamble(client, reader, conn.listener, settings, conn.started)
+        except sniff.PreambleTimeout:
+            raise proxyproto.BadProxyHeader(
+                f"no complete PROXY header from a trusted proxy within {settings.preamble_timeout:g}s"
+            ) from None
+        except _ClientGone as exc:
+            if exc.outcome == "client_closed" and reader.buffer:
+                raise proxyproto.BadProxyHeader("the trusted proxy closed in the middle of a PROXY header") from None
+            raise
+        if header.source is not None:
+            conn.peer = header.source
+        return header.destination, bytes(reader.buffer[header.length :])
+
     def _read_preamble(
         self,
         client: socket.socket,
-        sniffer: sniff.HttpSniffer | sniff.TlsSniffer,
+        sniffer: sniff.HttpSniffer | sniff.TlsSniffer | proxyproto.ProxyHeaderReader,
         listener: str,
         settings: Settings,
         accepted: float,
-    ) -> sniff.Preamble:
+        result: object = sniff.NEED_MORE,
+    ) -> sniff.Preamble | proxyproto.ProxyHeader:
         """Feed ``sniffer`` until it decides, under one deadline counted from accept.
 
         The deadline's timer is started only if a read would block: most preambles
-        are whole in the first read.
+        are whole in the first read. ``result`` is the answer to the bytes fed
+        already (those after a PROXY header), if any.
         """
         deadline = None
         try:
-            result = sniff.NEED_MORE
             while result is sniff.NEED_MORE:
                 try:
                     data = client.recv(READ_SIZE)
@@ -715,7 +754,7 @@ class _Connection:
         self.gateway = gateway
         self.id = gateway._id_prefix + str(next(gateway._ids))
         self.listener = listener
-        self.peer = address
+        self.peer = address  # the client: a trusted proxy's PROXY header replaces it, for all that follows
         self.started = time.monotonic()
         self.domain: str | None = None
         self.backend: Backend | None = None
@@ -755,6 +794,14 @@ class _Connection:
             fields["tried"] = [str(address) for address in self.tried]
         if gateway.config.settings.log_connections:
             gateway.log.connection(fields)
+
+
+def _trusted(address: tuple, networks: tuple) -> bool:
+    """Is the peer in a ``trusted_proxies`` network? An IPv4-mapped IPv6 peer counts as its IPv4 address."""
+    ip = ipaddress.ip_address(address[0])  # "fe80::1%eth0" too: the scope is kept and ignored by `in`
+    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener inherited by socket activation
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 class _ClientGone(Exception):
@@ -856,6 +903,8 @@ def print_routes(cfg: Config, out: TextIO) -> None:
     """The route table as lookup sees it; a name with ``xn--`` labels shows its Unicode form beside it."""
     s = cfg.settings
     out.write(f"{cfg.source}: OK\n")
+    if s.trusted_proxies:
+        out.write(f"trusted proxies (a PROXY header required): {', '.join(map(str, s.trusted_proxies))}\n")
     for name, table, listen in (
         ("http", cfg.http_routes, s.http_listen),
         ("https", cfg.https_routes, s.https_listen),

@@ -89,10 +89,11 @@ class GatewayError(Exception):
 
     ``http_status`` is the reply on the HTTP listener, ``tls_alert`` the fatal
     alert on the TLS listener (None: close without one), ``outcome`` the word
-    in the connection's log line.
+    in the connection's log line. ``http_status`` None: a clean close on
+    either listener (a FIN with nothing sent).
     """
 
-    http_status: int = 502
+    http_status: int | None = 502
     tls_alert: int | None = ALERT_INTERNAL_ERROR
     outcome: str = "error"
 
