@@ -169,3 +169,148 @@ def test_pyz_alone_routes_under_bare_isolated_python(pyz, backend, tmp_path):
         served.close()
     assert sorted(os.listdir(run_dir)) == ["kiagateway.pyz"]
     assert any((tmp_path / "shiv").iterdir()), "the archive did not unpack under SHIV_ROOT"
+
+
+# --- Kubernetes: contrib/kubernetes/ ---------------------------------------------------------------
+
+KUBERNETES = CONTRIB / "kubernetes"
+OLDEST_KUBERNETES = (1, 30)  # preStop `sleep` is on by default from 1.30; older releases are out of support
+PENDING_SETTINGS = ("drain_timeout", "watch_config", "metrics_listen")  # 0.3 keys the configs use
+
+
+def render(directory: Path) -> dict[str, dict]:
+    """``kubectl kustomize DIR`` (offline), as {kind: object}; each directory has one object per kind."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML (comes with kubernetes-validate) reads the rendered objects")
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: cannot render the kustomization")
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    objects = {}
+    for obj in yaml.safe_load_all(out.stdout):
+        assert obj["kind"] not in objects, f"two {obj['kind']} objects in {directory}"
+        objects[obj["kind"]] = obj
+    return objects
+
+
+def mounted_config(objects: dict[str, dict], workload: str) -> dict:
+    """The servers.toml that ``workload``'s pods read, parsed: the ConfigMap they mount."""
+    import tomllib  # the test suite runs on 3.11+; the package itself supports 3.9
+
+    spec = objects[workload]["spec"]["template"]["spec"]
+    (volume,) = spec["volumes"]
+    assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+    return tomllib.loads(objects["ConfigMap"]["data"]["servers.toml"])
+
+
+def port_of(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
+
+
+@pytest.mark.parametrize(
+    ("directory", "kinds"),
+    [
+        (KUBERNETES, {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service"}),
+        (KUBERNETES / "daemonset", {"ConfigMap", "DaemonSet"}),
+    ],
+    ids=["deployment", "daemonset"],
+)
+def test_kubernetes_objects_pass_schema_validation(directory, kinds):
+    """Every rendered object is valid, unknown fields refused, for each supported Kubernetes release shipped."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    from kubernetes_validate.utils import all_versions
+
+    objects = render(directory)
+    assert set(objects) == kinds
+    versions = sorted({v for v in all_versions() if tuple(map(int, v.split(".")[:2])) >= OLDEST_KUBERNETES})
+    assert versions, f"kubernetes-validate ships no schema for Kubernetes {OLDEST_KUBERNETES} or newer"
+    for version in versions:
+        for obj in objects.values():
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(f"{obj['kind']} invalid for Kubernetes {version}: {exc.message}") from None
+
+
+def test_kubernetes_deployment_holds_the_operations_contract():
+    objects = render(KUBERNETES)
+    config = mounted_config(objects, "Deployment")
+    deployment, service, budget = objects["Deployment"], objects["Service"], objects["PodDisruptionBudget"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["replicas"] == 2
+    assert budget["spec"]["selector"]["matchLabels"].items() <= labels.items() and budget["spec"]["minAvailable"] == 1
+    assert service["spec"]["selector"].items() <= labels.items()
+
+    # Non-root, read-only, no capability: ports above 1024 inside, 80/443 on the Service.
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["http"] == port_of(config["gateway"]["http_listen"][0]) == 8080
+    assert ports["https"] == port_of(config["gateway"]["https_listen"][0]) == 8443
+    assert ports["metrics"] == port_of(config["gateway"]["metrics_listen"])
+    assert service["spec"]["type"] == "LoadBalancer" and service["spec"]["externalTrafficPolicy"] == "Local"
+    assert {(p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {(80, "http"), (443, "https")}
+
+    # Ready on /healthz (503 while draining), alive on an endpoint that stays 200 while draining.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    assert container["livenessProbe"]["httpGet"]["path"] != "/healthz"
+    assert {"cpu", "memory"} <= container["resources"]["requests"].keys() and container["resources"]["limits"]
+
+    # The kubelet's SIGKILL comes only after the preStop delay and a whole drain_timeout.
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + config["gateway"]["drain_timeout"]
+
+    # The ConfigMap reloads in place: a fixed name, the directory mounted (a subPath never updates).
+    assert config["gateway"]["watch_config"] is True
+    assert objects["ConfigMap"]["metadata"]["name"] == "kiagateway-config"
+    (mount,) = container["volumeMounts"]
+    assert "subPath" not in mount and container["args"][-1] == mount["mountPath"] + "/servers.toml"
+
+
+def test_kubernetes_daemonset_binds_the_node_ports():
+    objects = render(KUBERNETES / "daemonset")
+    config = mounted_config(objects, "DaemonSet")
+    pod = objects["DaemonSet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": port_of(config["gateway"]["http_listen"][0]), "https": 443}
+    assert ports["http"] == 80 and port_of(config["gateway"]["https_listen"][0]) == 443
+    # Root only until bound: the capabilities to bind and switch user, then --user for good.
+    assert container["securityContext"]["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["NET_BIND_SERVICE", "SETUID", "SETGID"],
+    }
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert "--user=kiagateway" in container["args"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    metrics = config["gateway"]["metrics_listen"]
+    assert container["readinessProbe"]["httpGet"] == {"host": "127.0.0.1", "path": "/healthz", "port": port_of(metrics)}
+    assert metrics.startswith("127.0.0.1:")
+    assert pod["terminationGracePeriodSeconds"] > config["gateway"]["drain_timeout"]
+    assert config["gateway"]["watch_config"] is True and "subPath" not in container["volumeMounts"][0]
+
+
+@pytest.mark.parametrize(
+    "config", [KUBERNETES / "servers.toml", KUBERNETES / "daemonset" / "servers.toml"], ids=["deployment", "daemonset"]
+)
+def test_kubernetes_configs_pass_check(config):
+    """The shipped route tables are valid for the gateway itself (once it knows the 0.3 settings)."""
+    from conftest import gateway_command
+
+    out = subprocess.run([*gateway_command(), "--check", str(config)], capture_output=True, text=True, timeout=TIMEOUT)
+    errors = [line for line in out.stderr.splitlines() if " error " in line]
+    pending = [key for key in PENDING_SETTINGS if f"unknown key '{key}'" in out.stderr]
+    if out.returncode == 1 and pending and len(errors) == len(pending):
+        pytest.skip(f"this gateway does not know the 0.3 settings {', '.join(pending)} yet")
+    assert out.returncode == 0, out.stderr
