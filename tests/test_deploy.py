@@ -90,10 +90,12 @@ class Served:
         raise AssertionError(f"no 'listening for http' line; log: {self.seen}")
 
     def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._reader.join(TIMEOUT)
+        """Its exit code, once it has exited and every log line it wrote is in ``seen``."""
+        code = self.proc.wait(timeout)
+        self._reader.join(TIMEOUT)
+        while (line := self.lines.get_nowait()) is not None:
+            self.seen.append(line)
+        return code
 
     def close(self) -> None:
         """Kill it if a failed test left it running (by PID), and release the pipe."""
@@ -314,3 +316,142 @@ def test_kubernetes_configs_pass_check(config):
     if out.returncode == 1 and pending and len(errors) == len(pending):
         pytest.skip(f"this gateway does not know the 0.3 settings {', '.join(pending)} yet")
     assert out.returncode == 0, out.stderr
+
+
+# --- Container: contrib/container/Containerfile ----------------------------------------------------
+
+# No image registry is reachable here: the base is a minimal Debian with python3 made by mmdebstrap
+# (from the same archive as apt-get), kept between runs; rebuilt when missing.
+BASE_TAR = Path("/var/tmp/kiagateway-base.tar")
+BASE_IMAGE = "localhost/kiagateway-base:latest"
+TEST_IMAGE = "localhost/kiagateway-test:latest"  # kept: its layers make the next build quick
+TEST_LABEL = "kiagateway-test=1"  # marks this test's images, so that it prunes only its own leftovers
+BASE_BUILD_TIMEOUT = 900  # seconds for mmdebstrap: ~45 s here, a slow mirror on a loaded machine more
+# Podman works here only with runc, the host's network and explicit limits (its defaults exceed ours).
+PODMAN_GLOBAL = ("--runtime", "runc")
+PODMAN_LIMITS = ("--network", "host", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
+
+
+def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["podman", *PODMAN_GLOBAL, *args], capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args[:2])} failed ({out.returncode}): {out.stderr[-3000:]}")
+    return out
+
+
+def make_base_image() -> None:
+    """Import the cached base image, building the tar with mmdebstrap first when it is missing."""
+    if podman("image", "exists", BASE_IMAGE, check=False).returncode == 0:
+        return
+    if not BASE_TAR.exists():
+        if shutil.which("mmdebstrap") is None:
+            pytest.skip("no image registry here and no mmdebstrap to make a base image (apt-get install mmdebstrap)")
+        codename = subprocess.run(
+            ["sh", "-c", ". /etc/os-release && echo $VERSION_CODENAME"], capture_output=True, text=True
+        ).stdout.strip()
+        partial = BASE_TAR.with_name(f"kiagateway-base.{os.getpid()}.tar")  # mmdebstrap needs the .tar suffix
+        try:
+            made = subprocess.run(
+                ["mmdebstrap", "--variant=minbase", "--include=python3-venv", codename or "stable", str(partial)],
+                capture_output=True,
+                text=True,
+                timeout=BASE_BUILD_TIMEOUT,
+            )
+            if made.returncode != 0:
+                pytest.skip(f"mmdebstrap could not make a base image: {made.stderr.strip()[-500:]}")
+            os.replace(partial, BASE_TAR)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"mmdebstrap did not make a base image within {BASE_BUILD_TIMEOUT}s")
+        finally:
+            partial.unlink(missing_ok=True)
+    imported = podman("import", str(BASE_TAR), BASE_IMAGE, check=False)
+    if imported.returncode != 0:
+        pytest.skip(f"podman cannot import an image here: {imported.stderr.strip()[-500:]}")
+
+
+def offline_wheelhouse(directory: Path, python_version: str) -> Path:
+    """kiagateway's dependencies (and the build's setuptools) as wheels, for a build with no network."""
+    wheels = directory / "wheels"
+    pip = [sys.executable, "-m", "pip", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "-w", str(wheels), str(REPO)], **_BUILD)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("kiagateway-*.whl")
+    target = ["--only-binary=:all:", f"--python-version={python_version}", "-d", str(wheels)]
+    fetched = subprocess.run([*pip, "download", *target, str(wheel), "setuptools>=61", "wheel"], **_BUILD)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    wheel.unlink()  # the image builds kiagateway from the source it copies, as a user's build does
+    (directory / "pip.conf").write_text("[global]\nno-index = true\nfind-links = /wheels\n")
+    return wheels
+
+
+_BUILD = {"capture_output": True, "text": True, "timeout": BUILD_TIMEOUT}
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    """The Containerfile built from this work tree, FROM the local base, installing from local wheels only."""
+    if os.environ.get("KIAGATEWAY_CONTAINER_TESTS") == "0":
+        pytest.skip("KIAGATEWAY_CONTAINER_TESTS=0")
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed (apt-get install podman runc)")
+    make_base_image()
+    probe = podman(
+        "run", "--rm", *PODMAN_LIMITS, BASE_IMAGE, "python3", "-c", "import sys; print(sys.version)", check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[-500:]}")
+    python_version = ".".join(probe.stdout.split()[0].split(".")[:2])
+    work = tmp_path_factory.mktemp("image")
+    wheels = offline_wheelhouse(work, python_version)
+    # Build-time mounts only: pip in the build reads this pip.conf and wheelhouse; the image keeps neither.
+    podman(
+        "build", *PODMAN_LIMITS, "--format", "docker", "--label", TEST_LABEL,
+        "--build-arg", f"BASE={BASE_IMAGE}",
+        "--volume", f"{wheels}:/wheels:ro", "--volume", f"{work / 'pip.conf'}:/etc/pip.conf:ro",
+        "--file", str(CONTRIB / "container" / "Containerfile"), "--tag", TEST_IMAGE, str(REPO),
+        timeout=BUILD_TIMEOUT,
+    )  # fmt: skip
+    podman("image", "prune", "--force", "--filter", f"label={TEST_LABEL}", check=False)  # replaced builds
+    return TEST_IMAGE
+
+
+def test_container_image_declares_the_runtime_contract(image):
+    (inspected,) = json.loads(podman("image", "inspect", image).stdout)
+    config = inspected["Config"]
+    assert config["User"] == "10001:10001"
+    assert config["StopSignal"] == "SIGTERM"
+    assert set(config["ExposedPorts"]) >= {"8080/tcp", "8443/tcp"}
+    assert config["Entrypoint"] == ["/opt/kiagateway/bin/kiagateway"]  # exec form: the gateway is PID 1
+    assert config["Cmd"] == ["/etc/kiagateway/servers.toml"]
+    test = inspected["Healthcheck"]["Test"]  # podman shows it beside Config, not in it
+    assert test[0] == "CMD" and "/healthz" in test[-1]  # (/healthz itself comes with metrics_listen, 0.3)
+
+
+@pytest.mark.timeout(BASE_BUILD_TIMEOUT + 2 * BUILD_TIMEOUT)
+def test_container_routes_as_non_root_and_stops_cleanly_on_sigterm(image, backend, tmp_path):
+    """Run the way Kubernetes runs it (read-only root, no capability) on the host's loopback."""
+    config = tmp_path / "servers.toml"
+    config.write_text(route_toml(backend))
+    config.chmod(0o644)  # read by the image's user
+    name = f"kiagateway-test-{os.getpid()}"
+    command = [
+        "podman", *PODMAN_GLOBAL, "run", "--rm", "--name", name, *PODMAN_LIMITS, "--no-healthcheck",
+        "--read-only", "--cap-drop=all", "--security-opt=no-new-privileges",
+        "--volume", f"{config}:/etc/kiagateway/servers.toml:ro",
+        image, "--log-format=json", "/etc/kiagateway/servers.toml",
+    ]  # fmt: skip
+    served = Served(command)
+    try:
+        address = served.http_address(timeout=60)
+        assert_routes(address, "deployed")
+        probe = "import os, importlib.util as u; print(os.getpid(), os.getuid(), os.getgid(), u.find_spec('pip'))"
+        inside = podman("exec", name, "python", "-c", probe).stdout.split()
+        assert inside[1:] == ["10001", "10001", "None"]  # non-root, and no pip: only the package installed
+        ps = podman("top", name, "pid", "huser", "args").stdout
+        assert any(line.split()[:2] == ["1", "10001"] and "kiagateway" in line for line in ps.splitlines()), ps
+        podman("stop", "--time", "30", name, timeout=60)
+        assert served.wait(60) == 0
+        assert any(line.get("message") == "stopped" for line in served.seen), served.seen[-5:]
+    finally:
+        served.close()
+        podman("rm", "--force", "--ignore", name, check=False)
