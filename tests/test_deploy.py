@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -312,10 +313,15 @@ def test_kubernetes_configs_pass_check(config):
 
     out = subprocess.run([*gateway_command(), "--check", str(config)], capture_output=True, text=True, timeout=TIMEOUT)
     errors = [line for line in out.stderr.splitlines() if " error " in line]
-    pending = [key for key in PENDING_SETTINGS if f"unknown key '{key}'" in out.stderr]
-    if out.returncode == 1 and pending and len(errors) == len(pending):
-        pytest.skip(f"this gateway does not know the 0.3 settings {', '.join(pending)} yet")
+    # Not landed yet: an unknown key; or landed without its optional extra (metrics_listen needs
+    # kiagateway[metrics]). Any other error is the shipped table's own.
+    pending = [line for line in errors if any(key in line for key in PENDING_SETTINGS) and _PENDING_WHY.search(line)]
+    if out.returncode == 1 and errors and pending == errors:
+        pytest.skip(f"this gateway cannot run the 0.3 settings yet: {'; '.join(pending)}")
     assert out.returncode == 0, out.stderr
+
+
+_PENDING_WHY = re.compile(r"unknown key|\[metrics\]|prometheus", re.IGNORECASE)
 
 
 # --- Container: contrib/container/Containerfile ----------------------------------------------------
