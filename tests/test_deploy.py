@@ -419,7 +419,8 @@ def image(tmp_path_factory) -> str:
         "--file", str(CONTRIB / "container" / "Containerfile"), "--tag", TEST_IMAGE, str(REPO),
         timeout=BUILD_TIMEOUT,
     )  # fmt: skip
-    podman("image", "prune", "--force", "--filter", f"label={TEST_LABEL}", check=False)  # replaced builds
+    # Replaced builds of this test, but not the last day's: those are the build cache of the next run.
+    podman("image", "prune", "--force", "--filter", f"label={TEST_LABEL}", "--filter", "until=24h", check=False)
     return TEST_IMAGE
 
 
