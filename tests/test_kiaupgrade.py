@@ -15,6 +15,7 @@ import time
 import conftest
 import pytest
 from conftest import TIMEOUT, read_all, routes_toml
+from test_drain import read_until_cut
 from test_relay import HEAD, RawBackend, recv_exactly
 from test_routing import tls_get
 
@@ -232,3 +233,28 @@ def test_upgrade_with_a_bad_config_is_aborted_and_the_old_program_serves_on(star
     assert ask(gw.http).endswith(b"alpha http a.example")
     assert len(started_with(gw, gw.proc.pid)) == 1
     assert gw.stop() == 0
+
+
+def test_upgrade_resets_old_relays_still_open_when_drain_timeout_ends(start_gateway):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        read_all(conn)  # until the gateway cuts it
+
+    be = RawBackend(backend)
+    gw = start_gateway(
+        '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\ndrain_timeout = 1.0\n'
+        f'[http_backends]\n"raw.example" = "{be.address}"\n'
+    )
+    try:
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            assert recv_exactly(sock, 5) == b"hello"
+            gw.proc.send_signal(signal.SIGUSR2)
+            gw.wait_for(lambda line: line.get("message", "").startswith("upgraded from"))
+            assert read_until_cut(sock) is ConnectionResetError  # not a clean EOF
+        be.check()
+    finally:
+        be.close()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "drain_timeout"
+    assert gw.proc.poll() is None
