@@ -101,6 +101,18 @@ def cannot_run(argv: list[str]) -> str | None:
     return None
 
 
+def cannot_become(user: str) -> str | None:
+    """Why the new program could not run as ``user``: it starts as this process runs, after any privilege drop."""
+    if not user or os.getuid() == 0:
+        return None
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid  # load() checked that the user exists
+    if uid != os.getuid():
+        return f"user changed to {user}: only a restart, which starts as root, can switch to it"
+    return None
+
+
 class _Log(Protocol):
     def info(self, message: str, **fields: object) -> None: ...
 
@@ -134,12 +146,12 @@ class Upgrade:
     def ready(self) -> bool:
         """True if the new program can start: its config reads well and the program is there; else say why."""
         try:
-            self.load()  # the same reading the new program will do, so a bad file stops us here
+            new = self.load()  # the same reading the new program will do, so a bad file stops us here
         except ConfigError as exc:
             for line in exc.errors:
                 self.log.error(f"upgrade aborted, the running program goes on: {line}")
             return False
-        problem = cannot_run(command())
+        problem = cannot_run(command()) or cannot_become(new.settings.user)
         if problem:
             self.log.error(f"upgrade aborted, the running program goes on: {problem}")
             return False
