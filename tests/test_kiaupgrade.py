@@ -258,3 +258,40 @@ def test_upgrade_resets_old_relays_still_open_when_drain_timeout_ends(start_gate
         be.close()
     assert gw.connection_log(domain="raw.example")["outcome"] == "drain_timeout"
     assert gw.proc.poll() is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_tells_systemd_reloading_then_ready_and_only_the_main_process_speaks(
+    start_gateway, backends, tmp_path, workers
+):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        assert recv_exactly(conn, 3) == b"bye"
+
+    be = RawBackend(backend)
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(TIMEOUT)
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+            f'workers = {workers}\n[http_backends]\n"raw.example" = "{be.address}"\n',
+            env={"NOTIFY_SOCKET": path},
+        )
+        assert notify.recv(256) == b"READY=1"
+        try:
+            with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:  # the old program drains it
+                sock.sendall(HEAD)
+                assert recv_exactly(sock, 5) == b"hello"
+                gw.proc.send_signal(signal.SIGUSR2)
+                assert notify.recv(256).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+                assert notify.recv(256) == b"READY=1"  # from the new program, in the same PID
+                sock.sendall(b"bye")
+            gw.wait_for(lambda _: sum(line.get("message") == "stopped" for line in gw.seen) == workers)
+            be.check()
+        finally:
+            be.close()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(256) == b"STOPPING=1"  # the first word since: the old program stopped without a word
+        assert gw.proc.wait(TIMEOUT) == 0
