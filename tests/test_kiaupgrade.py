@@ -16,6 +16,7 @@ import conftest
 import pytest
 from conftest import TIMEOUT, read_all, routes_toml
 from test_drain import read_until_cut
+from test_kiaprocess import children
 from test_relay import HEAD, RawBackend, recv_exactly
 from test_routing import tls_get
 
@@ -219,8 +220,14 @@ def test_upgrade_in_place_under_traffic(start_gateway, backends, workers):
     assert loop.failures == []
     assert gw.proc.poll() is None
     assert [line["pid"] for line in started_with(gw, pid)] == [pid, pid]  # the program ran afresh, in the same PID
-    # The old generation (the forked child, or the old workers) drained and stopped.
+    # The old generation (the forked child, or the old workers) drained and stopped, and the new program reaped it.
     gw.wait_for(lambda _: sum(line.get("message") == "stopped" for line in gw.seen) == workers)
+    upgraded = next(i for i, line in enumerate(gw.seen) if line.get("message", "").startswith("upgraded from"))
+    new_workers = {line["pid"] for line in gw.seen[upgraded:] if line.get("message") == "worker started"}
+    deadline = time.monotonic() + TIMEOUT
+    while children(pid) != new_workers:
+        assert time.monotonic() < deadline, f"children {children(pid)}, workers {new_workers}"
+        time.sleep(0.05)
     assert gw.stop() == 0
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
 
