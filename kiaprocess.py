@@ -281,9 +281,10 @@ def serve(
 ) -> int:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
-    Alone, it reloads the file on SIGHUP; as a supervisor's worker it applies the
-    configs the supervisor validated and sends down its ``lifeline``, so that
-    all workers serve the same table whatever happens to the file meanwhile.
+    Alone, it reloads the file on SIGHUP and upgrades in place on SIGUSR2; as a
+    supervisor's worker it applies the configs the supervisor validated and sends
+    down its ``lifeline``, so that all workers serve the same table whatever
+    happens to the file meanwhile.
     """
     gateway = make_server(cfg, log, worker)
     gateway.serve(listeners)
@@ -445,7 +446,8 @@ def supervise(
     supervisor holds. On SIGHUP the supervisor validates the file once and sends the
     result down every lifeline (workers never read the file, which may change in
     between); end of file there tells a worker that the supervisor is gone, on every
-    Unix and however it died.
+    Unix and however it died. On SIGUSR2 it tells the workers to drain and stop, and
+    execs the new program, which starts its own workers and reaps these.
     """
     signals = _SignalPipe(_SUPERVISED)
     children: dict[int, _Child] = {}  # by pid
@@ -532,7 +534,7 @@ def _stop_for_upgrade(children: dict[int, _Child], log: Log) -> None:
         child.hand(_STOP)
         child.write()
         if child.sending:  # a config is half out and the pipe full: the signal says it, if less quietly
-            os.kill(pid, signal.SIGTERM)
+            _signal_all({pid: child}, signal.SIGTERM)
     log.info("old workers draining for the upgrade", workers=len(children))
 
 
@@ -590,7 +592,7 @@ _READ_CHUNK = 1 << 20  # a pipe holds 64 KiB by default: a bigger read only retu
 
 
 def _reap_orphans(signum: int = 0, frame: object = None) -> None:
-    """As PID 1 without workers: collect the exit status of orphans handed to us, so no zombie stays."""
+    """Without workers: collect the exit status of orphans (as PID 1) and of an upgrade's drain, so no zombie stays."""
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

@@ -85,16 +85,17 @@ def command() -> list[str]:
     """The command line this process started with: interpreter options, the script (or -m), the arguments.
 
     Run again, it loads the program from disk afresh: after ``pip install -U``
-    the script and the modules there are the new ones.
+    the script and the modules there are the new ones. It is run by
+    ``sys.executable`` but keeps its first word, so that ps and pgrep (rc.d's
+    check) see the same line as before.
     """
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]  # orig_argv: Python 3.10+
-    return [sys.executable, *argv[1:]]
+    return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])  # orig_argv: Python 3.10+
 
 
-def cannot_run(argv: list[str]) -> str | None:
-    """Why ``argv`` would fail to start, if it can be seen before trying; None if it looks runnable."""
-    if not os.access(argv[0], os.X_OK):
-        return f"{argv[0]} is not an executable Python any more"
+def cannot_run() -> str | None:
+    """Why the program would fail to start, if it can be seen before trying; None if it looks runnable."""
+    if not os.access(sys.executable, os.X_OK):
+        return f"{sys.executable} is not an executable Python any more"
     script = sys.argv[0]  # the script, the .pyz, or the module's file with -m
     if script not in ("", "-c") and not os.path.exists(script):
         return f"{script} is gone"
@@ -151,7 +152,7 @@ class Upgrade:
             for line in exc.errors:
                 self.log.error(f"upgrade aborted, the running program goes on: {line}")
             return False
-        problem = cannot_run(command()) or cannot_become(new.settings.user)
+        problem = cannot_run() or cannot_become(new.settings.user)
         if problem:
             self.log.error(f"upgrade aborted, the running program goes on: {problem}")
             return False
@@ -178,7 +179,7 @@ class Upgrade:
         )
         try:
             move_to_start([sock.fileno() for _, sock in self.listeners])
-            os.execve(argv[0], argv, env)
+            os.execve(sys.executable, argv, env)
         except OSError as exc:
             self.log.error("upgrade failed: cannot run the program; exiting", command=" ".join(argv), cause=str(exc))
             self.log.close()

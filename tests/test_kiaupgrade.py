@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import conftest
 import pytest
@@ -200,6 +201,7 @@ def test_upgrade_in_place_under_traffic(start_gateway, backends, workers):
     )
     gw = start_gateway(toml)
     pid = gw.proc.pid
+    command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
     payload = random.Random(7).randbytes(UPLOAD)
     loop = ClientLoop(gw.http)
     try:
@@ -220,6 +222,7 @@ def test_upgrade_in_place_under_traffic(start_gateway, backends, workers):
     assert loop.failures == []
     assert gw.proc.poll() is None
     assert [line["pid"] for line in started_with(gw, pid)] == [pid, pid]  # the program ran afresh, in the same PID
+    assert Path(f"/proc/{pid}/cmdline").read_bytes() == command_line  # as ps and rc.d's pgrep see it
     # The old generation (the forked child, or the old workers) drained and stopped, and the new program reaped it.
     gw.wait_for(lambda _: sum(line.get("message") == "stopped" for line in gw.seen) == workers)
     upgraded = next(i for i, line in enumerate(gw.seen) if line.get("message", "").startswith("upgraded from"))
