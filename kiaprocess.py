@@ -27,6 +27,7 @@ import gevent.event
 import gevent.os
 
 import kiaconfig
+import kiaupgrade
 import relay
 from kiaconfig import Address, Config, ConfigError
 from kialog import Log, format_address
@@ -155,8 +156,15 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     nofile = raise_nofile()  # before the first descriptor we open
     for warning in cfg.warnings:
         log.warning(warning)
-    listeners = [("http", bind_listener(a)) for a in s.http_listen]
-    listeners += [("https", bind_listener(a)) for a in s.https_listen]
+    try:
+        inherited = kiaupgrade.inherited_listeners()
+    except kiaupgrade.ActivationError as exc:
+        raise FatalError(str(exc)) from None
+    if inherited is not None:
+        listeners = inherited
+    else:
+        listeners = [("http", bind_listener(a)) for a in s.http_listen]
+        listeners += [("https", bind_listener(a)) for a in s.https_listen]
     if not listeners:
         raise FatalError("no listeners: http_listen and https_listen are both empty")
     if s.user:
@@ -171,11 +179,15 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         pid=os.getpid(),
         nofile=nofile,
     )
+    _say_where_listeners_come_from(log, version, inherited is not None)
     check_nofile(log, s, nofile)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=format_address(sock.getsockname()))
+    upgrade = kiaupgrade.Upgrade(
+        version, load, log, listeners, lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
+    )
     if workers == 1:
-        return serve(cfg, load, make_server, log, listeners, worker=0)
+        return serve(cfg, load, make_server, log, listeners, worker=0, upgrade=upgrade)
     return supervise(
         workers,
         lambda worker, current, lifeline: serve(current, load, make_server, log, listeners, worker, lifeline),
@@ -183,7 +195,20 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         load,
         log,
         listeners,
+        upgrade,
     )
+
+
+def _say_where_listeners_come_from(log: Log, version: str, inherited: bool) -> None:
+    """Log that the listen lists were ignored for handed-over sockets, and who handed them: an upgrade or systemd."""
+    if not inherited:
+        return
+    old = kiaupgrade.upgraded_from()
+    if old is not None:
+        log.info(f"upgraded from kiagateway {old} to {version}", from_version=old, version=version, pid=os.getpid())
+        log.info("listening on the sockets handed over: a changed http_listen or https_listen needs a restart")
+    else:
+        log.info("socket activation: listening on the sockets passed in, http_listen and https_listen are ignored")
 
 
 RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
@@ -252,12 +277,14 @@ def serve(
     listeners: list,
     worker: int,
     lifeline: int | None = None,
+    upgrade: kiaupgrade.Upgrade | None = None,
 ) -> int:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
-    Alone, it reloads the file on SIGHUP; as a supervisor's worker it applies the
-    configs the supervisor validated and sends down its ``lifeline``, so that
-    all workers serve the same table whatever happens to the file meanwhile.
+    Alone, it reloads the file on SIGHUP and upgrades in place on SIGUSR2; as a
+    supervisor's worker it applies the configs the supervisor validated and sends
+    down its ``lifeline``, so that all workers serve the same table whatever
+    happens to the file meanwhile.
     """
     gateway = make_server(cfg, log, worker)
     gateway.serve(listeners)
@@ -279,15 +306,34 @@ def serve(
         gateway.reload(new)
         _reloaded(log, new, ignored, False, **fields)
 
+    upgrading = False
+
+    def upgrade_in_place() -> None:
+        """A forked child keeps the open connections and drains them; this process becomes the new program."""
+        nonlocal upgrading
+        if upgrading or stopping.is_set() or upgrade is None or not upgrade.ready():
+            return
+        upgrading = True
+        log.flush()  # the child starts with an empty queue: what waits is written by hand_over
+        if gevent.os.fork_gevent():
+            upgrade.hand_over()
+        os.environ.pop("NOTIFY_SOCKET", None)  # the new program speaks for the service now
+        fields["pid"] = os.getpid()
+        log.info("draining the open connections of the old program", pid=os.getpid())
+        stopping.set()
+
     if lifeline is None:
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+        gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(upgrade_in_place))
     else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # and the supervisor's upgrade, not a worker's death
         gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker, apply)
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
-    if os.getpid() == 1:  # a container's init: orphans in it are reparented to us (libev keeps SIGCHLD)
+    if not worker:  # a container's init gets orphans; after an upgrade, the old program's drain (libev keeps SIGCHLD)
         signal.signal(signal.SIGCHLD, _reap_orphans)
+        _reap_orphans()  # any that ended before the handler was in place
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
     if worker:
         log.info("worker started", worker=worker, pid=os.getpid())
@@ -302,7 +348,7 @@ def serve(
     return 0
 
 
-_SUPERVISED = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+_SUPERVISED = kiaupgrade.HELD_SIGNALS  # SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR2
 RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
 
 
@@ -380,10 +426,17 @@ class _Child:
 
 
 _LENGTH = struct.Struct("!Q")  # the length of the pickled (Config, ignored keys) that follows on a lifeline
+_STOP = _LENGTH.pack(0)  # a length of 0: drain and stop, the supervisor is upgrading
 
 
 def supervise(
-    count: int, work: Callable[[int, Config, int], int], cfg: Config, load: Load, log: Log, listeners: list
+    count: int,
+    work: Callable[[int, Config, int], int],
+    cfg: Config,
+    load: Load,
+    log: Log,
+    listeners: list,
+    upgrade: kiaupgrade.Upgrade | None = None,
 ) -> int:
     """Fork ``count`` workers sharing the listeners; replace any that dies; reload for them; pass signals on.
 
@@ -393,11 +446,14 @@ def supervise(
     supervisor holds. On SIGHUP the supervisor validates the file once and sends the
     result down every lifeline (workers never read the file, which may change in
     between); end of file there tells a worker that the supervisor is gone, on every
-    Unix and however it died.
+    Unix and however it died. On SIGUSR2 it tells the workers to drain and stop, and
+    execs the new program, which starts its own workers and reaps these.
     """
     signals = _SignalPipe(_SUPERVISED)
     children: dict[int, _Child] = {}  # by pid
     respawn: dict[int, float] = {}  # worker number -> when to start it again
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # held across an upgrade's exec until now
+    _reap(children, respawn, log, False)  # the old program's workers that ended meanwhile
 
     def start(worker: int) -> None:
         lifeline, held = os.pipe()
@@ -451,6 +507,10 @@ def supervise(
                     for child in children.values():
                         child.hand(_LENGTH.pack(len(body)) + body)
                     _reloaded(log, cfg, ignored, True, workers=len(children))
+            elif signum == signal.SIGUSR2:
+                if upgrade is not None and not stopping and upgrade.ready():
+                    _stop_for_upgrade(children, log)
+                    upgrade.hand_over()  # the new supervisor inherits the listeners and these workers
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True
                 respawn.clear()
@@ -466,6 +526,16 @@ def supervise(
     signals.close()
     log.info("stopped")
     return 0
+
+
+def _stop_for_upgrade(children: dict[int, _Child], log: Log) -> None:
+    """Tell each worker to stop accepting and drain: by its lifeline, so that it never takes the exec for a death."""
+    for pid, child in children.items():
+        child.hand(_STOP)
+        child.write()
+        if child.sending:  # a config is half out and the pipe full: the signal says it, if less quietly
+            _signal_all({pid: child}, signal.SIGTERM)
+    log.info("old workers draining for the upgrade", workers=len(children))
 
 
 def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> None:
@@ -494,6 +564,9 @@ def _follow_supervisor(
     gevent.os.make_nonblocking(lifeline)
     while True:
         head = _read_exactly(lifeline, _LENGTH.size)
+        if head == _STOP:  # the supervisor execs a new program, which starts new workers
+            stopping.set()
+            break
         body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
         if body is None:
             break
@@ -519,7 +592,7 @@ _READ_CHUNK = 1 << 20  # a pipe holds 64 KiB by default: a bigger read only retu
 
 
 def _reap_orphans(signum: int = 0, frame: object = None) -> None:
-    """As PID 1 without workers: collect the exit status of orphans handed to us, so no zombie stays."""
+    """Without workers: collect the exit status of orphans (as PID 1) and of an upgrade's drain, so no zombie stays."""
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

@@ -1,0 +1,197 @@
+"""Listening sockets that outlive a program: socket activation, and the upgrade in place that reuses it.
+
+Its own module because both are one mechanism, systemd's ``LISTEN_FDS``
+protocol (sd_listen_fds(3)): systemd, or ``systemd-socket-activate``, hands the
+gateway its listeners that way, and on SIGUSR2 the gateway hands them on the
+same way to the program it execs in its own process, so that the PID systemd
+and rc.d track stays and the sockets never close: the kernel queues the
+clients who come meanwhile. It neither binds nor serves (kiaprocess.py does,
+and calls this module) and imports nothing from kiagateway.py. It uses only
+what every Unix Python has: OpenBSD is a target.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import sys
+from typing import Callable, NoReturn, Protocol
+
+from kiaconfig import Config, ConfigError
+
+LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
+LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
+UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
+# The signals the new program handles: held (blocked) across exec, delivered once its handlers are in place,
+# so that a SIGTERM sent while it starts is a graceful stop and not the default death.
+HELD_SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
+class ActivationError(Exception):
+    """The handed-over descriptors cannot be the listeners; the message names the descriptor."""
+
+
+def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
+    """The listening sockets handed to this process, with their names; None when none were.
+
+    The variables are removed whatever they hold, as sd_listen_fds(1) does,
+    so that no child takes them for its own; descriptors meant for another
+    process (``LISTEN_PID`` not ours) are left alone.
+    """
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    names = os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None or pid.strip() != str(os.getpid()):
+        return None
+    if not count.isdigit():
+        raise ActivationError(f"LISTEN_FDS must be a number of descriptors, got {count!r}")
+    given = names.split(":") if names else []
+    listeners = []
+    for index in range(int(count)):
+        fd = LISTEN_FDS_START + index
+        name = given[index] if index < len(given) else ""
+        if name not in LISTENER_NAMES:
+            said = f"is named {name!r}" if name else "has no name"
+            raise ActivationError(
+                f"inherited socket fd {fd} {said}: name each one http or https"
+                " (FileDescriptorName= in its .socket unit, --fdname= of systemd-socket-activate)"
+            )
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise ActivationError(f"inherited fd {fd} ({name}) is not a socket: {exc.strerror}") from None
+        accepting = socket.SO_ACCEPTCONN if hasattr(socket, "SO_ACCEPTCONN") else None  # elsewhere accept() tells
+        if (
+            sock.family not in (socket.AF_INET, socket.AF_INET6)
+            or sock.type != socket.SOCK_STREAM
+            or (accepting is not None and not sock.getsockopt(socket.SOL_SOCKET, accepting))
+        ):
+            sock.detach()  # not ours to close
+            raise ActivationError(f"inherited socket fd {fd} ({name}) is not a listening TCP socket")
+        sock.setblocking(False)
+        sock.set_inheritable(False)  # workers are forked, not executed: only an upgrade hands it on, on purpose
+        listeners.append((name, sock))
+    return listeners
+
+
+def upgraded_from() -> str | None:
+    """The version of the program that upgraded into this one, if one did; the variable goes with it."""
+    return os.environ.pop(UPGRADED_FROM, None)
+
+
+def command() -> list[str]:
+    """The command line this process started with: interpreter options, the script (or -m), the arguments.
+
+    Run again, it loads the program from disk afresh: after ``pip install -U``
+    the script and the modules there are the new ones. It is run by
+    ``sys.executable`` but keeps its first word, so that ps and pgrep (rc.d's
+    check) see the same line as before.
+    """
+    return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])  # orig_argv: Python 3.10+
+
+
+def cannot_run() -> str | None:
+    """Why the program would fail to start, if it can be seen before trying; None if it looks runnable."""
+    if not os.access(sys.executable, os.X_OK):
+        return f"{sys.executable} is not an executable Python any more"
+    script = sys.argv[0]  # the script, the .pyz, or the module's file with -m
+    if script not in ("", "-c") and not os.path.exists(script):
+        return f"{script} is gone"
+    return None
+
+
+def cannot_become(user: str) -> str | None:
+    """Why the new program could not run as ``user``: it starts as this process runs, after any privilege drop."""
+    if not user or os.getuid() == 0:
+        return None
+    import pwd
+
+    uid = pwd.getpwnam(user).pw_uid  # load() checked that the user exists
+    if uid != os.getuid():
+        return f"user changed to {user}: only a restart, which starts as root, can switch to it"
+    return None
+
+
+class _Log(Protocol):
+    def info(self, message: str, **fields: object) -> None: ...
+
+    def error(self, message: str, **fields: object) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Upgrade:
+    """An upgrade in place, made by the main process: validate, then exec the program on the same sockets.
+
+    The caller first sees to the open connections: a forked child of a lone
+    process keeps them, a supervisor's workers drain them; this process then
+    becomes the new program, which inherits the listeners and the children.
+    """
+
+    def __init__(
+        self,
+        version: str,
+        load: Callable[[], Config],
+        log: _Log,
+        listeners: list[tuple[str, socket.socket]],
+        reloading: Callable[[], None],
+    ) -> None:
+        self.version = version
+        self.load = load
+        self.log = log
+        self.listeners = listeners
+        self.reloading = reloading  # tells systemd that a reload has begun; the new program's READY=1 ends it
+
+    def ready(self) -> bool:
+        """True if the new program can start: its config reads well and the program is there; else say why."""
+        try:
+            new = self.load()  # the same reading the new program will do, so a bad file stops us here
+        except ConfigError as exc:
+            for line in exc.errors:
+                self.log.error(f"upgrade aborted, the running program goes on: {line}")
+            return False
+        problem = cannot_run() or cannot_become(new.settings.user)
+        if problem:
+            self.log.error(f"upgrade aborted, the running program goes on: {problem}")
+            return False
+        return True
+
+    def hand_over(self) -> NoReturn:
+        """Exec the program afresh in this process, the listeners at descriptors 3 and up. Never returns.
+
+        A failure of exec itself leaves this process half-way (the descriptors
+        moved, the connections handed off): it logs and exits 1, for the
+        service manager to start the gateway again.
+        """
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        argv = command()
+        self.reloading()
+        self.log.info("upgrading: running the program afresh", version=self.version, pid=os.getpid())
+        self.log.close()  # exec skips atexit: write what the reader has not taken yet
+        env = dict(
+            os.environ,
+            LISTEN_FDS=str(len(self.listeners)),
+            LISTEN_PID=str(os.getpid()),  # exec keeps the PID
+            LISTEN_FDNAMES=":".join(name for name, _ in self.listeners),
+            **{UPGRADED_FROM: self.version},
+        )
+        try:
+            move_to_start([sock.fileno() for _, sock in self.listeners])
+            os.execve(sys.executable, argv, env)
+        except OSError as exc:
+            self.log.error("upgrade failed: cannot run the program; exiting", command=" ".join(argv), cause=str(exc))
+            self.log.close()
+            os._exit(1)
+
+
+def move_to_start(fds: list[int]) -> None:
+    """Put ``fds`` at 3, 4... in order, inheritable. What was there is overwritten: for just before exec."""
+    end = LISTEN_FDS_START + len(fds)
+    dup = getattr(fcntl, "F_DUPFD_CLOEXEC", fcntl.F_DUPFD)
+    # First above every target, so that no dup2 below overwrites a descriptor still to be moved.
+    high = [fcntl.fcntl(fd, dup, end) for fd in fds]
+    for index, fd in enumerate(high):
+        os.dup2(fd, LISTEN_FDS_START + index, inheritable=True)
+        os.close(fd)

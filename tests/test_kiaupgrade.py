@@ -1,0 +1,307 @@
+"""Handed-over listeners (kiaupgrade.py): socket activation, and the upgrade in place on SIGUSR2."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import conftest
+import pytest
+from conftest import TIMEOUT, read_all, routes_toml
+from test_drain import read_until_cut
+from test_kiaprocess import children
+from test_relay import HEAD, RawBackend, recv_exactly
+from test_routing import tls_get
+
+REQUEST = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+
+
+def free_port() -> int:
+    """A loopback port free a moment ago: bound to port 0 and closed; the caller binds it again soon."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def activator() -> str:
+    for path in (shutil.which("systemd-socket-activate"), "/lib/systemd/systemd-socket-activate"):
+        if path and os.access(path, os.X_OK):
+            return path
+    pytest.skip("systemd-socket-activate not installed (Debian package systemd)")
+
+
+def started_with(gw: conftest.Gateway, pid: int) -> list[dict]:
+    """The start-up lines of the program run by ``pid``: one per program run in that process."""
+    return [line for line in gw.seen if line.get("message", "").startswith("kiagateway ") and line["pid"] == pid]
+
+
+def ask(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.sendall(REQUEST)
+        return read_all(sock)
+
+
+# ---------------------------------------------------------------------------
+# Socket activation
+
+
+def test_socket_activation_serves_both_listeners(monkeypatch, start_gateway, backends, client_context):
+    plain = conftest.gateway_command
+    for attempt in range(2):  # another process may take a port between our probe and the bind: once more then
+        ports = free_port(), free_port()
+        command = [activator(), *(f"--listen=127.0.0.1:{port}" for port in ports), "--fdname=http:https"]
+        monkeypatch.setattr(conftest, "gateway_command", lambda c=command: [*c, *plain()])
+        first = FirstClient(("127.0.0.1", ports[0]))  # systemd-socket-activate starts the gateway on a connection
+        try:
+            gw = start_gateway(routes_toml(backends, extra_gateway="workers = 2"))
+            break
+        except AssertionError as exc:
+            if attempt or "Address already in use" not in str(exc):
+                raise
+        finally:
+            first.thread.join(TIMEOUT)
+    assert first.answer.endswith(b"alpha http a.example")  # the connection that started it was served
+    assert gw.listening == {"http": [("127.0.0.1", ports[0])], "https": [("127.0.0.1", ports[1])]}
+    assert gw.wait_for(lambda line: line.get("message", "").startswith("socket activation"))
+    for _ in range(4):  # both workers serve both listeners
+        assert ask(gw.http).endswith(b"alpha http a.example")
+        assert tls_get(gw.https, "a.example", client_context).endswith(b"alpha https a.example")
+    assert gw.stop() == 0
+    with pytest.raises(ConnectionRefusedError):  # the listeners were ours alone, and are closed
+        socket.create_connection(gw.http, timeout=TIMEOUT).close()
+
+
+class FirstClient:
+    """A thread that connects as soon as the port listens, and keeps the answer to one request."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.answer = b""
+        self.thread = threading.Thread(target=self._run, args=(address,), daemon=True)
+        self.thread.start()
+
+    def _run(self, address: tuple[str, int]) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                self.answer = ask(address)
+                return
+            except ConnectionRefusedError:  # not listening yet
+                time.sleep(0.05)
+
+
+def activated(tmp_path, toml: str, names: str | None, listener: socket.socket | None = None):
+    """Run the gateway with a listening socket at fd 3 and LISTEN_* set as systemd would; return when it exits."""
+    config = tmp_path / "servers.toml"
+    config.write_text(toml)
+    listener = listener or socket.create_server(("127.0.0.1", 0))
+    env = {**os.environ, "LISTEN_FDS": "1"}
+    if names is not None:
+        env["LISTEN_FDNAMES"] = names
+    with listener:
+        return subprocess.run(
+            ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", *conftest.gateway_command(), str(config)],
+            env=env,
+            pass_fds=(3,),
+            preexec_fn=lambda: os.dup2(listener.fileno(), 3),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+        )
+
+
+@pytest.mark.parametrize(("names", "said"), [("web", "is named 'web'"), (None, "has no name"), ("", "has no name")])
+def test_socket_activation_refuses_a_socket_not_named_http_or_https(tmp_path, names, said):
+    done = activated(tmp_path, '[http_backends]\n"a.example" = "127.0.0.1:1"\n', names)
+    assert done.returncode == 1
+    assert f"inherited socket fd 3 {said}" in done.stderr
+
+
+def test_socket_activation_refuses_a_socket_that_does_not_listen(tmp_path):
+    done = activated(tmp_path, '[http_backends]\n"a.example" = "127.0.0.1:1"\n', "http", socket.socket())
+    assert done.returncode == 1
+    assert "inherited socket fd 3 (http) is not a listening TCP socket" in done.stderr
+
+
+def test_socket_activation_leaves_sockets_meant_for_another_process(start_gateway, backends):
+    gw = start_gateway(routes_toml(backends), env={"LISTEN_FDS": "1", "LISTEN_PID": "1", "LISTEN_FDNAMES": "http"})
+    assert not any(line.get("message", "").startswith("socket activation") for line in gw.seen)
+    assert gw.http[1] != 0
+    assert ask(gw.http).endswith(b"alpha http a.example")  # on the config's listener
+
+
+# ---------------------------------------------------------------------------
+# Upgrade in place
+
+
+class ClientLoop:
+    """A thread making HTTP requests through the gateway one after another until stopped, keeping every failure."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.done = 0
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                answer = ask(self.address)
+            except OSError as exc:
+                self.failures.append(repr(exc))
+                continue
+            if answer.endswith(b"alpha http a.example"):
+                self.done += 1
+            else:
+                self.failures.append(repr(answer[:80]))
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while self.done < count:
+            assert time.monotonic() < deadline, f"only {self.done} requests done; failures {self.failures[:3]}"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+UPLOAD = 32 << 20  # bytes sent through a relay that the upgrade must not cut
+CHUNK = 1 << 16
+
+
+def upload_backend(conn: socket.socket) -> None:
+    """Take HEAD and UPLOAD bytes, then answer their sha256."""
+    recv_exactly(conn, len(HEAD))
+    digest = hashlib.sha256()
+    left = UPLOAD
+    while left:
+        data = conn.recv(min(CHUNK, left))
+        assert data, f"EOF with {left} bytes still to come"
+        digest.update(data)
+        left -= len(data)
+    conn.sendall(digest.hexdigest().encode())
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_in_place_under_traffic(start_gateway, backends, workers):
+    be = RawBackend(upload_backend)
+    toml = routes_toml(backends, listen_https="").replace(
+        "[http_backends]\n", f'workers = {workers}\n[http_backends]\n"raw.example" = "{be.address}"\n'
+    )
+    gw = start_gateway(toml)
+    pid = gw.proc.pid
+    command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+    payload = random.Random(7).randbytes(UPLOAD)
+    loop = ClientLoop(gw.http)
+    try:
+        upload = socket.create_connection(gw.http, timeout=TIMEOUT)
+        upload.sendall(HEAD + payload[: UPLOAD // 4])  # under way before the upgrade...
+        loop.wait_for(5)
+        gw.proc.send_signal(signal.SIGUSR2)
+        gw.wait_for(lambda line: line.get("message", "").startswith("upgraded from kiagateway"))
+        gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+        upload.sendall(payload[UPLOAD // 4 :])  # ...and ends after it, through the old program
+        assert upload.recv(64).decode() == hashlib.sha256(payload).hexdigest()
+        upload.close()
+        before = loop.done
+        loop.wait_for(before + 5)  # served by the new program
+    finally:
+        loop.stop()
+        be.close()
+    assert loop.failures == []
+    assert gw.proc.poll() is None
+    assert [line["pid"] for line in started_with(gw, pid)] == [pid, pid]  # the program ran afresh, in the same PID
+    assert Path(f"/proc/{pid}/cmdline").read_bytes() == command_line  # as ps and rc.d's pgrep see it
+    # The old generation (the forked child, or the old workers) drained and stopped, and the new program reaped it.
+    gw.wait_for(lambda _: sum(line.get("message") == "stopped" for line in gw.seen) == workers)
+    upgraded = next(i for i, line in enumerate(gw.seen) if line.get("message", "").startswith("upgraded from"))
+    new_workers = {line["pid"] for line in gw.seen[upgraded:] if line.get("message") == "worker started"}
+    deadline = time.monotonic() + TIMEOUT
+    while children(pid) != new_workers:
+        assert time.monotonic() < deadline, f"children {children(pid)}, workers {new_workers}"
+        time.sleep(0.05)
+    assert gw.stop() == 0
+    assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
+
+
+def test_upgrade_with_a_bad_config_is_aborted_and_the_old_program_serves_on(start_gateway, backends):
+    gw = start_gateway(routes_toml(backends))
+    gw.config.write_text("[gateway]\nbogus = 1\n")
+    gw.proc.send_signal(signal.SIGUSR2)
+    gw.wait_for(lambda line: line.get("message", "").startswith("upgrade aborted"))
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert len(started_with(gw, gw.proc.pid)) == 1
+    assert gw.stop() == 0
+
+
+def test_upgrade_resets_old_relays_still_open_when_drain_timeout_ends(start_gateway):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        read_all(conn)  # until the gateway cuts it
+
+    be = RawBackend(backend)
+    gw = start_gateway(
+        '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\ndrain_timeout = 1.0\n'
+        f'[http_backends]\n"raw.example" = "{be.address}"\n'
+    )
+    try:
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            assert recv_exactly(sock, 5) == b"hello"
+            gw.proc.send_signal(signal.SIGUSR2)
+            gw.wait_for(lambda line: line.get("message", "").startswith("upgraded from"))
+            assert read_until_cut(sock) is ConnectionResetError  # not a clean EOF
+        be.check()
+    finally:
+        be.close()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "drain_timeout"
+    assert gw.proc.poll() is None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_tells_systemd_reloading_then_ready_and_only_the_main_process_speaks(
+    start_gateway, backends, tmp_path, workers
+):
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        assert recv_exactly(conn, 3) == b"bye"
+
+    be = RawBackend(backend)
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(TIMEOUT)
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+            f'workers = {workers}\n[http_backends]\n"raw.example" = "{be.address}"\n',
+            env={"NOTIFY_SOCKET": path},
+        )
+        assert notify.recv(256) == b"READY=1"
+        try:
+            with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:  # the old program drains it
+                sock.sendall(HEAD)
+                assert recv_exactly(sock, 5) == b"hello"
+                gw.proc.send_signal(signal.SIGUSR2)
+                assert notify.recv(256).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+                assert notify.recv(256) == b"READY=1"  # from the new program, in the same PID
+                sock.sendall(b"bye")
+            gw.wait_for(lambda _: sum(line.get("message") == "stopped" for line in gw.seen) == workers)
+            be.check()
+        finally:
+            be.close()
+        gw.proc.send_signal(signal.SIGTERM)
+        assert notify.recv(256) == b"STOPPING=1"  # the first word since: the old program stopped without a word
+        assert gw.proc.wait(TIMEOUT) == 0
