@@ -120,6 +120,7 @@ class Settings:
     log_format: str = "text"
     log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
     drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
+    metrics_listen: str = ""  # "ip:port" serving /metrics and /healthz; "" for none (a string: --check --json shows it)
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -361,6 +362,13 @@ def _workers(value: Any) -> int | str:
     return _int_range(1, 1024)(value)
 
 
+def _optional_listen(value: Any) -> str:
+    """One listen address in its canonical text, or "" for none."""
+    if value == "":
+        return ""
+    return str(parse_address(value, listen=True))
+
+
 def _choice(choices: tuple[str, ...]):
     def check(value: Any) -> str:
         if value not in choices:
@@ -395,6 +403,7 @@ _CHECKS = {
     "log_format": _choice(LOG_FORMATS),
     "log_connections": _boolean,
     "drain_timeout": _positive,
+    "metrics_listen": _optional_listen,
 }
 
 
@@ -472,6 +481,29 @@ def check_serving(cfg: Config) -> list[str]:
             problem = _unreadable_by(cfg.source, entry)
             if problem:
                 errors.append(f"{_where(cfg, 'user')}: {problem}")
+    if s.metrics_listen:
+        errors += _metrics_problems(cfg)
+    return errors
+
+
+METRICS_EXTRA = "metrics_listen needs the metrics extra: pip install 'kiagateway[metrics]'"
+
+
+def _metrics_problems(cfg: Config) -> list[str]:
+    """metrics_listen overlapping a traffic listener, or set without prometheus_client (it renders the text)."""
+    errors = []
+    address = parse_address(cfg.settings.metrics_listen, listen=True)
+    for key in ("http_listen", "https_listen"):
+        for other in getattr(cfg.settings, key):
+            if listeners_overlap(address, other):
+                errors.append(
+                    f"{_where(cfg, 'metrics_listen')}: {address} overlaps {other} of {_name(cfg, key)}: "
+                    "the metrics need a port of their own"
+                )
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        errors.append(f"{cfg.source}: {METRICS_EXTRA}")
     return errors
 
 

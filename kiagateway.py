@@ -60,6 +60,7 @@ import gevent.server
 import gevent.socket
 
 import kiaconfig
+import kiametrics
 import kiaprocess
 import relay
 import sniff
@@ -242,6 +243,7 @@ class Gateway:
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
         self._lookups: dict[tuple[str, int], gevent.event.AsyncResult] = {}  # backend names being resolved
+        self.metrics: kiametrics.Stats | None = None  # set by the life cycle when metrics_listen is set
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -335,6 +337,9 @@ class Gateway:
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         try:
             preamble = self._read_preamble(client, sniffer, listener, settings, conn.started)
+            metrics = self.metrics
+            if metrics is not None:
+                connecting = metrics.preamble_read(listener, conn.started)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
@@ -343,6 +348,8 @@ class Gateway:
                 raise sniff.NoRoute(f"no route for {name}")
             conn.backend = backend
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout)
+            if metrics is not None:
+                metrics.connected(listener, connecting)
             outgoing = buffered
             if backend.proxy_protocol:
                 try:
@@ -588,6 +595,8 @@ class _Connection:
         self.result = relay.RelayResult()
         self.relay: relay.Relay | None = None
         self.ended = False
+        if gateway.metrics is not None:
+            gateway.metrics.opened(listener)
 
     def done(self, result: relay.RelayResult) -> None:
         """Count the connection closed and log it, once: a relay that failed to start may call again."""
@@ -598,6 +607,8 @@ class _Connection:
         if self.relay is not None:
             gateway.relays.discard(self.relay)
         gateway._closed()
+        if gateway.metrics is not None:
+            gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
         fields = {
             "id": self.id,
             "listener": self.listener,

@@ -27,6 +27,7 @@ import gevent.event
 import gevent.os
 
 import kiaconfig
+import kiametrics
 import relay
 from kiaconfig import Address, Config, ConfigError
 from kialog import Log, format_address
@@ -42,6 +43,8 @@ class Server(Protocol):
     def reload(self, cfg: Config) -> None: ...
 
     def stop(self, grace: float, **fields: object) -> None: ...
+
+    metrics: kiametrics.Stats | None  # what the data path counts in, when metrics_listen is set
 
 
 MakeServer = Callable[[Config, Log, int], Server]
@@ -159,6 +162,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     listeners += [("https", bind_listener(a)) for a in s.https_listen]
     if not listeners:
         raise FatalError("no listeners: http_listen and https_listen are both empty")
+    metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True)) if s.metrics_listen else None
     if s.user:
         drop_privileges(s.user)
     workers = kiaconfig.resolve_workers(s.workers)
@@ -174,19 +178,34 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     check_nofile(log, s, nofile)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=format_address(sock.getsockname()))
+    if metrics_sock is not None:
+        log.info("listening for metrics", address=format_address(metrics_sock.getsockname()))
     if workers == 1:
-        return serve(cfg, load, make_server, log, listeners, worker=0)
+        exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
+        return serve(cfg, load, make_server, log, listeners, worker=0, metrics=exporter)
+    scrapes = kiametrics.Scrapes(metrics_sock, version, log) if metrics_sock is not None else None
     return supervise(
         workers,
-        lambda worker, current, lifeline: serve(current, load, make_server, log, listeners, worker, lifeline),
+        lambda worker, current, lifeline: serve(
+            current,
+            load,
+            make_server,
+            log,
+            listeners,
+            worker,
+            lifeline,
+            scrapes.in_worker(worker) if scrapes is not None else None,
+        ),
         cfg,
         load,
         log,
         listeners,
+        scrapes,
     )
 
 
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
+# Used only at start-up.
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen")
 
 
 def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
@@ -252,6 +271,7 @@ def serve(
     listeners: list,
     worker: int,
     lifeline: int | None = None,
+    metrics: kiametrics.Exporter | kiametrics.Reporter | None = None,
 ) -> int:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
@@ -260,6 +280,9 @@ def serve(
     all workers serve the same table whatever happens to the file meanwhile.
     """
     gateway = make_server(cfg, log, worker)
+    if metrics is not None:
+        gateway.metrics = metrics.stats
+        metrics.start()
     gateway.serve(listeners)
     stopping = gevent.event.Event()
 
@@ -270,6 +293,8 @@ def serve(
     def reload() -> None:
         nonlocal running
         reloaded = _reload(load, log, running)
+        if metrics is not None:
+            metrics.reloaded(reloaded is not None)
         if reloaded is not None:
             running, ignored = reloaded
             gateway.reload(running)
@@ -297,7 +322,11 @@ def serve(
     stopping.wait()
     if not worker:
         sd_notify("STOPPING=1")
+    if metrics is not None:
+        metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
     gateway.stop(cfg.settings.drain_timeout, **fields)
+    if metrics is not None:
+        metrics.close()
     log.info("stopped", **fields)
     return 0
 
@@ -326,18 +355,21 @@ class _SignalPipe:
     def _record(self, signum: int, frame: object) -> None:
         self.pending.append(signum)
 
-    def wait(self, timeout: float | None, writers: list[int]) -> tuple[list[int], list[int]]:
-        """The signals received, in order, and the ``writers`` ready, once either or ``timeout`` came."""
+    def wait(
+        self, timeout: float | None, writers: list[int], readers: list[int]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """The signals received, in order, and the ``writers`` and ``readers`` ready, once any or ``timeout`` came."""
+        readable: list[int] = []
         writable: list[int] = []
         if not self.pending:
-            writable = select.select([self.read_fd], writers, [], timeout)[1]
+            readable, writable, _ = select.select([self.read_fd, *readers], writers, [], timeout)
         try:
             while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
                 pass
         except BlockingIOError:
             pass
         taken, self.pending = self.pending, []
-        return list(dict.fromkeys(taken)), writable  # a signal sent twice before we looked is handled once
+        return list(dict.fromkeys(taken)), writable, readable  # a signal sent twice before we looked: handled once
 
     def close(self) -> None:
         """Back to default handling: in a new worker (signals still blocked), or when the supervisor ends."""
@@ -383,7 +415,13 @@ _LENGTH = struct.Struct("!Q")  # the length of the pickled (Config, ignored keys
 
 
 def supervise(
-    count: int, work: Callable[[int, Config, int], int], cfg: Config, load: Load, log: Log, listeners: list
+    count: int,
+    work: Callable[[int, Config, int], int],
+    cfg: Config,
+    load: Load,
+    log: Log,
+    listeners: list,
+    metrics: kiametrics.Scrapes | None = None,
 ) -> int:
     """Fork ``count`` workers sharing the listeners; replace any that dies; reload for them; pass signals on.
 
@@ -393,7 +431,8 @@ def supervise(
     supervisor holds. On SIGHUP the supervisor validates the file once and sends the
     result down every lifeline (workers never read the file, which may change in
     between); end of file there tells a worker that the supervisor is gone, on every
-    Unix and however it died.
+    Unix and however it died. With ``metrics``, the supervisor answers the scrapes,
+    asking each worker over a socketpair of its own (kiametrics.Scrapes).
     """
     signals = _SignalPipe(_SUPERVISED)
     children: dict[int, _Child] = {}  # by pid
@@ -401,6 +440,8 @@ def supervise(
 
     def start(worker: int) -> None:
         lifeline, held = os.pipe()
+        if metrics is not None:
+            metrics.prepare(worker)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)  # the worker installs its own first
         try:
             pid = os.fork()
@@ -408,6 +449,8 @@ def supervise(
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(lifeline)
             os.close(held)
+            if metrics is not None:
+                metrics.failed(worker)
             log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
             respawn[worker] = time.monotonic() + RESPAWN_DELAY
             return
@@ -426,6 +469,8 @@ def supervise(
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(lifeline)
+        if metrics is not None:
+            metrics.started(worker)
         os.set_blocking(held, False)
         children[pid] = _Child(worker, held)
 
@@ -437,14 +482,24 @@ def supervise(
     while children or (respawn and not stopping):
         timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
         sending = {child.lifeline: child for child in children.values() if child.sending}
-        received, writable = signals.wait(timeout, list(sending))
+        readers, writers = ([], []) if metrics is None else metrics.wanted()
+        if metrics is not None:
+            timeout = metrics.timeout(timeout)
+        received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
         for fd in writable:
-            sending[fd].write()
+            if fd in sending:
+                sending[fd].write()
+        if metrics is not None:
+            metrics.handle(readable, writable)
         for signum in received:
             if signum == signal.SIGCHLD:
-                _reap(children, respawn, log, stopping)
+                for child in _reap(children, respawn, log, stopping):
+                    if metrics is not None:
+                        metrics.gone(child.worker, restarting=not stopping)
             elif signum == signal.SIGHUP:
                 reloaded = _reload(load, log, cfg)
+                if metrics is not None:
+                    metrics.reloaded(reloaded is not None)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
                     body = pickle.dumps(reloaded, pickle.HIGHEST_PROTOCOL)
@@ -457,6 +512,8 @@ def supervise(
                 for _, sock in listeners:
                     sock.close()
                 sd_notify("STOPPING=1")
+                if metrics is not None:
+                    metrics.drain()  # /healthz answers 503 until the last worker is done
                 log.info("stopping workers", workers=len(children))
                 _signal_all(children, signal.SIGTERM)
         for worker, due in list(respawn.items()):
@@ -464,22 +521,26 @@ def supervise(
                 del respawn[worker]
                 start(worker)
     signals.close()
+    if metrics is not None:
+        metrics.close()
     log.info("stopped")
     return 0
 
 
-def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> None:
-    """Collect every exited child; plan the replacement of workers that died."""
+def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> list[_Child]:
+    """Collect every exited child; plan the replacement of workers that died; return the workers reaped."""
+    reaped: list[_Child] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:  # none left
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
         if pid not in children:  # as PID 1 (a container), an orphan reparented to us: reaping is all it needs
             continue
         child = children.pop(pid)
+        reaped.append(child)
         os.close(child.lifeline)
         if not stopping:
             log.error("worker died, starting a new one", worker=child.worker, pid=pid, cause=_wait_status(status))
