@@ -61,9 +61,10 @@ class Stats:
     __slots__ = ("bytes", "connect", "connections", "open", "preamble")
 
     def __init__(self) -> None:
-        self.connections: dict[tuple[str, str], int] = {}  # (listener, outcome) -> finished connections
+        # Keyed by listener first, with no tuple to build per update.
+        self.connections: dict[str, dict[str, int]] = {listener: {} for listener in LISTENERS}  # outcome -> finished
         self.open = dict.fromkeys(LISTENERS, 0)
-        self.bytes = {(listener, direction): 0 for listener in LISTENERS for direction in ("up", "down")}
+        self.bytes = {listener: [0, 0] for listener in LISTENERS}  # up, down
         self.preamble = {listener: [0] * (_SUM + 1) for listener in LISTENERS}  # accept to preamble read
         self.connect = {listener: [0] * (_SUM + 1) for listener in LISTENERS}  # route found to backend connected
 
@@ -87,21 +88,23 @@ class Stats:
 
     def finished(self, listener: str, outcome: str, up: int, down: int) -> None:
         self.open[listener] -= 1
-        connections = self.connections
-        key = (listener, outcome)
-        connections[key] = connections.get(key, 0) + 1
-        self.bytes[listener, "up"] += up
-        self.bytes[listener, "down"] += down
+        connections = self.connections[listener]
+        connections[outcome] = connections.get(outcome, 0) + 1
+        counted = self.bytes[listener]
+        counted[0] += up
+        counted[1] += down
 
     def add(self, other: Stats, gauges: bool = True) -> None:
         """Add ``other``'s counts to these; ``gauges`` False leaves out the open connections (a worker gone)."""
-        for key, count in other.connections.items():
-            self.connections[key] = self.connections.get(key, 0) + count
+        for listener, outcomes in other.connections.items():
+            mine = self.connections[listener]
+            for outcome, count in outcomes.items():
+                mine[outcome] = mine.get(outcome, 0) + count
         if gauges:
             for listener, count in other.open.items():
                 self.open[listener] += count
-        for key, count in other.bytes.items():
-            self.bytes[key] += count
+        for listener, (up, down) in other.bytes.items():
+            self.bytes[listener] = [self.bytes[listener][0] + up, self.bytes[listener][1] + down]
         for mine, theirs in ((self.preamble, other.preamble), (self.connect, other.connect)):
             for listener, histogram in theirs.items():
                 mine[listener] = [a + b for a, b in zip(mine[listener], histogram)]
@@ -116,16 +119,18 @@ def render(stats: Stats, reloads: dict[str, int], restarts: int, version: str) -
     connections = CounterMetricFamily(
         "kiagateway_connections", "Connections finished, by their log line's outcome.", labels=("listener", "outcome")
     )
-    for labels, count in sorted(stats.connections.items()):
-        connections.add_metric(labels, count)
+    for listener in LISTENERS:
+        for outcome, count in sorted(stats.connections[listener].items()):
+            connections.add_metric((listener, outcome), count)
     open_ = GaugeMetricFamily("kiagateway_connections_open", "Connections open now.", labels=("listener",))
     for listener in LISTENERS:
         open_.add_metric((listener,), stats.open[listener])
     bytes_ = CounterMetricFamily(
         "kiagateway_bytes", "Bytes relayed: up from clients, down from backends.", labels=("listener", "direction")
     )
-    for labels, count in stats.bytes.items():
-        bytes_.add_metric(labels, count)
+    for listener in LISTENERS:
+        for direction, count in zip(("up", "down"), stats.bytes[listener]):
+            bytes_.add_metric((listener, direction), count)
     families = [connections, open_, bytes_]
     for name, text, histograms in (
         ("kiagateway_preamble_seconds", "Accept to preamble read (connections that sent one).", stats.preamble),
