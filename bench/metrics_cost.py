@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What metrics cost per connection: the gateway's CPU for short HTTP connections, metrics_listen off and on.
 
-    python bench/metrics_cost.py [--connections=4000] [--rounds=8] [--cmd=kiagateway]
+    python bench/metrics_cost.py [--connections=1000] [--rounds=30] [--control] [--cmd=kiagateway]
 
 Starts two gateways with one worker each on loopback, one without and one with
 metrics_listen, in front of one small backend that answers and closes. Each
@@ -11,13 +11,15 @@ drift of the machine touches both, and reads the gateway's CPU time from
 /proc/PID/schedstat (nanoseconds; /proc/PID/stat's ticks of 10 ms where it is
 missing). It prints µs per connection per round, the medians, and the cost of
 metrics as a difference and a share. One scrape per round goes to the gateway
-with metrics, as Prometheus would, counted in its CPU. Linux only; every
-process it starts is stopped at the end.
+with metrics, as Prometheus would, its CPU measured apart: Prometheus scrapes
+every 15 s or so, not every thousand connections. Linux only; every process
+it starts is stopped at the end.
 
 The whole-gateway figure is at the mercy of a busy machine (a few µs of noise
 per connection); it also prints the hooks' own cost measured in-process
 (the calls kiagateway.py makes per connection, best of several runs), which
-a loaded machine barely moves.
+a loaded machine barely moves. ``--control`` runs the same with metrics off
+in both gateways: the spread it shows is the noise floor of this machine.
 """
 
 from __future__ import annotations
@@ -134,8 +136,9 @@ def run_batch(port: int, count: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--connections", type=int, default=4000, help="connections per gateway per round")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=1000, help="connections per gateway per round")
+    parser.add_argument("--rounds", type=int, default=30, help="short rounds pair better on a busy machine")
+    parser.add_argument("--control", action="store_true", help="metrics off in both: the noise floor")
     parser.add_argument("--cmd", default=None, help="the gateway command (default: kiagateway beside this Python)")
     args = parser.parse_args()
     cmd = [args.cmd] if args.cmd else [shutil.which("kiagateway", path=os.path.dirname(sys.executable)) or "kiagateway"]
@@ -149,20 +152,23 @@ def main() -> int:
         try:
             off = start_gateway(cmd, Path(scratch), "off", listener.getsockname()[1], False)
             procs.append(off[0])
-            on = start_gateway(cmd, Path(scratch), "on", listener.getsockname()[1], True)
+            on = start_gateway(cmd, Path(scratch), "on", listener.getsockname()[1], not args.control)
             procs.append(on[0])
             run_batch(off[1], 500)  # warm both up: greenlets parked, caches filled
             run_batch(on[1], 500)
             results: dict[str, list[float]] = {"off": [], "on": []}
+            scrapes: list[float] = []
             for round_ in range(args.rounds):
                 order = [("off", off), ("on", on)] if round_ % 2 == 0 else [("on", on), ("off", off)]
                 for name, (proc, port, metrics_port) in order:
                     before = cpu_seconds(proc.pid)
                     run_batch(port, args.connections)
+                    results[name].append((cpu_seconds(proc.pid) - before) / args.connections * 1e6)
                     if metrics_port:
+                        before = cpu_seconds(proc.pid)
                         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
                             r.read()
-                    results[name].append((cpu_seconds(proc.pid) - before) / args.connections * 1e6)
+                        scrapes.append((cpu_seconds(proc.pid) - before) * 1e3)
                 print(f"round {round_ + 1}: off {results['off'][-1]:.1f} µs/conn, on {results['on'][-1]:.1f} µs/conn")
         finally:
             for proc in procs:
@@ -177,12 +183,15 @@ def main() -> int:
             thread.join(5)
             listener.close()
     print(f"the hooks alone, in-process: {hook_cost():.2f} µs/conn")
+    if scrapes:
+        print(f"one scrape: {statistics.median(scrapes):.2f} ms of the gateway's CPU (median)")
     off_us, on_us = statistics.median(results["off"]), statistics.median(results["on"])
     pairs = [b - a for a, b in zip(results["off"], results["on"])]
     print(f"median: off {off_us:.1f} µs/conn, on {on_us:.1f} µs/conn")
     print(
         f"metrics cost: {on_us - off_us:+.2f} µs/conn ({(on_us - off_us) / off_us:+.1%}); "
         f"paired differences: median {statistics.median(pairs):+.2f}, "
+        f"mean {statistics.mean(pairs):+.2f} ± {statistics.stdev(pairs) / len(pairs) ** 0.5:.2f} (standard error), "
         f"min {min(pairs):+.2f}, max {max(pairs):+.2f} µs/conn"
     )
     return 0
