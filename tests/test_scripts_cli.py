@@ -94,10 +94,10 @@ def test_check_json_settings_are_the_effective_ones(capsys, table):
     assert (gateway["workers"], gateway["log_format"], gateway["http_listen"]) == ("auto", "json", ["127.0.0.1:8080"])
 
 
-def test_check_json_keeps_warnings_off_stdout(capsys, tmp_path):
+def test_check_json_keeps_warnings_off_stdout(capfd, tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[gateway]\nhttp_listen = ["127.0.0.1:8080"]\n[backends]\n"a.example" = "127.0.0.1:1"\n')
-    status, out, err = main(capsys, "--check", "--json", str(cfg))
+    status, out, err = main(capfd, "--check", "--json", str(cfg))
     assert status == 0
     doc = json.loads(out)  # the whole of stdout is the one document
     assert doc["http_backends"] == doc["https_backends"] == {"a.example": route("127.0.0.1:1")}
@@ -255,13 +255,13 @@ def test_route_name_that_is_not_a_domain_is_bad_usage(capsys, table, name, why):
     assert first.startswith(f"kiagateway: --route: {name!r} is not a valid domain (") and why in first
 
 
-def test_route_bad_config_exits_1(capsys, table):
+def test_route_bad_config_exits_1(capfd, table):
     table.write_text('[http_backends]\n"a.example" = "127.0.0.1"\n')
-    status, out, err = main(capsys, "--route=a.example", "--json", str(table))
+    status, out, err = main(capfd, "--route=a.example", "--json", str(table))
     assert status == 1
     doc = json.loads(out)
     assert doc["ok"] is False and "s.toml: [http_backends] 'a.example'" in doc["errors"][0]
-    status, out, err = main(capsys, "--route=a.example", str(table))
+    status, out, err = main(capfd, "--route=a.example", str(table))
     assert status == 1 and out == "" and "s.toml: [http_backends] 'a.example'" in err
 
 
