@@ -188,6 +188,19 @@ def test_reloads_are_counted_by_result(start_gateway, backends, workers):
     assert value(samples, "kiagateway_reloads_total", result="error") == 1
 
 
+def test_a_reload_cannot_move_the_metrics(start_gateway, backends):
+    gw = start_gateway(metrics_toml(backends))
+    elsewhere = free_closed_port()
+    moved = f'metrics_listen = "127.0.0.1:{elsewhere}"'
+    gw.config.write_text(gw.config.read_text().replace('metrics_listen = "127.0.0.1:0"', moved))
+    gw.proc.send_signal(signal.SIGHUP)
+    warning = gw.wait_for(lambda line: line.get("key") == "metrics_listen")
+    assert "restart" in warning["message"] and warning["new"] == f"127.0.0.1:{elsewhere}"
+    assert value(scrape(gw), "kiagateway_reloads_total", result="ok") == 1  # still on the old address
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", elsewhere), timeout=TIMEOUT).close()
+
+
 def test_a_killed_worker_is_counted_and_its_counts_stay(start_gateway, backends):
     gw = start_gateway(metrics_toml(backends), "--workers=2")
     for _ in range(6):
