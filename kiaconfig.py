@@ -150,6 +150,7 @@ class Settings:
     backend_cooldown: float = 10.0  # seconds a pool address that failed to connect is skipped; 0: never skipped
     max_connections_per_client: int = 0  # open connections per client address and worker; 0: no limit
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # must send a PROXY header
+    metrics_listen: str = ""  # "ip:port" serving /metrics and /healthz; "" for none (a string: --check --json shows it)
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -449,6 +450,13 @@ def _workers(value: Any) -> int | str:
     return _int_range(1, 1024)(value)
 
 
+def _optional_listen(value: Any) -> str:
+    """One listen address in its canonical text, or "" for none."""
+    if value == "":
+        return ""
+    return str(parse_address(value, listen=True))
+
+
 def _choice(choices: tuple[str, ...]):
     def check(value: Any) -> str:
         if value not in choices:
@@ -509,6 +517,7 @@ _CHECKS = {
     "backend_cooldown": _seconds_or_off,
     "max_connections_per_client": _int_range(0, 1 << 20),
     "trusted_proxies": _networks,
+    "metrics_listen": _optional_listen,
 }
 
 
@@ -586,6 +595,29 @@ def check_serving(cfg: Config) -> list[str]:
             problem = _unreadable_by(cfg.source, entry)
             if problem:
                 errors.append(f"{_where(cfg, 'user')}: {problem}")
+    if s.metrics_listen:
+        errors += _metrics_problems(cfg)
+    return errors
+
+
+METRICS_EXTRA = "metrics_listen needs the metrics extra: pip install 'kiagateway[metrics]'"
+
+
+def _metrics_problems(cfg: Config) -> list[str]:
+    """metrics_listen overlapping a traffic listener, or set without prometheus_client (it renders the text)."""
+    errors = []
+    address = parse_address(cfg.settings.metrics_listen, listen=True)
+    for key in ("http_listen", "https_listen"):
+        for other in getattr(cfg.settings, key):
+            if listeners_overlap(address, other):
+                errors.append(
+                    f"{_where(cfg, 'metrics_listen')}: {address} overlaps {other} of {_name(cfg, key)}: "
+                    "the metrics need a port of their own"
+                )
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        errors.append(f"{cfg.source}: {METRICS_EXTRA}")
     return errors
 
 

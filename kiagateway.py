@@ -61,6 +61,7 @@ import gevent.server
 import gevent.socket
 
 import kiaconfig
+import kiametrics
 import kiaprocess
 import proxyproto
 import relay
@@ -254,6 +255,7 @@ class Gateway:
         self._pools: dict[int, _Pool] = {}  # round-robin state of the pools used, by id() of their Backend
         self._cooling: dict[Address, float] = {}  # pool addresses that failed -> monotonic time they are tried again
         self._per_client: dict[str, int] = {}  # open connections by client address, with max_connections_per_client
+        self.metrics: kiametrics.Stats | None = None  # set by the life cycle when metrics_listen is set
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
@@ -357,6 +359,9 @@ class Gateway:
                     first = sniffer.feed(rest)
             self._admit(conn)  # the client address is final here, after a trusted PROXY header
             preamble = self._read_preamble(client, sniffer, listener, settings, conn.started, first)
+            metrics = self.metrics
+            if metrics is not None:
+                connecting = metrics.preamble_read(listener, conn.started)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
             backend = self.routes[listener].lookup(preamble.domain)
@@ -367,6 +372,8 @@ class Gateway:
             if backend.allow is not None and not allowed(conn.peer[0], backend.allow_masks):
                 raise sniff.Forbidden(f"client {conn.peer[0]} is outside the allow-list of {preamble.domain}'s route")
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout, conn)
+            if metrics is not None:
+                metrics.connected(listener, connecting)
             outgoing = buffered
             if backend.proxy_protocol:
                 try:
@@ -765,6 +772,8 @@ class _Connection:
         self.result = relay.RelayResult()
         self.relay: relay.Relay | None = None
         self.ended = False
+        if gateway.metrics is not None:
+            gateway.metrics.opened(listener)
 
     def done(self, result: relay.RelayResult) -> None:
         """Count the connection closed and log it, once: a relay that failed to start may call again."""
@@ -777,6 +786,8 @@ class _Connection:
         gateway._closed()
         if self.counted is not None:
             gateway._release(self.counted)
+        if gateway.metrics is not None:
+            gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
         fields = {
             "id": self.id,
             "listener": self.listener,

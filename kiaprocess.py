@@ -27,6 +27,7 @@ import gevent.event
 import gevent.os
 
 import kiaconfig
+import kiametrics
 import kiaupgrade
 import relay
 from kiaconfig import Address, Config, ConfigError
@@ -43,6 +44,8 @@ class Server(Protocol):
     def reload(self, cfg: Config) -> None: ...
 
     def stop(self, grace: float, **fields: object) -> None: ...
+
+    metrics: kiametrics.Stats | None  # what the data path counts in, when metrics_listen is set
 
 
 MakeServer = Callable[[Config, Log, int], Server]
@@ -167,6 +170,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         listeners += [("https", bind_listener(a)) for a in s.https_listen]
     if not listeners:
         raise FatalError("no listeners: http_listen and https_listen are both empty")
+    metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True)) if s.metrics_listen else None
     if s.user:
         drop_privileges(s.user)
     workers = kiaconfig.resolve_workers(s.workers)
@@ -183,19 +187,33 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     check_nofile(log, s, nofile)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=format_address(sock.getsockname()))
+    if metrics_sock is not None:
+        log.info("listening for metrics", address=format_address(metrics_sock.getsockname()))
     upgrade = kiaupgrade.Upgrade(
         version, load, log, listeners, lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
     )
     if workers == 1:
-        return serve(cfg, load, make_server, log, listeners, worker=0, upgrade=upgrade)
+        exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
+        return serve(cfg, load, make_server, log, listeners, worker=0, upgrade=upgrade, metrics=exporter)
+    scrapes = kiametrics.Scrapes(metrics_sock, version, log) if metrics_sock is not None else None
     return supervise(
         workers,
-        lambda worker, current, lifeline: serve(current, load, make_server, log, listeners, worker, lifeline),
+        lambda worker, current, lifeline: serve(
+            current,
+            load,
+            make_server,
+            log,
+            listeners,
+            worker,
+            lifeline,
+            metrics=scrapes.in_worker(worker) if scrapes is not None else None,
+        ),
         cfg,
         load,
         log,
         listeners,
         upgrade,
+        scrapes,
     )
 
 
@@ -211,7 +229,8 @@ def _say_where_listeners_come_from(log: Log, version: str, inherited: bool) -> N
         log.info("socket activation: listening on the sockets passed in, http_listen and https_listen are ignored")
 
 
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
+# Used only at start-up.
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen")
 
 
 def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
@@ -278,6 +297,7 @@ def serve(
     worker: int,
     lifeline: int | None = None,
     upgrade: kiaupgrade.Upgrade | None = None,
+    metrics: kiametrics.Exporter | kiametrics.Reporter | None = None,
 ) -> int:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
@@ -287,6 +307,9 @@ def serve(
     happens to the file meanwhile.
     """
     gateway = make_server(cfg, log, worker)
+    if metrics is not None:
+        gateway.metrics = metrics.stats
+        metrics.start()
     gateway.serve(listeners)
     stopping = gevent.event.Event()
 
@@ -297,6 +320,8 @@ def serve(
     def reload() -> None:
         nonlocal running
         reloaded = _reload(load, log, running)
+        if metrics is not None:
+            metrics.reloaded(reloaded is not None)
         if reloaded is not None:
             running, ignored = reloaded
             gateway.reload(running)
@@ -310,13 +335,16 @@ def serve(
 
     def upgrade_in_place() -> None:
         """A forked child keeps the open connections and drains them; this process becomes the new program."""
-        nonlocal upgrading
+        nonlocal upgrading, metrics
         if upgrading or stopping.is_set() or upgrade is None or not upgrade.ready():
             return
         upgrading = True
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         if gevent.os.fork_gevent():
             upgrade.hand_over()
+        if metrics is not None:  # the new program binds metrics_listen again: let go of it
+            metrics.close()
+            metrics = None
         os.environ.pop("NOTIFY_SOCKET", None)  # the new program speaks for the service now
         fields["pid"] = os.getpid()
         log.info("draining the open connections of the old program", pid=os.getpid())
@@ -343,7 +371,11 @@ def serve(
     stopping.wait()
     if not worker:
         sd_notify("STOPPING=1")
+    if metrics is not None:
+        metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
     gateway.stop(cfg.settings.drain_timeout, **fields)
+    if metrics is not None:
+        metrics.close()
     log.info("stopped", **fields)
     return 0
 
@@ -372,18 +404,21 @@ class _SignalPipe:
     def _record(self, signum: int, frame: object) -> None:
         self.pending.append(signum)
 
-    def wait(self, timeout: float | None, writers: list[int]) -> tuple[list[int], list[int]]:
-        """The signals received, in order, and the ``writers`` ready, once either or ``timeout`` came."""
+    def wait(
+        self, timeout: float | None, writers: list[int], readers: list[int]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """The signals received, in order, and the ``writers`` and ``readers`` ready, once any or ``timeout`` came."""
+        readable: list[int] = []
         writable: list[int] = []
         if not self.pending:
-            writable = select.select([self.read_fd], writers, [], timeout)[1]
+            readable, writable, _ = select.select([self.read_fd, *readers], writers, [], timeout)
         try:
             while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
                 pass
         except BlockingIOError:
             pass
         taken, self.pending = self.pending, []
-        return list(dict.fromkeys(taken)), writable  # a signal sent twice before we looked is handled once
+        return list(dict.fromkeys(taken)), writable, readable  # a signal sent twice before we looked: handled once
 
     def close(self) -> None:
         """Back to default handling: in a new worker (signals still blocked), or when the supervisor ends."""
@@ -437,6 +472,7 @@ def supervise(
     log: Log,
     listeners: list,
     upgrade: kiaupgrade.Upgrade | None = None,
+    metrics: kiametrics.Scrapes | None = None,
 ) -> int:
     """Fork ``count`` workers sharing the listeners; replace any that dies; reload for them; pass signals on.
 
@@ -447,7 +483,9 @@ def supervise(
     result down every lifeline (workers never read the file, which may change in
     between); end of file there tells a worker that the supervisor is gone, on every
     Unix and however it died. On SIGUSR2 it tells the workers to drain and stop, and
-    execs the new program, which starts its own workers and reaps these.
+    execs the new program, which starts its own workers and reaps these. With ``metrics``,
+    the supervisor answers the scrapes, asking each worker over a socketpair of its own
+    (kiametrics.Scrapes).
     """
     signals = _SignalPipe(_SUPERVISED)
     children: dict[int, _Child] = {}  # by pid
@@ -457,6 +495,8 @@ def supervise(
 
     def start(worker: int) -> None:
         lifeline, held = os.pipe()
+        if metrics is not None:
+            metrics.prepare(worker)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)  # the worker installs its own first
         try:
             pid = os.fork()
@@ -464,6 +504,8 @@ def supervise(
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(lifeline)
             os.close(held)
+            if metrics is not None:
+                metrics.failed(worker)
             log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
             respawn[worker] = time.monotonic() + RESPAWN_DELAY
             return
@@ -482,6 +524,8 @@ def supervise(
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         os.close(lifeline)
+        if metrics is not None:
+            metrics.started(worker)
         os.set_blocking(held, False)
         children[pid] = _Child(worker, held)
 
@@ -493,14 +537,24 @@ def supervise(
     while children or (respawn and not stopping):
         timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
         sending = {child.lifeline: child for child in children.values() if child.sending}
-        received, writable = signals.wait(timeout, list(sending))
+        readers, writers = ([], []) if metrics is None else metrics.wanted()
+        if metrics is not None:
+            timeout = metrics.timeout(timeout)
+        received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
         for fd in writable:
-            sending[fd].write()
+            if fd in sending:
+                sending[fd].write()
+        if metrics is not None:
+            metrics.handle(readable, writable)
         for signum in received:
             if signum == signal.SIGCHLD:
-                _reap(children, respawn, log, stopping)
+                for child in _reap(children, respawn, log, stopping):
+                    if metrics is not None:
+                        metrics.gone(child.worker, restarting=not stopping)
             elif signum == signal.SIGHUP:
                 reloaded = _reload(load, log, cfg)
+                if metrics is not None:
+                    metrics.reloaded(reloaded is not None)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
                     body = pickle.dumps(reloaded, pickle.HIGHEST_PROTOCOL)
@@ -517,6 +571,8 @@ def supervise(
                 for _, sock in listeners:
                     sock.close()
                 sd_notify("STOPPING=1")
+                if metrics is not None:
+                    metrics.drain()  # /healthz answers 503 until the last worker is done
                 log.info("stopping workers", workers=len(children))
                 _signal_all(children, signal.SIGTERM)
         for worker, due in list(respawn.items()):
@@ -524,6 +580,8 @@ def supervise(
                 del respawn[worker]
                 start(worker)
     signals.close()
+    if metrics is not None:
+        metrics.close()
     log.info("stopped")
     return 0
 
@@ -538,18 +596,20 @@ def _stop_for_upgrade(children: dict[int, _Child], log: Log) -> None:
     log.info("old workers draining for the upgrade", workers=len(children))
 
 
-def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> None:
-    """Collect every exited child; plan the replacement of workers that died."""
+def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> list[_Child]:
+    """Collect every exited child; plan the replacement of workers that died; return the workers reaped."""
+    reaped: list[_Child] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:  # none left
-            return
+            return reaped
         if pid == 0:
-            return
+            return reaped
         if pid not in children:  # as PID 1 (a container), an orphan reparented to us: reaping is all it needs
             continue
         child = children.pop(pid)
+        reaped.append(child)
         os.close(child.lifeline)
         if not stopping:
             log.error("worker died, starting a new one", worker=child.worker, pid=pid, cause=_wait_status(status))

@@ -187,7 +187,7 @@ class Gateway:
             if line.get("message", "").startswith("listening for "):
                 name = line["message"].split()[-1]
                 host, _, port = line["address"].rpartition(":")
-                self.listening[name].append((host.strip("[]"), int(port)))
+                self.listening.setdefault(name, []).append((host.strip("[]"), int(port)))
 
     @property
     def http(self) -> tuple[str, int]:

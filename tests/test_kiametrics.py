@@ -1,0 +1,330 @@
+"""kiametrics.py: /metrics and /healthz on metrics_listen, scraped by a real client from the installed gateway."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+from conftest import TIMEOUT, exchange, free_closed_port, gateway_command, read_all
+from prometheus_client.parser import text_string_to_metric_families
+from test_kiaprocess import wait_stopped
+
+import kiaconfig
+import kiagateway
+import kiametrics
+from kiaconfig import validate
+
+ASK = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
+
+
+def worker_pids(gw, count: int) -> list[int]:
+    """The PIDs of the latest start of each worker 1..count; with one worker, the gateway's own."""
+    if count == 1:
+        return [gw.proc.pid]
+    wanted = set(range(1, count + 1))
+    gw.wait_for(lambda _: {line["worker"] for line in gw.seen if line.get("message") == "worker started"} >= wanted)
+    started = {line["worker"]: line["pid"] for line in gw.seen if line.get("message") == "worker started"}
+    return [started[n] for n in range(1, count + 1)]
+
+
+def metrics_toml(backends: dict, extra: str = "") -> str:
+    """HTTP and TLS routes for a.example, one to a closed port, and metrics on a free port."""
+    return f"""
+[gateway]
+http_listen = ["127.0.0.1:0"]
+https_listen = ["127.0.0.1:0"]
+metrics_listen = "127.0.0.1:0"
+{extra}
+[http_backends]
+"a.example" = "{backends["alpha"].address}"
+"down.example" = "127.0.0.1:{free_closed_port()}"
+[https_backends]
+"a.example" = "{backends["alpha-tls"].address}"
+"""
+
+
+def get(gw, path: str, method: str = "GET") -> tuple[int, str, bytes]:
+    """(status, content type, body) of one request to the gateway's metrics address, by http.client."""
+    host, port = gw.listening["metrics"][0]
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+
+
+def scrape(gw) -> dict[tuple[str, frozenset], float]:
+    """Every sample of /metrics, parsed by prometheus_client's parser: {(name, labels): value}."""
+    status, content_type, body = get(gw, "/metrics")
+    assert status == 200 and content_type == "text/plain; version=0.0.4; charset=utf-8"
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def wait_connections(gw, count: int) -> list[dict]:
+    """The connection log lines, once ``count`` are written: the metrics count them at the same moment."""
+    gw.wait_for(lambda _: sum(line.get("message") == "connection" for line in gw.seen) >= count)
+    return [line for line in gw.seen if line.get("message") == "connection"]
+
+
+def https_get(gw, client_context: ssl.SSLContext) -> bytes:
+    raw = socket.create_connection(gw.https, timeout=TIMEOUT)
+    with client_context.wrap_socket(raw, server_hostname="a.example") as tls:
+        tls.sendall(ASK)
+        return read_all(tls)
+
+
+@contextlib.contextmanager
+def only(gw, worker: int, workers: int):
+    """Let ``worker`` alone accept, the others stopped (SIGSTOP), so that each worker gets its share."""
+    others = [pid for n, pid in enumerate(worker_pids(gw, workers), 1) if n != worker]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        for pid in others:
+            wait_stopped(pid)
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_counts_are_exact_after_a_known_mix(start_gateway, backends, client_context, workers):
+    gw = start_gateway(metrics_toml(backends), f"--workers={workers}")
+    with only(gw, 1, workers):
+        answers = [exchange(gw.http, ASK) for _ in range(5)]
+        assert all(answer.endswith(b"alpha http a.example") for answer in answers)
+        for _ in range(3):
+            assert exchange(gw.http, ASK.replace(b"a.example", b"nowhere.example")).startswith(b"HTTP/1.1 421")
+        wait_connections(gw, 8)
+    with only(gw, workers, workers):  # with 2 workers, the second one has the rest
+        for _ in range(2):
+            assert exchange(gw.http, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
+        for _ in range(4):
+            assert https_get(gw, client_context).endswith(b"alpha https a.example")
+        assert exchange(gw.http, ASK.replace(b"a.example", b"down.example")).startswith(b"HTTP/1.1 502")
+        wait_connections(gw, 15)
+    lines = wait_connections(gw, 15)
+    assert len({line["id"].split(".")[0] for line in lines}) == workers  # each worker served some
+    samples = scrape(gw)
+
+    finished = {key[1]: n for key, n in samples.items() if key[0] == "kiagateway_connections_total"}
+    assert finished == {
+        frozenset({("listener", "http"), ("outcome", "ok")}): 5,
+        frozenset({("listener", "http"), ("outcome", "no_route")}): 3,
+        frozenset({("listener", "http"), ("outcome", "bad_request")}): 2,
+        frozenset({("listener", "https"), ("outcome", "ok")}): 4,
+        frozenset({("listener", "http"), ("outcome", "backend_unreachable")}): 1,
+    }
+    for listener in ("http", "https"):
+        assert value(samples, "kiagateway_connections_open", listener=listener) == 0
+        for direction in ("up", "down"):  # the same figures as the log lines
+            logged = sum(line[f"bytes_{direction}"] for line in lines if line["listener"] == listener)
+            assert value(samples, "kiagateway_bytes_total", listener=listener, direction=direction) == logged
+    assert value(samples, "kiagateway_bytes_total", listener="http", direction="up") == 5 * len(ASK)
+    assert value(samples, "kiagateway_bytes_total", listener="http", direction="down") == sum(map(len, answers))
+    # preamble: every connection that sent a whole one; connect: every one whose backend answered
+    assert value(samples, "kiagateway_preamble_seconds_count", listener="http") == 5 + 3 + 1
+    assert value(samples, "kiagateway_preamble_seconds_count", listener="https") == 4
+    assert value(samples, "kiagateway_connect_seconds_count", listener="http") == 5
+    assert value(samples, "kiagateway_connect_seconds_count", listener="https") == 4
+    assert value(samples, "kiagateway_connect_seconds_bucket", listener="https", le="+Inf") == 4
+    assert 0 < value(samples, "kiagateway_preamble_seconds_sum", listener="http") < 9 * TIMEOUT
+    assert value(samples, "kiagateway_build_info", version=kiagateway.__version__) == 1
+    assert value(samples, "kiagateway_reloads_total", result="ok") == 0
+    assert value(samples, "kiagateway_worker_restarts_total") == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_open_connections_are_counted_while_held(start_gateway, backends, client_context, workers):
+    gw = start_gateway(metrics_toml(backends), f"--workers={workers}")
+    held = socket.create_connection(gw.http, timeout=TIMEOUT)
+    half = socket.create_connection(gw.https, timeout=TIMEOUT)
+    try:
+        held.sendall(ASK.replace(b"Connection: close", b"Connection: keep-alive"))
+        assert held.recv(65536).startswith(b"HTTP/1.1 200")  # the keep-alive relay stays open
+        half.sendall(b"\x16\x03\x01")  # a ClientHello's first bytes: the preamble is being read
+        deadline = time.monotonic() + TIMEOUT
+        while (value(samples := scrape(gw), "kiagateway_connections_open", listener="https")) != 1:
+            assert time.monotonic() < deadline, "the half-sent ClientHello is never counted open"
+        assert value(samples, "kiagateway_connections_open", listener="http") == 1
+    finally:
+        held.close()
+        half.close()
+    wait_connections(gw, 2)
+    samples = scrape(gw)
+    assert value(samples, "kiagateway_connections_open", listener="http") == 0
+    assert value(samples, "kiagateway_connections_open", listener="https") == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_are_counted_by_result(start_gateway, backends, workers):
+    gw = start_gateway(metrics_toml(backends), f"--workers={workers}")
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_for(lambda line: line.get("message") == "config reloaded")
+    good = gw.config.read_text()
+    gw.config.write_text(good + '"bad.example" = "not an address"\n')
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_for(lambda line: line.get("message", "").startswith("reload failed"))
+    samples = scrape(gw)
+    assert value(samples, "kiagateway_reloads_total", result="ok") == 1
+    assert value(samples, "kiagateway_reloads_total", result="error") == 1
+
+
+def test_a_reload_cannot_move_the_metrics(start_gateway, backends):
+    gw = start_gateway(metrics_toml(backends))
+    elsewhere = free_closed_port()
+    moved = f'metrics_listen = "127.0.0.1:{elsewhere}"'
+    gw.config.write_text(gw.config.read_text().replace('metrics_listen = "127.0.0.1:0"', moved))
+    gw.proc.send_signal(signal.SIGHUP)
+    warning = gw.wait_for(lambda line: line.get("key") == "metrics_listen")
+    assert "restart" in warning["message"] and warning["new"] == f"127.0.0.1:{elsewhere}"
+    assert value(scrape(gw), "kiagateway_reloads_total", result="ok") == 1  # still on the old address
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", elsewhere), timeout=TIMEOUT).close()
+
+
+def test_a_killed_worker_is_counted_and_its_counts_stay(start_gateway, backends):
+    gw = start_gateway(metrics_toml(backends), "--workers=2")
+    for _ in range(6):
+        assert exchange(gw.http, ASK.replace(b"a.example", b"nowhere.example")).startswith(b"HTTP/1.1 421")
+    wait_connections(gw, 6)
+    assert value(scrape(gw), "kiagateway_connections_total", listener="http", outcome="no_route") == 6
+    first, _ = worker_pids(gw, 2)
+    os.kill(first, signal.SIGKILL)
+    gw.wait_for(lambda line: line.get("message") == "worker started" and line["worker"] == 1 and line["pid"] != first)
+    samples = scrape(gw)
+    assert value(samples, "kiagateway_worker_restarts_total") == 1
+    assert value(samples, "kiagateway_connections_total", listener="http", outcome="no_route") == 6  # never down
+    assert value(samples, "kiagateway_preamble_seconds_count", listener="http") == 6
+
+
+def test_a_stuck_worker_does_not_stall_the_scrape(start_gateway, backends):
+    gw = start_gateway(metrics_toml(backends), "--workers=2")
+    scrape(gw)  # each worker's counts as last heard: zero
+    stuck, _ = worker_pids(gw, 2)
+    os.kill(stuck, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        samples = scrape(gw)
+        assert time.monotonic() - began < kiametrics.SNAPSHOT_WAIT + TIMEOUT / 2
+        assert value(samples, "kiagateway_build_info", version=kiagateway.__version__) == 1
+        assert get(gw, "/healthz")[0] == 200
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert scrape(gw)  # the late answer is told apart from the next one's
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_healthz_turns_503_while_draining(start_gateway, backends, workers):
+    gw = start_gateway(metrics_toml(backends, "drain_timeout = 3.0"), f"--workers={workers}")
+    assert get(gw, "/healthz") == (200, "text/plain; charset=us-ascii", b"ok\n")
+    assert get(gw, "/other")[0] == get(gw, "/metrics", "POST")[0] == get(gw, "/healthzz")[0] == 404
+    held = socket.create_connection(gw.http, timeout=TIMEOUT)
+    try:
+        held.sendall(ASK.replace(b"Connection: close", b"Connection: keep-alive"))
+        assert held.recv(65536)  # in the relay, kept open by keep-alive
+        gw.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TIMEOUT
+        while get(gw, "/healthz")[0] != 503:
+            assert time.monotonic() < deadline, "/healthz never turned 503"
+        assert get(gw, "/healthz")[2] == b"draining\n"
+        assert gw.proc.poll() is None  # still draining the held connection
+    finally:
+        held.close()
+    assert gw.stop() == 0
+
+
+def test_metrics_listen_needs_the_extra(tmp_path, backends):
+    hidden = tmp_path / "hidden" / "prometheus_client"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ModuleNotFoundError("hidden by the test", name="prometheus_client")\n')
+    config = tmp_path / "servers.toml"
+    config.write_text(metrics_toml(backends))
+    env = {**os.environ, "PYTHONPATH": str(hidden.parent)}
+    for args in (["--check"], []):
+        done = subprocess.run(
+            [*gateway_command(), *args, str(config)], env=env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+        assert done.returncode == 1
+        assert "metrics_listen needs the metrics extra: pip install 'kiagateway[metrics]'" in done.stderr
+        assert "starting" not in done.stderr
+
+
+# The pure parts.
+
+
+def test_metrics_listen_is_checked():
+    assert validate({}, "servers.toml").settings.metrics_listen == ""
+    settings = validate({"gateway": {"metrics_listen": "[::1]:9880"}}, "s.toml").settings
+    assert settings.metrics_listen == "[::1]:9880"
+    with pytest.raises(kiaconfig.ConfigError) as info:
+        validate({"gateway": {"metrics_listen": "localhost:9880"}}, "s.toml")
+    assert info.value.errors[0].startswith("s.toml: [gateway] metrics_listen: ")
+    cfg = validate({"gateway": {"http_listen": ["0.0.0.0:80"], "metrics_listen": "127.0.0.1:80"}}, "s.toml")
+    assert kiaconfig.check_serving(cfg) == [
+        "s.toml: [gateway] metrics_listen: 127.0.0.1:80 overlaps 0.0.0.0:80 of [gateway] http_listen:"
+        " the metrics need a port of their own"
+    ]
+    assert "metrics_listen" in kiaconfig.plain_config(cfg)["gateway"]
+
+
+def test_histogram_buckets_are_le_and_sums_add_up(monkeypatch):
+    monkeypatch.setattr(kiametrics.time, "monotonic", lambda: 100.0)
+    one, two = kiametrics.Stats(), kiametrics.Stats()
+    assert one.preamble_read("http", 99.0) == 100.0  # 1.0 s: on a bound, so in that bound's bucket (le)
+    two.opened("https")
+    two.connected("https", 0.0)  # 100 s: past the last bound, +Inf only
+    two.finished("https", "ok", 3, 4)
+    total = kiametrics.Stats()
+    for stats in (one, two, one):
+        total.add(stats)
+    text = kiametrics.render(total, {"ok": 1, "error": 0}, 2, "9.9").decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value for f in text_string_to_metric_families(text) for s in f.samples
+    }
+    assert value(samples, "kiagateway_preamble_seconds_bucket", listener="http", le="0.5") == 0
+    assert value(samples, "kiagateway_preamble_seconds_bucket", listener="http", le="1.0") == 2
+    assert value(samples, "kiagateway_preamble_seconds_sum", listener="http") == 2.0
+    assert value(samples, "kiagateway_connect_seconds_bucket", listener="https", le="10.0") == 0
+    assert value(samples, "kiagateway_connect_seconds_bucket", listener="https", le="+Inf") == 1
+    assert value(samples, "kiagateway_connect_seconds_sum", listener="https") == 100.0
+    assert value(samples, "kiagateway_bytes_total", listener="https", direction="down") == 4
+    assert value(samples, "kiagateway_connections_total", listener="https", outcome="ok") == 1
+    assert value(samples, "kiagateway_connections_open", listener="https") == 0
+    assert value(samples, "kiagateway_reloads_total", result="ok") == 1
+    assert value(samples, "kiagateway_worker_restarts_total") == 2
+    assert value(samples, "kiagateway_build_info", version="9.9") == 1
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "metrics"),
+        (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", "metrics"),
+        (b"GET /healthz HTTP/1.1\r\n\r\n", "healthz"),
+        (b"HEAD /healthz HTTP/1.1\r\n\r\n", "other"),
+        (b"GET / HTTP/1.1\r\n\r\n", "other"),
+        (b"GET /metrics\r\n\r\n", "bad"),
+        (b"\x16\x03\x01\x00\x05hello\r\n\r\n", "bad"),
+    ],
+)
+def test_requests_are_classified(head, kind):
+    assert kiametrics.classify(head) == kind
