@@ -235,6 +235,28 @@ def test_upgrade_in_place_under_traffic(start_gateway, backends, workers):
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_hands_the_metrics_address_to_the_new_program(start_gateway, backends, workers):
+    """No process of the old program keeps metrics_listen, or the new one could not bind it."""
+    pytest.importorskip("prometheus_client")
+    port = free_port()
+    toml = routes_toml(backends, listen_https="").replace(
+        "[http_backends]\n", f'workers = {workers}\nmetrics_listen = "127.0.0.1:{port}"\n[http_backends]\n'
+    )
+    gw = start_gateway(toml)
+    pid = gw.proc.pid
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as held:  # the old program drains it after the upgrade
+        held.sendall(b"GET /whoami HTTP/1.1\r\nHost: a.example\r\n\r\n")
+        assert held.recv(4096).startswith(b"HTTP/1.1 200")
+        gw.proc.send_signal(signal.SIGUSR2)
+        gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as scrape:
+            scrape.sendall(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n")
+            assert read_all(scrape).startswith(b"HTTP/1.1 200")
+    assert not [line for line in gw.seen if line.get("level") == "error"]
+    assert gw.stop() == 0
+
+
 def test_upgrade_with_a_bad_config_is_aborted_and_the_old_program_serves_on(start_gateway, backends):
     gw = start_gateway(routes_toml(backends))
     gw.config.write_text("[gateway]\nbogus = 1\n")
