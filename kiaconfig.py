@@ -267,9 +267,12 @@ def _routes(table: Any, name: str, source: str, errors: list[str]) -> RouteTable
     wildcard: dict[str, Backend] = {}
     default = None
     seen: dict[str, str] = {}
+    interned: dict[Backend, Backend] = {}  # routes share a few backends: one object each pickles and unpickles fast
     for key, value in table.items():
         where = f"{source}: [{name}] {key!r}"
         backend = _backend(value, where, errors)
+        if backend is not None:
+            backend = interned.setdefault(backend, backend)
         if key == "*":
             default = backend
             continue
