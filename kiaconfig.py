@@ -120,6 +120,7 @@ class Settings:
     log_format: str = "text"
     log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
     drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
+    watch_config: bool = False  # reload when the file or a symlink leading to it changes, as on SIGHUP
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -398,6 +399,7 @@ _CHECKS = {
     "log_format": _choice(LOG_FORMATS),
     "log_connections": _boolean,
     "drain_timeout": _positive,
+    "watch_config": _boolean,
 }
 
 

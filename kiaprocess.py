@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import pickle
 import select
 import signal
 import socket
@@ -24,14 +23,14 @@ from typing import Callable, Protocol
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.os
 
 import kiaconfig
+import kiareload
 import relay
 from kiaconfig import Address, Config, ConfigError
 from kialog import Log, format_address
-
-SHUTDOWN_GRACE = 30.0  # seconds open relays get to finish after SIGTERM
 
 
 class Server(Protocol):
@@ -186,7 +185,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     )
 
 
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format")  # used only at start-up
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "watch_config")  # used only at start-up
 
 
 def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
@@ -204,6 +203,10 @@ def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] |
         for line in exc.errors:
             log.error(f"reload failed, keeping the running config: {line}")
         sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
+        return None
+    if not len(new.http_routes) and not len(new.https_routes):  # an editor's half-written file, most likely
+        log.error(f"reload refused, keeping the running config: {new.source} has no routes at all")
+        sd_notify("READY=1\nSTATUS=reload refused (no routes), running the previous config; see the log")
         return None
     old = running.settings
     ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
@@ -266,21 +269,32 @@ def serve(
     fields = {"worker": worker} if worker else {}
 
     running = cfg
+    reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
 
     def reload() -> None:
         nonlocal running
-        reloaded = _reload(load, log, running)
-        if reloaded is not None:
-            running, ignored = reloaded
-            gateway.reload(running)
-            _reloaded(log, running, ignored, True)
+        with reloading:
+            reloaded = _reload(lambda: kiareload.load_in_child(load), log, running)
+            if reloaded is not None:
+                running, ignored = reloaded
+                gateway.reload(running)
+                _reloaded(log, running, ignored, True)
 
     def apply(new: Config, ignored: list[str]) -> None:
+        nonlocal running
+        running = new
         gateway.reload(new)
         _reloaded(log, new, ignored, False, **fields)
 
     if lifeline is None:
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
+        if cfg.settings.watch_config:
+
+            def changed() -> None:
+                _file_changed(log, cfg.source)
+                gevent.spawn(reload)
+
+            watch = kiareload.Watch(cfg.source, changed)  # noqa: F841 - kept while serving
     else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker, apply)
@@ -297,7 +311,7 @@ def serve(
     stopping.wait()
     if not worker:
         sd_notify("STOPPING=1")
-    gateway.stop(cfg.settings.drain_timeout, **fields)
+    gateway.stop(running.settings.drain_timeout, **fields)
     log.info("stopped", **fields)
     return 0
 
@@ -434,10 +448,15 @@ def supervise(
     sd_notify("READY=1")
     log.info("ready", workers=count)
     stopping = False
+    watch = kiareload.Poll(cfg.source) if cfg.settings.watch_config else None  # no event loop here: os.stat polls
     while children or (respawn and not stopping):
-        timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
+        due = [*respawn.values(), *([watch.due()] if watch and not stopping else [])]
+        timeout = max(0.0, min(due) - time.monotonic()) if due else None
         sending = {child.lifeline: child for child in children.values() if child.sending}
         received, writable = signals.wait(timeout, list(sending))
+        if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
+            _file_changed(log, cfg.source)
+            received.append(signal.SIGHUP)
         for fd in writable:
             sending[fd].write()
         for signum in received:
@@ -447,7 +466,7 @@ def supervise(
                 reloaded = _reload(load, log, cfg)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
-                    body = pickle.dumps(reloaded, pickle.HIGHEST_PROTOCOL)
+                    body = kiareload.pack(cfg, ignored)
                     for child in children.values():
                         child.hand(_LENGTH.pack(len(body)) + body)
                     _reloaded(log, cfg, ignored, True, workers=len(children))
@@ -466,6 +485,11 @@ def supervise(
     signals.close()
     log.info("stopped")
     return 0
+
+
+def _file_changed(log: Log, path: str) -> None:
+    """watch_config saw the file or a symlink leading to it change: a reload follows, as on SIGHUP."""
+    log.info("config file changed, reloading", config=path)
 
 
 def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> None:
@@ -497,7 +521,8 @@ def _follow_supervisor(
         body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
         if body is None:
             break
-        apply(*pickle.loads(body))  # from our own supervisor, through a pipe no one else holds
+        new, (ignored,) = kiareload.unpack(body)  # from our own supervisor, through a pipe no one else holds
+        apply(new, ignored)
     os.close(lifeline)
     if not stopping.is_set():
         log.warning("supervisor gone, stopping", worker=worker)
