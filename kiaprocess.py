@@ -463,7 +463,7 @@ def supervise(
             if signum == signal.SIGCHLD:
                 _reap(children, respawn, log, stopping)
             elif signum == signal.SIGHUP:
-                reloaded = _reload(load, log, cfg)
+                reloaded = _reload(lambda: kiareload.load_in_child(load, cooperative=False), log, cfg)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
                     body = kiareload.pack(cfg, ignored)

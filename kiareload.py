@@ -42,6 +42,8 @@ from kiaconfig import Config, ConfigError, RouteTable
 SLICE = 5000  # routes per pickled slice: unpickling one takes ~5 ms on a loaded core, well inside 50 ms
 QUIET = 0.3  # seconds the watched files must stay unchanged before a reload reads them (an editor's writes)
 POLL = 0.5  # seconds between stats where libev has no inotify (and in the supervisor): within the 2 s promised
+LOADER_NICENESS = 19  # the loader child yields a shared core to the workers; alone on one it runs at full speed
+REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
 _READ_CHUNK = 1 << 20  # a pipe gives what it holds (64 KiB by default): a bigger read costs nothing
 
@@ -60,8 +62,8 @@ def pack(cfg: Config, *extra: object) -> bytes:
     return pickle.dumps((head, defaults, slices, extra), pickle.HIGHEST_PROTOCOL)
 
 
-def unpack(message: bytes | memoryview) -> tuple[Config, tuple]:
-    """The Config and extras of a ``pack`` message; lets the event loop run between two slices.
+def unpack(message: bytes | memoryview, cooperative: bool = True) -> tuple[Config, tuple]:
+    """The Config and extras of a ``pack`` message; lets the event loop run between two slices if ``cooperative``.
 
     Only for messages from our own processes (a pipe no one else holds): it unpickles.
     """
@@ -70,18 +72,23 @@ def unpack(message: bytes | memoryview) -> tuple[Config, tuple]:
         name: {"exact": {}, "wildcard": {}} for name in ("http_routes", "https_routes")
     }
     for name, kind, body in slices:
-        gevent.sleep(0)  # the connections waiting on the loop go first
+        if cooperative:
+            gevent.sleep(0)  # the connections waiting on the loop go first
         tables[name][kind].update(pickle.loads(body))
     http, https = (RouteTable(tables[n]["exact"], tables[n]["wildcard"], d) for n, d in zip(tables, defaults))
     return dataclasses.replace(head, http_routes=http, https_routes=https), extra
 
 
-def load_in_child(load: Callable[[], Config]) -> Config:
+def load_in_child(load: Callable[[], Config], cooperative: bool = True) -> Config:
     """``load()`` run in a forked child, so the loop of this process keeps serving while it validates.
 
     Raises ConfigError as ``load`` does. A fork, not a thread: validation is
     pure Python and would hold the GIL against the loop for seconds; not a
     fresh interpreter: the child needs the ``load`` this process was handed.
+    The child runs at a lower priority, so that on a busy machine the kernel
+    gives a core to the processes serving connections first. ``cooperative``
+    (a process with a gevent loop) waits for the answer on the loop; otherwise
+    (the supervisor) it blocks.
     """
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -89,8 +96,10 @@ def load_in_child(load: Callable[[], Config]) -> Config:
         code = 1
         try:
             os.close(read_end)
+            signal.set_wakeup_fd(-1)  # the supervisor's: a signal here must not wake it
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)  # a Ctrl-C to the group ends the loader too
+            os.nice(LOADER_NICENESS)
             try:
                 message = b"C" + pack(load())
             except ConfigError as exc:
@@ -106,26 +115,33 @@ def load_in_child(load: Callable[[], Config]) -> Config:
             os._exit(code)
     os.close(write_end)
     try:
-        gevent.os.make_nonblocking(read_end)
+        if cooperative:
+            gevent.os.make_nonblocking(read_end)
+        read = gevent.os.nb_read if cooperative else os.read
         data = bytearray()
-        while chunk := gevent.os.nb_read(read_end, _READ_CHUNK):
+        while chunk := read(read_end, _READ_CHUNK):
             data += chunk
     finally:
         os.close(read_end)
-        _wait_for(pid)
+        if cooperative:
+            gevent.spawn(_reap, pid)
+        # else the supervisor, whose SIGCHLD handling collects every child that ends
     if not data:
         raise ConfigError(["reading the config failed: the loader process ended without an answer"])
     if data[:1] == b"E":
         raise ConfigError(pickle.loads(memoryview(data)[1:]))
-    return unpack(memoryview(data)[1:])[0]
+    return unpack(memoryview(data)[1:], cooperative)[0]
 
 
-def _wait_for(pid: int) -> None:
-    """Collect the loader child; it has closed its pipe, so it is ending now."""
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:  # as PID 1, the orphan reaper may have collected it first
-        pass
+def _reap(pid: int) -> None:
+    """Collect the loader child without waiting on it: its exit frees a big heap, which takes the kernel ~0.1 s."""
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:  # as PID 1, the orphan reaper may have collected it first
+            return
+        gevent.sleep(REAP_INTERVAL)
 
 
 def chain(path: str) -> list[str]:
