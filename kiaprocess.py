@@ -456,7 +456,7 @@ def supervise(
         received, writable = signals.wait(timeout, list(sending))
         if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
             _file_changed(log, cfg.source)
-            received.append(signal.SIGHUP)
+            received += [] if signal.SIGHUP in received else [signal.SIGHUP]
         for fd in writable:
             sending[fd].write()
         for signum in received:

@@ -95,7 +95,10 @@ def load_in_child(load: Callable[[], Config], cooperative: bool = True) -> Confi
     if pid == 0:  # the child: no event loop, no log; its answer goes down the pipe, then it ends
         code = 1
         try:
-            os.close(read_end)
+            # Only the pipe and stdio stay: a copy of a listener or a connection here would keep it
+            # open after the parent closes it (no refusal at stop, no FIN or reset at a close).
+            os.closerange(3, write_end)
+            os.closerange(write_end + 1, max(os.sysconf("SC_OPEN_MAX"), write_end + 1))
             signal.set_wakeup_fd(-1)  # the supervisor's: a signal here must not wake it
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)  # a Ctrl-C to the group ends the loader too

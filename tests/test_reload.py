@@ -152,3 +152,19 @@ def test_watch_config_keeps_the_running_table_when_the_file_is_bad_or_empty(star
     gw.wait_for(lambda line: line.get("level") == "error" and error in line.get("message", ""))
     assert ask(gw.http, "one.example").endswith(b"beta http one.example")
     assert not [line for line in gw.seen if line.get("message") == "config reloaded"]
+
+
+def test_the_loader_child_holds_no_listener_so_a_stop_during_a_reload_refuses_at_once(tmp_path, backends):
+    gw = Gateway(tmp_path, big_toml(backends))
+    try:
+        gw.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + TIMEOUT
+        while not Path(f"/proc/{gw.proc.pid}/task/{gw.proc.pid}/children").read_text().split():
+            assert time.monotonic() < deadline, "no loader child started"
+            time.sleep(0.01)  # the next poll: the deadline bounds it
+        gw.proc.send_signal(signal.SIGTERM)
+        gw.wait_for(lambda line: line.get("message") == "stopping: no new connections")
+        with pytest.raises(ConnectionRefusedError):  # a loader holding a copy of the listener took it into its backlog
+            socket.create_connection(gw.http, timeout=TIMEOUT).close()
+    finally:
+        gw.stop()
