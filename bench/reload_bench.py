@@ -9,7 +9,9 @@ Starts an HTTP backend (threads in this process) and kiagateway with
 gateway, measures each request's latency for a baseline period, then sends
 SIGHUP ``--reloads`` times (waiting for every process's "config reloaded"
 line each time), and prints the max and p99 latency of the requests that
-overlapped a reload next to the baseline's. The target (issue 10): with
+overlapped a reload next to the baseline's, and the same for one control
+client that asks the backend directly: what the machine itself adds (other
+processes on the same cores). The target (issue 10): with
 100,000 routes, no request waits more than 50 ms longer during a reload.
 Everything it starts is stopped at the end, its scratch directory removed.
 """
@@ -143,15 +145,17 @@ def summary(seconds: list[float]) -> str:
     return f"n={len(seconds):5d}  p50={p50 * 1e3:7.1f} ms  p99={p99 * 1e3:7.1f} ms  max={top * 1e3:7.1f} ms"
 
 
-def run(cmd: list[str], config: str, workers: int, args: argparse.Namespace) -> dict:
+def run(cmd: list[str], config: str, workers: int, backend: tuple[str, int], args: argparse.Namespace) -> dict:
     gateway = Gateway(cmd, config, workers)
     timings: list[tuple[float, float]] = []
+    control: list[tuple[float, float]] = []  # the same requests straight to the backend: the machine's own noise
     failures: list[str] = []
     stop = threading.Event()
     threads = [
         threading.Thread(target=client, args=(gateway.address, timings, stop, failures), daemon=True)
         for _ in range(args.clients)
     ]
+    threads.append(threading.Thread(target=client, args=(backend, control, stop, failures), daemon=True))
     try:
         for thread in threads:
             thread.start()
@@ -167,8 +171,12 @@ def run(cmd: list[str], config: str, workers: int, args: argparse.Namespace) -> 
         for thread in threads:
             thread.join(TIMEOUT)
         gateway.stop()
-    during = [s for start, s in timings if any(start <= end and start + s >= begun for begun, end in windows)]
-    baseline = [s for start, s in timings if not any(start <= end and start + s >= begun for begun, end in windows)]
+
+    def overlaps(start: float, seconds: float) -> bool:
+        return any(start <= end and start + seconds >= begun for begun, end in windows)
+
+    during = [s for start, s in timings if overlaps(start, s)]
+    baseline = [s for start, s in timings if not overlaps(start, s)]
     worst = sorted(timings, key=lambda t: -t[1])[:5]
     for start, s in worst:  # where in a reload the slowest requests fell: a hint to what stalled them
         at = [f"{start - begun:+.2f} s of {end - begun:.2f} s" for begun, end in windows if start <= end + 1]
@@ -177,8 +185,58 @@ def run(cmd: list[str], config: str, workers: int, args: argparse.Namespace) -> 
     print(f"workers={workers}: {args.reloads} reloads of {args.routes} routes, {sum(e - b for b, e in windows):.1f} s")
     print(f"  baseline  {summary(baseline)}")
     print(f"  reloading {summary(during)}")
+    print(f"  control, straight to the backend: baseline  {summary([s for t, s in control if not overlaps(t, s)])}")
+    print(f"  control, straight to the backend: reloading {summary([s for t, s in control if overlaps(t, s)])}")
     print(f"  added max latency {added * 1e3:.1f} ms (target < 50 ms); failures {len(failures)}")
     return {"workers": workers, "added_max_ms": added * 1e3, "failures": len(failures)}
+
+
+def loop_lag(config: str, reloads: int) -> None:
+    """The event loop's own stalls, measured inside this process: a greenlet that sleeps 1 ms notes how late it wakes.
+
+    Free of what the clients above also measure (the machine's other
+    processes), this isolates what a reload does to a loop: a lone process's
+    reload (a loader child, then the slices), and a worker's (the slices a
+    supervisor sends). The machine's noise shows in the "idle" line.
+    """
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gevent
+
+    import kiaconfig
+    import kiareload
+
+    phase = ["idle"]
+    lags: dict[str, list[float]] = {}
+
+    def ticker() -> None:
+        last = time.monotonic()
+        while True:
+            gevent.sleep(0.001)
+            now = time.monotonic()
+            lags.setdefault(phase[0], []).append(now - last)
+            last = now
+
+    def load() -> kiaconfig.Config:
+        return kiaconfig.load(config)
+
+    running = load()
+    message = kiareload.pack(running)
+    tick = gevent.spawn(ticker)
+    gevent.sleep(1.0)
+    for _ in range(reloads):
+        phase[0] = "alone: load in a child, take the slices, swap"
+        running = kiareload.load_in_child(load)
+        phase[0] = "idle"
+        gevent.sleep(0.5)
+        phase[0] = "worker: take the slices a supervisor sent, swap"
+        running = kiareload.unpack(message)[0]
+        phase[0] = "idle"
+        gevent.sleep(0.5)
+    tick.kill()
+    print(f"event loop stalls in this process, {reloads} reloads of {len(running.http_routes)} routes:")
+    for name, seconds in lags.items():
+        seconds.sort()
+        print(f"  {name:50s} max {seconds[-1] * 1e3:6.1f} ms  p99 {seconds[int(len(seconds) * 0.99)] * 1e3:6.1f} ms")
 
 
 def main() -> int:
@@ -198,7 +256,9 @@ def main() -> int:
     try:
         config = os.path.join(scratch, "servers.toml")
         write_config(config, args.routes, backend.server_address[1])
-        results = [run(args.cmd.split(), config, int(n), args) for n in args.workers.split(",")]
+        address = ("127.0.0.1", backend.server_address[1])
+        results = [run(args.cmd.split(), config, int(n), address, args) for n in args.workers.split(",")]
+        loop_lag(config, args.reloads)
     finally:
         backend.shutdown()
         backend.server_close()

@@ -168,3 +168,9 @@ def test_the_loader_child_holds_no_listener_so_a_stop_during_a_reload_refuses_at
             socket.create_connection(gw.http, timeout=TIMEOUT).close()
     finally:
         gw.stop()
+
+
+def test_chain_of_a_missing_file_or_a_plain_one_is_the_path_itself(tmp_path):
+    assert kiareload.chain(str(tmp_path / "nowhere" / "servers.toml")) == [str(tmp_path / "nowhere" / "servers.toml")]
+    (tmp_path / "plain.toml").write_text("")
+    assert kiareload.chain(str(tmp_path / "plain.toml")) == [str(tmp_path / "plain.toml")]
