@@ -43,7 +43,7 @@ from kiaconfig import Config, ConfigError, RouteTable
 SLICE = 2000  # routes per pickled slice: unpickling one takes 1-5 ms on a loaded core, well inside 50 ms
 QUIET = 0.3  # seconds the watched files must stay unchanged before a reload reads them (an editor's writes)
 POLL = 0.5  # seconds between stats where libev has no inotify (and in the supervisor): within the 2 s promised
-LOADER_NICENESS = 19  # the loader child yields a shared core to the workers; alone on one it runs at full speed
+LOADER_NICENESS = 10  # a tenth of a busy core against a worker (not 19: 1.5 %, a big table would take minutes)
 REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
 _LENGTH = struct.Struct("!Q")  # the length of the loader's answer, so that a cut one is told from a whole one

@@ -174,3 +174,22 @@ def test_chain_of_a_missing_file_or_a_plain_one_is_the_path_itself(tmp_path):
     assert kiareload.chain(str(tmp_path / "nowhere" / "servers.toml")) == [str(tmp_path / "nowhere" / "servers.toml")]
     (tmp_path / "plain.toml").write_text("")
     assert kiareload.chain(str(tmp_path / "plain.toml")) == [str(tmp_path / "plain.toml")]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_drains_for_the_reloaded_drain_timeout(start_gateway, backends, workers):
+    toml = routes_toml(backends, "drain_timeout = {}\npreamble_timeout = 60.0")
+    gw = start_gateway(toml.format(60.0), f"--workers={workers}")
+    gw.config.write_text(toml.format(0.5))
+    gw.proc.send_signal(signal.SIGHUP)
+    for worker in [None] if workers == 1 else range(1, workers + 1):
+        gw.wait_for(lambda line, w=worker: line.get("message") == "config reloaded" and line.get("worker") == w)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as reading:
+        reading.sendall(b"GET / HTTP/1.1\r\nHost: a.exa")  # mid-preamble: open until the drain ends
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as probe:  # accepted in order: `reading` is in
+            probe.sendall(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n")
+            assert read_all(probe).startswith(b"HTTP/1.1 421")
+        gw.proc.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        gw.wait_for(lambda line: line.get("message") == "drain timeout over, resetting open connections")
+        assert time.monotonic() - stopped < TIMEOUT / 2  # 0.5 s, not the 60 s the gateway started with
