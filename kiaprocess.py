@@ -258,7 +258,8 @@ def serve(
 ) -> int:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
-    Alone, it reloads the file on SIGHUP; as a supervisor's worker it applies the
+    Alone, it reloads the file on SIGHUP (read in a child, see kiareload) and,
+    with watch_config, when it changes; as a supervisor's worker it applies the
     configs the supervisor validated and sends down its ``lifeline``, so that
     all workers serve the same table whatever happens to the file meanwhile.
     """
