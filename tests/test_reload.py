@@ -193,3 +193,18 @@ def test_a_stop_drains_for_the_reloaded_drain_timeout(start_gateway, backends, w
         stopped = time.monotonic()
         gw.wait_for(lambda line: line.get("message") == "drain timeout over, resetting open connections")
         assert time.monotonic() - stopped < TIMEOUT / 2  # 0.5 s, not the 60 s the gateway started with
+
+
+def test_watch_config_reads_a_file_being_written_once_it_has_stopped_changing(start_gateway, backends):
+    gw = start_gateway(with_route(backends, "one.example"))
+    text = with_route(backends, "two.example").encode()
+    with gw.config.open("wb") as f:  # an editor writing slowly: every state but the last is bad TOML
+        for start in range(0, len(text), len(text) // 5):
+            f.write(text[start : start + len(text) // 5])
+            f.flush()
+            time.sleep(0.02)  # the editor's pace (well inside the 0.3 s quiet time), not a synchronisation
+    gw.wait_for(lambda line: line.get("message") == "config reloaded")
+    served(gw, "two.example", 1)
+    reloads = [line for line in gw.seen if line.get("message") in ("config reloaded", "config file changed, reloading")]
+    assert len(reloads) == 2, reloads  # one change seen, one reload
+    assert not [line for line in gw.seen if line.get("level") == "error"]
