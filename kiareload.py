@@ -8,9 +8,9 @@ unpickling a Config whose routes each hold their own Backend takes about 2 s
 (kiaconfig does it) the same table unpickles in about 80 ms, still above the
 50 ms a connection may wait. So:
 
-- the serving process never validates: alone it forks a child that reads and
-  validates (a thread would hold the GIL for seconds against the loop), with
-  workers the supervisor does it, a process apart already;
+- a serving process never validates: a child forked at a low priority reads
+  and validates (a thread would hold the GIL against the loop for seconds),
+  forked by the lone process itself or, with workers, by the supervisor;
 - the result travels as slices of at most ``SLICE`` routes, each pickled on
   its own, and the loop runs between two slices; the tables are swapped in at
   once when the last one is in.
@@ -47,6 +47,7 @@ LOADER_NICENESS = 10  # a tenth of a busy core against a worker (not 19: 1.5 %, 
 REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
 _LENGTH = struct.Struct("!Q")  # the length of the loader's answer, so that a cut one is told from a whole one
+_FALLBACK_FDS = 1 << 16  # descriptors closed in the loader child where the limit reads as unlimited
 _READ_CHUNK = 1 << 20  # a pipe gives what it holds (64 KiB by default): a bigger read costs nothing
 
 
@@ -108,7 +109,8 @@ def load_in_child(load: Callable[[], Config], cooperative: bool = True) -> Confi
             # Only the pipe and stdio stay: a copy of a listener or a connection here would keep it
             # open after the parent closes it (no refusal at stop, no FIN or reset at a close).
             os.closerange(3, write_end)
-            os.closerange(write_end + 1, max(os.sysconf("SC_OPEN_MAX"), write_end + 1))
+            limit = os.sysconf("SC_OPEN_MAX")
+            os.closerange(write_end + 1, limit if limit > write_end else _FALLBACK_FDS)
             signal.set_wakeup_fd(-1)  # the supervisor's: a signal here must not wake it
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.SIG_DFL)  # a Ctrl-C to the group ends the loader too
@@ -229,7 +231,7 @@ class Watch:
         self.paths = chain(self.path)
         self.mark = signature(self.paths)
         for path in self.paths:
-            watcher = self.loop.stat(path, POLL)
+            watcher = self.loop.stat(path, POLL, ref=False)  # it never keeps the loop alive by itself
             watcher.start(self._event)
             self.watchers.append(watcher)
 
