@@ -45,6 +45,7 @@ QUIET = 0.3  # seconds the watched files must stay unchanged before a reload rea
 POLL = 0.5  # seconds between stats where libev has no inotify (and in the supervisor): within the 2 s promised
 LOADER_NICENESS = 10  # a tenth of a busy core against a worker (not 19: 1.5 %, a big table would take minutes)
 REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
+RECHECK = 1.1  # seconds after arming to compare nanosecond stat times: past the whole second libev compares
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
 _LENGTH = struct.Struct("!Q")  # the length of the loader's answer, so that a cut one is told from a whole one
 _FALLBACK_FDS = 1 << 16  # descriptors closed in the loader child where the limit reads as unlimited
@@ -223,6 +224,7 @@ class Watch:
         self.mark: tuple = ()
         self.settling: gevent.Greenlet | None = None
         self.last_event = 0.0
+        self.recheck = None
         self.arm()
 
     def arm(self) -> None:
@@ -234,6 +236,17 @@ class Watch:
             watcher = self.loop.stat(path, POLL, ref=False)  # it never keeps the loop alive by itself
             watcher.start(self._event)
             self.watchers.append(watcher)
+        self.recheck = self.loop.timer(RECHECK, 0.0, ref=False)
+        self.recheck.start(self._recheck)
+
+    def _recheck(self) -> None:
+        """Look once more, as libev's manual advises: an edit that fired no watcher shows here.
+
+        libev compares stat times in whole seconds: an edit that keeps the size,
+        within the second of the state a watcher first saw, fires nothing.
+        """
+        if signature(self.paths) != self.mark:
+            self._event()
 
     def _event(self) -> None:
         self.last_event = time.monotonic()
@@ -262,10 +275,10 @@ class Watch:
             self.changed()
 
     def close(self) -> None:
-        for watcher in self.watchers:
+        for watcher in [*self.watchers, *([self.recheck] if self.recheck else [])]:
             watcher.stop()
             watcher.close()
-        self.watchers = []
+        self.watchers, self.recheck = [], None
 
 
 class Poll:

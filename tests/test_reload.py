@@ -208,3 +208,22 @@ def test_watch_config_reads_a_file_being_written_once_it_has_stopped_changing(st
     reloads = [line for line in gw.seen if line.get("message") in ("config reloaded", "config file changed, reloading")]
     assert len(reloads) == 2, reloads  # one change seen, one reload
     assert not [line for line in gw.seen if line.get("level") == "error"]
+
+
+def test_watch_sees_an_edit_that_keeps_the_size_within_the_same_second(tmp_path):
+    """libev compares stat times in whole seconds: such an edit fired no watcher at all."""
+    import gevent
+
+    path = tmp_path / "servers.toml"
+    path.write_text("port = 8001\n")
+    seen = []
+    watch = kiareload.Watch(str(path), lambda: seen.append(path.read_text()))
+    try:
+        path.write_text("port = 8002\n")  # same size, most likely the same second as the first write
+        deadline = time.monotonic() + TIMEOUT
+        while not seen:
+            assert time.monotonic() < deadline, "the edit was never seen"
+            gevent.sleep(0.05)  # runs the loop the watchers are on; the deadline bounds it
+        assert seen == ["port = 8002\n"]
+    finally:
+        watch.close()
