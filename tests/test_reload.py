@@ -17,7 +17,10 @@ import kiareload
 
 BIG = 50_000  # routes: validating them takes ~2 s, which a reload on the loop used to stall every connection for
 RELOAD_TIMEOUT = 60.0  # seconds a reload of BIG routes may take on a loaded 2-core machine
-ADDED_LATENCY = 0.25  # seconds a reload may add to a request here (the target, 50 ms, is the benchmark's)
+# Seconds a reload may add to a request here. The target, 50 ms, is the benchmark's: on this shared 2-core
+# machine a client that never touches the gateway saw 340 ms spikes while other suites ran. A reload on the
+# loop stalled a request for the whole validation of BIG routes: 1 s on an idle machine, 3.6 s on a busy one.
+ADDED_LATENCY = 0.5
 
 
 def ask(address: tuple[str, int], host: str = "a.example", timeout: float = TIMEOUT) -> bytes:
@@ -38,13 +41,19 @@ def test_a_reload_of_a_big_table_does_not_stall_connections(tmp_path, backends, 
         for n in range(1, workers + 1) if workers > 1 else ():
             gw.wait_for(lambda line, n=n: line.get("message") == "worker started" and line["worker"] == n)
         timings: list[tuple[float, float]] = []  # (start, seconds) of each request
+        wrong: list[bytes] = []
         done = threading.Event()
 
         def client() -> None:
             deadline = time.monotonic() + RELOAD_TIMEOUT + TIMEOUT
             while not done.is_set() and time.monotonic() < deadline:
                 start = time.monotonic()
-                assert ask(gw.http).endswith(b"alpha http a.example")
+                try:
+                    answer = ask(gw.http)
+                except OSError as exc:
+                    answer = repr(exc).encode()
+                if not answer.endswith(b"alpha http a.example"):
+                    wrong.append(answer)
                 timings.append((start, time.monotonic() - start))
 
         thread = threading.Thread(target=client, daemon=True)
@@ -63,6 +72,7 @@ def test_a_reload_of_a_big_table_does_not_stall_connections(tmp_path, backends, 
         done.set()
         thread.join(TIMEOUT)
         during = [seconds for start, seconds in timings if start + seconds >= sent]
+        assert not wrong, wrong[:3]
         assert during, "no request ran during the reload"
         assert max(during) < baseline + ADDED_LATENCY, (max(during), baseline, len(during))
     finally:
