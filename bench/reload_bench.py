@@ -177,10 +177,10 @@ def run(cmd: list[str], config: str, workers: int, backend: tuple[str, int], arg
 
     during = [s for start, s in timings if overlaps(start, s)]
     baseline = [s for start, s in timings if not overlaps(start, s)]
-    worst = sorted(timings, key=lambda t: -t[1])[:5]
-    for start, s in worst:  # where in a reload the slowest requests fell: a hint to what stalled them
-        at = [f"{start - begun:+.2f} s of {end - begun:.2f} s" for begun, end in windows if start <= end + 1]
-        print(f"  slow request {s * 1e3:.0f} ms at {at[:1] or ['baseline']}")
+    for who, measured in (("through the gateway", timings), ("control", control)):
+        for start, s in sorted(measured, key=lambda t: -t[1])[:3]:  # where the slowest fell: a hint to the cause
+            at = [f"{start - begun:+.2f} s of {end - begun:.2f} s" for begun, end in windows if start <= end + 1]
+            print(f"  slow request {who}: {s * 1e3:.0f} ms at {at[:1] or ['baseline']}")
     added = (max(during) - max(baseline)) if during and baseline else float("nan")
     print(f"workers={workers}: {args.reloads} reloads of {args.routes} routes, {sum(e - b for b, e in windows):.1f} s")
     print(f"  baseline  {summary(baseline)}")
