@@ -237,3 +237,20 @@ def test_watch_sees_an_edit_that_keeps_the_size_within_the_same_second(tmp_path)
         assert seen == ["port = 8002\n"]
     finally:
         watch.close()
+
+
+def test_a_loader_that_hangs_ends_itself_and_the_reload_fails(monkeypatch):
+    monkeypatch.setattr(kiareload, "LOADER_TIMEOUT", 1)
+    forked: list[int] = []
+    fork = os.fork
+    monkeypatch.setattr(os, "fork", lambda: forked.append(fork()) or forked[-1])
+
+    def hang() -> kiaconfig.Config:
+        threading.Event().wait(TIMEOUT * 2)  # a lock a thread of the parent held at the fork
+        raise AssertionError("not ended by its alarm")
+
+    started = time.monotonic()
+    with pytest.raises(kiaconfig.ConfigError, match="ended before its whole answer"):
+        kiareload.load_in_child(hang, cooperative=False)
+    assert time.monotonic() - started < TIMEOUT
+    os.waitpid(forked[0], 0)  # the supervisor's SIGCHLD handling would collect it
