@@ -44,7 +44,7 @@ SLICE = 2000  # routes per pickled slice: unpickling one takes 1-5 ms on a loade
 QUIET = 0.3  # seconds the watched files must stay unchanged before a reload reads them (an editor's writes)
 POLL = 0.5  # seconds between stats where libev has no inotify (and in the supervisor): within the 2 s promised
 LOADER_NICENESS = 10  # a tenth of a busy core against a worker (not 19: 1.5 %, a big table would take minutes)
-LOADER_TIMEOUT = 600  # seconds before the loader ends itself (SIGALRM) and the reload fails: 100x a big table's
+LOADER_TIMEOUT = 600  # seconds before the loader ends itself (SIGALRM), failing the reload: 100x+ a big table's
 REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
 RECHECK = 1.1  # seconds after arming to compare nanosecond stat times: past the whole second libev compares
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
@@ -116,6 +116,7 @@ def load_in_child(load: Callable[[], Config], cooperative: bool = True) -> Confi
             signal.set_wakeup_fd(-1)  # the supervisor's: a signal here must not wake it
             for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
                 signal.signal(signum, signal.SIG_DFL)  # a Ctrl-C to the group ends the loader too
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())  # libev may block those it reads from a signalfd
             signal.alarm(LOADER_TIMEOUT)  # forked from a process with threads, it could hang on a lock they held
             os.nice(LOADER_NICENESS)
             try:
