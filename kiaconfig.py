@@ -151,6 +151,7 @@ class Settings:
     max_connections_per_client: int = 0  # open connections per client address and worker; 0: no limit
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # must send a PROXY header
     metrics_listen: str = ""  # "ip:port" serving /metrics and /healthz; "" for none (a string: --check --json shows it)
+    watch_config: bool = False  # reload when the file or a symlink leading to it changes, as on SIGHUP
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -298,9 +299,12 @@ def _routes(table: Any, name: str, source: str, errors: list[str]) -> RouteTable
     wildcard: dict[str, Backend] = {}
     default = None
     seen: dict[str, str] = {}
+    interned: dict[Backend, Backend] = {}  # routes share a few backends: one object each pickles and unpickles fast
     for key, value in table.items():
         where = f"{source}: [{name}] {key!r}"
         backend = _backend(value, where, errors)
+        if backend is not None:
+            backend = interned.setdefault(backend, backend)
         if key == "*":
             default = backend
             continue
@@ -518,6 +522,7 @@ _CHECKS = {
     "max_connections_per_client": _int_range(0, 1 << 20),
     "trusted_proxies": _networks,
     "metrics_listen": _optional_listen,
+    "watch_config": _boolean,
 }
 
 

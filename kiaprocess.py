@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
-import pickle
 import select
 import signal
 import socket
@@ -24,16 +23,16 @@ from typing import Callable, Protocol
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.os
 
 import kiaconfig
 import kiametrics
+import kiareload
 import kiaupgrade
 import relay
 from kiaconfig import Address, Config, ConfigError
 from kialog import Log, format_address
-
-SHUTDOWN_GRACE = 30.0  # seconds open relays get to finish after SIGTERM
 
 
 class Server(Protocol):
@@ -230,7 +229,7 @@ def _say_where_listeners_come_from(log: Log, version: str, inherited: bool) -> N
 
 
 # Used only at start-up.
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen")
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen", "watch_config")
 
 
 def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
@@ -248,6 +247,10 @@ def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] |
         for line in exc.errors:
             log.error(f"reload failed, keeping the running config: {line}")
         sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
+        return None
+    if not len(new.http_routes) and not len(new.https_routes):  # an editor's half-written file, most likely
+        log.error(f"reload refused, keeping the running config: {new.source} has no routes at all")
+        sd_notify("READY=1\nSTATUS=reload refused (no routes), running the previous config; see the log")
         return None
     old = running.settings
     ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
@@ -301,7 +304,8 @@ def serve(
 ) -> int:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
-    Alone, it reloads the file on SIGHUP and upgrades in place on SIGUSR2; as a
+    Alone, it reloads the file on SIGHUP (read in a child, see kiareload) and,
+    with watch_config, when it changes, and upgrades in place on SIGUSR2; as a
     supervisor's worker it applies the configs the supervisor validated and sends
     down its ``lifeline``, so that all workers serve the same table whatever
     happens to the file meanwhile.
@@ -316,18 +320,22 @@ def serve(
     fields = {"worker": worker} if worker else {}
 
     running = cfg
+    reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
 
     def reload() -> None:
         nonlocal running
-        reloaded = _reload(load, log, running)
-        if metrics is not None:
-            metrics.reloaded(reloaded is not None)
-        if reloaded is not None:
-            running, ignored = reloaded
-            gateway.reload(running)
-            _reloaded(log, running, ignored, True)
+        with reloading:
+            reloaded = _reload(lambda: kiareload.load_in_child(load), log, running)
+            if metrics is not None:
+                metrics.reloaded(reloaded is not None)
+            if reloaded is not None:
+                running, ignored = reloaded
+                gateway.reload(running)
+                _reloaded(log, running, ignored, True)
 
     def apply(new: Config, ignored: list[str]) -> None:
+        nonlocal running
+        running = new
         gateway.reload(new)
         _reloaded(log, new, ignored, False, **fields)
 
@@ -353,6 +361,13 @@ def serve(
     if lifeline is None:
         gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
         gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(upgrade_in_place))
+        if cfg.settings.watch_config:
+
+            def changed() -> None:
+                _file_changed(log, cfg.source)
+                gevent.spawn(reload)
+
+            watch = kiareload.Watch(cfg.source, changed)  # noqa: F841 - kept while serving
     else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # and the supervisor's upgrade, not a worker's death
@@ -373,7 +388,7 @@ def serve(
         sd_notify("STOPPING=1")
     if metrics is not None:
         metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
-    gateway.stop(cfg.settings.drain_timeout, **fields)
+    gateway.stop(running.settings.drain_timeout, **fields)
     if metrics is not None:
         metrics.close()
     log.info("stopped", **fields)
@@ -534,13 +549,18 @@ def supervise(
     sd_notify("READY=1")
     log.info("ready", workers=count)
     stopping = False
+    watch = kiareload.Poll(cfg.source) if cfg.settings.watch_config else None  # no event loop here: os.stat polls
     while children or (respawn and not stopping):
-        timeout = max(0.0, min(respawn.values()) - time.monotonic()) if respawn else None
+        due = [*respawn.values(), *([watch.due()] if watch and not stopping else [])]
+        timeout = max(0.0, min(due) - time.monotonic()) if due else None
         sending = {child.lifeline: child for child in children.values() if child.sending}
         readers, writers = ([], []) if metrics is None else metrics.wanted()
         if metrics is not None:
             timeout = metrics.timeout(timeout)
         received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
+        if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
+            _file_changed(log, cfg.source)
+            received += [] if signal.SIGHUP in received else [signal.SIGHUP]
         for fd in writable:
             if fd in sending:
                 sending[fd].write()
@@ -552,12 +572,12 @@ def supervise(
                     if metrics is not None:
                         metrics.gone(child.worker, restarting=not stopping)
             elif signum == signal.SIGHUP:
-                reloaded = _reload(load, log, cfg)
+                reloaded = _reload(lambda: kiareload.load_in_child(load, cooperative=False), log, cfg)
                 if metrics is not None:
                     metrics.reloaded(reloaded is not None)
                 if reloaded is not None:
                     cfg, ignored = reloaded  # replacement workers start with it too
-                    body = pickle.dumps(reloaded, pickle.HIGHEST_PROTOCOL)
+                    body = kiareload.pack(cfg, ignored)
                     for child in children.values():
                         child.hand(_LENGTH.pack(len(body)) + body)
                     _reloaded(log, cfg, ignored, True, workers=len(children))
@@ -596,6 +616,11 @@ def _stop_for_upgrade(children: dict[int, _Child], log: Log) -> None:
     log.info("old workers draining for the upgrade", workers=len(children))
 
 
+def _file_changed(log: Log, path: str) -> None:
+    """watch_config saw the file or a symlink leading to it change: a reload follows, as on SIGHUP."""
+    log.info("config file changed, reloading", config=path)
+
+
 def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> list[_Child]:
     """Collect every exited child; plan the replacement of workers that died; return the workers reaped."""
     reaped: list[_Child] = []
@@ -630,7 +655,8 @@ def _follow_supervisor(
         body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
         if body is None:
             break
-        apply(*pickle.loads(body))  # from our own supervisor, through a pipe no one else holds
+        new, (ignored,) = kiareload.unpack(body)  # from our own supervisor, through a pipe no one else holds
+        apply(new, ignored)
     os.close(lifeline)
     if not stopping.is_set():
         log.warning("supervisor gone, stopping", worker=worker)
