@@ -255,6 +255,7 @@ class Gateway:
         self._pools: dict[int, _Pool] = {}  # round-robin state of the pools used, by id() of their Backend
         self._cooling: dict[Address, float] = {}  # pool addresses that failed -> monotonic time they are tried again
         self._per_client: dict[str, int] = {}  # open connections by client address, with max_connections_per_client
+        self._lingering: set[str] = set()  # clients with a refusal for their limit lingering (_refuse_over_limit)
         self.metrics: kiametrics.Stats | None = None  # set by the life cycle when metrics_listen is set
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
@@ -391,11 +392,11 @@ class Gateway:
         except sniff.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            _answer(
-                client,
-                error_reply(exc, listener, sniffer.buffer),
-                fin=isinstance(exc, sniff.ClientLimit) or exc.http_status is None,
-            )
+            reply = error_reply(exc, listener, sniffer.buffer)
+            if isinstance(exc, sniff.ClientLimit):
+                self._refuse_over_limit(client, reply, conn)
+            else:
+                _answer(client, reply, fin=exc.http_status is None)
         except _ClientGone as exc:
             conn.result.outcome = exc.outcome
         except _Drained:  # thrown in by _cut: the drain is over
@@ -506,6 +507,26 @@ class Gateway:
             raise sniff.ClientLimit(f"{count} connections open from {key} (max_connections_per_client = {limit})")
         self._per_client[key] = count + 1
         conn.counted = key
+
+    def _refuse_over_limit(self, client: socket.socket, reply: bytes, conn: _Connection) -> None:
+        """Refuse a client at its limit; one such refusal per client lingers at a time, the others close at once.
+
+        Lingering (``_answer``) keeps the reply from being reset away, but holds a
+        max_connections slot up to LINGER_SECONDS: a client opening idle connections
+        faster than max_connections a second would fill them all. So a client holds
+        at most its limit plus one slot. The slot is not given back early instead:
+        refusals lingering off the count would be bounded by nothing, and each holds
+        a descriptor that check_nofile's budget does not have.
+        """
+        key = client_key(conn.peer[0])
+        if key in self._lingering:
+            _answer(client, reply, fin=True, linger=False)
+            return
+        self._lingering.add(key)
+        try:
+            _answer(client, reply, fin=True)
+        finally:
+            self._lingering.discard(key)
 
     def _release(self, key: str) -> None:
         """One connection fewer from ``key``; a client with none left leaves the table, so it never grows."""
@@ -681,14 +702,6 @@ def _wait(sock: socket.socket, event: int) -> None:
         watcher.close()
 
 
-def _recv(sock: socket.socket, size: int) -> bytes:
-    while True:
-        try:
-            return sock.recv(size)
-        except BlockingIOError:
-            _wait(sock, _READ)
-
-
 def _sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
     """Send all of ``data``; if it has to wait, give up after ``timeout`` with _ConnectTimedOut."""
     view = memoryview(data)
@@ -839,11 +852,13 @@ def _reset(*socks: socket.socket | None) -> None:
                 pass
 
 
-def _answer(client: socket.socket, reply: bytes, fin: bool = False) -> None:
+def _answer(client: socket.socket, reply: bytes, fin: bool = False, linger: bool = True) -> None:
     """Send an error reply, then drain briefly so that closing does not reset it away.
 
     An empty reply sends nothing, unless ``fin`` asks for a clean close: a FIN
     alone, and the client's unread bytes drained so the close sends no reset.
+    Without ``linger`` only the bytes already in are drained, with no wait:
+    what comes after the close may still reset the reply away.
     """
     if not reply and not fin:
         return
@@ -854,7 +869,13 @@ def _answer(client: socket.socket, reply: bytes, fin: bool = False) -> None:
             drained = 0
             with gevent.Timeout(LINGER_SECONDS, False):
                 while drained < LINGER_BYTES:
-                    data = _recv(client, READ_SIZE)
+                    try:
+                        data = client.recv(READ_SIZE)
+                    except BlockingIOError:
+                        if not linger:
+                            break
+                        _wait(client, _READ)
+                        continue
                     if not data:
                         break
                     drained += len(data)

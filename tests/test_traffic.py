@@ -303,6 +303,49 @@ def test_per_client_limit(start_gateway, backends):
             sock.close()
 
 
+def test_a_client_over_its_limit_cannot_fill_max_connections(start_gateway, backends):
+    """Refusals of one address opening idle connections fast must not hold the slots every client shares."""
+    alpha = backends["alpha"].address
+    gw = start_gateway(
+        f"{LISTEN}max_connections = 20\nmax_connections_per_client = 2\npreamble_timeout = 30.0\n"
+        f'[http_backends]\n"a.example" = "{alpha}"\n'
+    )
+    held: list[socket.socket] = []
+    opened = threading.Event()
+    stop = threading.Event()
+
+    def hog() -> None:  # 127.0.0.2 opens idle connections as fast as it can and keeps them
+        deadline = time.monotonic() + TIMEOUT
+        while not stop.is_set() and len(held) < 600 and time.monotonic() < deadline:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind((TWO, 0))
+            sock.setblocking(False)
+            try:
+                sock.connect(gw.http)
+            except BlockingIOError:
+                pass
+            if len(held) == 200:
+                opened.set()
+        opened.set()
+
+    thread = threading.Thread(target=hog)
+    thread.start()
+    try:
+        assert opened.wait(TIMEOUT)
+        for _ in range(3):
+            started = time.monotonic()
+            with connect_from(ONE, gw.http) as sock:
+                sock.settimeout(3.0)  # held 1 s a refusal, 200 refusals in 18 slots would take 10 s
+                sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+                assert served_by(read_all(sock, 3.0)) == "alpha", time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(TIMEOUT)
+        for sock in held:
+            sock.close()
+
+
 LINGER_RESET = struct.pack("ii", 1, 0)
 
 
