@@ -649,12 +649,19 @@ class _Pool:
 
 
 def client_key(host: str) -> str:
-    """The client's address as the per-client limit counts it: an IPv4-mapped IPv6 address is its IPv4 one.
+    """The client as the per-client limit counts it: an IPv4 address, or an IPv6 address's /64.
 
     A dual-stack listener sees an IPv4 client as ``::ffff:a.b.c.d``; another
     listener on an IPv4 address sees it as ``a.b.c.d``: one client, one count.
+    An IPv6 host is usually given a whole /64 (RFC 7421) and may take any address
+    in it for each connection, so the /64 is what one client holds.
     """
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
+    if ":" not in host:
+        return host
+    packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # a link-local scope is not part of it
+    if packed[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): an IPv4 address in IPv6

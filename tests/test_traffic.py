@@ -200,8 +200,16 @@ def test_allowed(client, networks, expected):
 
 def test_client_key_counts_an_ipv4_client_once_on_any_listener():
     assert kiagateway.client_key("::ffff:192.0.2.1") == kiagateway.client_key("192.0.2.1") == "192.0.2.1"
-    assert kiagateway.client_key("2001:db8::1") == "2001:db8::1"
-    assert kiagateway.client_key("::ffff:1") == "::ffff:1"  # not a mapped IPv4 address
+    assert kiagateway.client_key("::ffff:1") == "::/64"  # not a mapped IPv4 address
+
+
+def test_client_key_counts_an_ipv6_client_by_its_64():
+    """One IPv6 host is given a whole /64: keyed by full address, it would have no limit at all."""
+    key = kiagateway.client_key
+    assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
+    assert key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
+    assert key("2001:DB8:0:0:0:0:0:1") == "2001:db8::/64"  # the same address however it is written
+    assert key("fe80::1%eth0") == key("fe80::2") == "fe80::/64"
 
 
 @pytest.mark.parametrize(("error", "status", "tls"), [(sniff.Forbidden, 403, alert(49)), (sniff.ClientLimit, 429, b"")])
