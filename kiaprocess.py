@@ -402,7 +402,7 @@ RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is res
 class _SignalPipe:
     """Signals for a ``select`` loop: handlers only record them, the wakeup pipe ends the wait.
 
-    Built from what every Unix Python has (``set_wakeup_fd``, ``select``):
+    Built from what every Unix Python has (``set_wakeup_fd``, ``poll``):
     ``sigtimedwait``/``sigwaitinfo`` are missing on OpenBSD and macOS.
     """
 
@@ -426,7 +426,7 @@ class _SignalPipe:
         readable: list[int] = []
         writable: list[int] = []
         if not self.pending:
-            readable, writable, _ = select.select([self.read_fd, *readers], writers, [], timeout)
+            readable, writable = _poll(timeout, [self.read_fd, *readers], writers)
         try:
             while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
                 pass
@@ -442,6 +442,32 @@ class _SignalPipe:
             signal.signal(signum, signal.SIG_DFL)
         os.close(self.read_fd)
         os.close(self.write_fd)
+
+
+_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL  # what select() takes for readable
+_WRITABLE = select.POLLOUT | select.POLLERR | select.POLLNVAL  # ...and for writable; a bad fd fails at its use
+
+
+def _poll(timeout: float | None, readers: list[int], writers: list[int]) -> tuple[list[int], list[int]]:
+    """``select`` for reading and writing, in poll(): select() refuses descriptors from FD_SETSIZE (1024) up.
+
+    A supervisor started with many descriptors open (a leaky parent, a big
+    systemd socket set) gets its pipes above 1023. poll() is on every Unix
+    this runs on, OpenBSD included. A negative ``timeout`` waits not at all,
+    as select's 0 would: poll's would wait forever.
+    """
+    events: dict[int, int] = {}
+    for fd in readers:
+        events[fd] = events.get(fd, 0) | select.POLLIN
+    for fd in writers:
+        events[fd] = events.get(fd, 0) | select.POLLOUT
+    poller = select.poll()
+    for fd, mask in events.items():
+        poller.register(fd, mask)
+    ready = dict(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+    readable = [fd for fd in readers if ready.get(fd, 0) & _READABLE]
+    writable = [fd for fd in writers if ready.get(fd, 0) & _WRITABLE]
+    return readable, writable
 
 
 class _Child:

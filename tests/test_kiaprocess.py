@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -248,3 +249,34 @@ def test_a_big_table_is_handed_to_every_worker(start_gateway, backends):
         assert ask(gw.http, REQUEST.replace(b"a.example", b"host19999.example")).endswith(
             b"beta http host19999.example"
         )
+
+
+INHERITED_FDS = 1030  # enough to put the supervisor's own descriptors above select()'s FD_SETSIZE (1024)
+OPEN_INHERITED = f"""
+import os, resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+for _ in range({INHERITED_FDS}):
+    os.set_inheritable(os.open("/dev/null", os.O_RDONLY), True)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_supervisor_runs_with_descriptors_above_fd_setsize(start_gateway, backends, monkeypatch):
+    """A parent that leaks many descriptors: the supervisor's select() raised ValueError and it exited 1."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < INHERITED_FDS + 256:
+        pytest.skip("the hard descriptor limit is too low to inherit that many")
+    plain = conftest.gateway_command
+    monkeypatch.setattr(conftest, "gateway_command", lambda: [sys.executable, "-c", OPEN_INHERITED, *plain()])
+    gw = start_gateway(routes_toml(backends), "--workers=2")
+    for n in (1, 2):
+        gw.wait_for(lambda line, n=n: line.get("message") == "worker started" and line["worker"] == n)
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    gw.config.write_text(with_routes(backends, {"new.example": "beta"}))
+    gw.proc.send_signal(signal.SIGHUP)
+    reloaded(gw, 2)
+    for _ in range(4):
+        assert ask(gw.http, REQUEST.replace(b"a.example", b"new.example")).endswith(b"beta http new.example")
+    assert gw.stop() == 0
