@@ -1089,6 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
             print_routes(cfg, out)
         return _print_answer(out.getvalue(), 0)
     log = Log(cfg.settings.log_format)
+    log.setup()  # stderr opened again now: once run() drops privileges, it may no longer be ours to open
     try:
         return kiaprocess.run(cfg, lambda: load_config(path, overrides), Gateway, log, __version__)
     except FatalError as exc:

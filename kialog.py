@@ -9,14 +9,21 @@ lost lines, counted in ``Log.lost``, never an exception, a stalled event loop
 or a skipped drain.
 
 - Lines go to fd 2 with ``os.write``, not through ``sys.stderr``'s buffer. A
-  pipe is put in non-blocking mode (a property of the open file description,
-  shared by the supervisor and its workers, which all write this way; put back
-  at exit by the process that set it); a socket (journald's stream) is written
-  with ``MSG_DONTWAIT`` and keeps its mode. A tty or a file is written as it
-  is: a tty's mode is also its shell's, and a file never blocks for long.
-  For a pipe or socket ``sys.stderr`` is replaced by a stream into this log,
-  so that what Python writes there itself (gevent's tracebacks, warnings)
-  neither meets a non-blocking pipe nor cuts into a waiting line.
+  pipe or a tty is opened again (Linux: ``/proc/self/fd/2``) in non-blocking
+  mode, and the new open file description, this process's own (its workers'
+  too, which inherit it), takes fd 2's place: O_NONBLOCK is a property of the
+  description, and the one we were given is shared with the shell, a tee, a
+  container runtime, which must not find it changed, during or after.
+  Where that cannot be (no /proc, as on OpenBSD; a pipe made by another user
+  we dropped privileges from), a pipe's own description is made non-blocking
+  and put back at exit by the process that set it, and a tty is written as it
+  is: a terminal suspended with Ctrl-S there stalls the gateway. A socket
+  (journald's stream), which cannot be opened again, is written with
+  ``MSG_DONTWAIT`` and keeps its mode. A file is written as it is: it never
+  blocks for long, and a second description would write at an offset of its own.
+  For a pipe, tty or socket ``sys.stderr`` is replaced by a stream into this
+  log, so that what Python writes there itself (gevent's tracebacks, warnings)
+  neither meets a non-blocking fd nor cuts into a waiting line.
 - What the reader cannot take now waits in a queue of at most QUEUE_LIMIT
   bytes, written when the fd becomes writable (a gevent watcher), before the
   next line, or by ``close()`` at exit within a bounded wait. Lines beyond the
@@ -56,6 +63,7 @@ QUEUE_LIMIT = 1 << 20  # bytes waiting for a slow reader, per process: ~4,000 co
 CLOSE_TIMEOUT = 1.0  # seconds close() waits at exit for a slow reader to take what is queued
 PRIORITIES = {"error": "<3>", "warning": "<4>", "info": "<6>"}  # syslog severities journald reads at line start
 _EV_WRITE = 2  # libev's (and gevent's) flag for an io watcher that waits until the fd is writable
+_REOPEN = "/proc/self/fd/{}"  # Linux: opening it opens fd's file anew, with an open file description of its own
 
 
 class Log:
@@ -164,6 +172,15 @@ class Log:
         self._reported = self.lost  # nothing more to say: the process is exiting
         atexit.unregister(self.close)
 
+    def setup(self) -> None:
+        """Look at the fd and make it writable without blocking now, rather than at the first line.
+
+        For the life cycle, before it drops privileges: as another user this
+        process may no longer open its own stderr again.
+        """
+        if not self._ready:
+            self._setup()
+
     def _send(self, data: bytes) -> None:
         """Write whole lines now if the fd takes them, else queue them. Never raises, never blocks on a pipe."""
         if not self._ready:
@@ -255,7 +272,12 @@ class Log:
                 self._socket = socket.socket(fileno=os.dup(self.fd))
             except OSError:
                 self._socket = None
-        elif stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        elif stat.S_ISFIFO(mode) or (stat.S_ISCHR(mode) and os.isatty(self.fd)):
+            if not _reopen_nonblocking(self.fd):
+                if not stat.S_ISFIFO(mode):
+                    return  # a tty's description is also its shell's: written as it is, blocking
+                _set_nonblocking(self.fd)
+        elif stat.S_ISSOCK(mode):
             _set_nonblocking(self.fd)
         else:
             return
@@ -292,6 +314,24 @@ def _fileno(stream: object) -> int:
 
 _logs: weakref.WeakSet[Log] = weakref.WeakSet()
 _restore: dict[int, tuple[int, int, tuple]] = {}  # fd -> (its flags before, pid that changed them, its identity)
+
+
+def _reopen_nonblocking(fd: int) -> bool:
+    """Put in ``fd``'s place the same file opened anew, non-blocking; False where it cannot be opened again.
+
+    The old description is left as it was, for everyone else who holds it.
+    """
+    try:
+        private = os.open(_REOPEN.format(fd), os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:  # no /proc (OpenBSD), not ours to open (made by the user we were), a FIFO's reader gone
+        return False
+    try:
+        if _identity(private) != _identity(fd):  # a /proc not the kind we know: keep what we have
+            return False
+        os.dup2(private, fd, inheritable=os.get_inheritable(fd))  # fd 2: workers, loaders, an upgrade write it too
+        return True
+    finally:
+        os.close(private)
 
 
 def _set_nonblocking(fd: int) -> None:

@@ -214,11 +214,13 @@ def test_a_forked_worker_does_not_write_its_parents_queue_again():
     assert texts.count("child") == 1
 
 
-def test_the_pipe_is_given_back_blocking_by_the_process_that_changed_it():
+@pytest.mark.parametrize("reopen", ["/proc/self/fd/{}", "/nonexistent/{}"])  # Linux, and where /proc is not
+def test_the_pipe_is_given_back_blocking_by_the_process_that_changed_it(reopen):
     """At exit, for whoever writes to the pipe next; but not at a worker's exit, under its supervisor."""
     r, w = os.pipe()
-    script = """if True:
+    script = f"""if True:
         import fcntl, os, kialog
+        kialog._REOPEN = {reopen!r}
         log = kialog.Log()
         log.info("supervisor")
         pid = os.fork()
@@ -503,3 +505,125 @@ def test_a_pools_tried_addresses_are_in_both_formats():
     os.close(r)
     assert " backend=127.0.0.1:7 " in text and text.endswith(' tried=127.0.0.1:6,127.0.0.1:7 reason="x y"')
     assert json.loads(line)["tried"] == ["127.0.0.1:6", "127.0.0.1:7"]
+
+
+class Lines:
+    """Reads an fd (a pipe's read end, a pty's master) in a thread, line by line, until EOF or ``close``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        pending = b""
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # a pty's master reads EIO once every slave is closed
+                data = b""
+            *whole, pending = (pending + data).split(b"\n")
+            with self.changed:
+                self.lines += [line.decode().rstrip("\r") for line in whole]
+                self.changed.notify_all()
+            if not data:
+                return
+
+    def wait_for(self, predicate, timeout: float = TIMEOUT) -> list[str]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: predicate(self.lines), timeout), f"not seen: {self.lines[-5:]}"
+            return list(self.lines)
+
+
+NO_ROUTE = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n[http_backends]\n"a.example" = "127.0.0.1:9"\n'
+
+
+def listening_on(lines: list[str]) -> tuple[str, int]:
+    listening = next(json.loads(line) for line in lines if '"listening for http"' in line)
+    host, _, port = listening["address"].rpartition(":")
+    return host, int(port)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_suspended_terminal_never_stalls_serving(tmp_path, workers):
+    """Ctrl-S (XOFF) on the terminal the gateway logs to: its blocking writes stopped every connection."""
+    import pty
+    import termios
+
+    config = tmp_path / "servers.toml"
+    config.write_text(NO_ROUTE)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [*gateway_command(), "--log-format=json", f"--workers={workers}", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+    )
+    lines = Lines(master)
+    try:
+        address = listening_on(lines.wait_for(lambda lines: started(lines, workers)))
+        termios.tcflow(slave, termios.TCOOFF)  # what Ctrl-S does: the terminal takes no more output
+        try:
+            for i in range(20):  # a connection line each, every one waiting for the terminal
+                with socket.create_connection(address, timeout=3.0) as sock:
+                    sock.sendall(b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n")
+                    assert read_all(sock, 3.0).startswith(b"HTTP/1.1 421"), f"request {i}: the event loop is blocked"
+        finally:
+            termios.tcflow(slave, termios.TCOON)
+        lines.wait_for(lambda lines: sum('"connection"' in line for line in lines) == 20)  # then written, whole
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        os.close(slave)
+        lines.thread.join(TIMEOUT)
+        os.close(master)
+    for line in lines.lines:
+        json.loads(line)  # every line whole
+
+
+@pytest.mark.parametrize("upgrade", [False, True])
+def test_the_callers_stderr_pipe_keeps_its_mode_while_serving_and_after(tmp_path, upgrade):
+    """The pipe is shared with the shell, a tee, a container runtime: O_NONBLOCK there is theirs too.
+
+    After an upgrade in place the new program found it set already and left it so at exit.
+    """
+    config = tmp_path / "servers.toml"
+    config.write_text(NO_ROUTE)
+    r, w = os.pipe()  # this test keeps the write end: it sees the flags of the description the gateway got
+
+    def nonblocking() -> bool:
+        return bool(fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+    proc = subprocess.Popen(
+        [*gateway_command(), "--log-format=json", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=w,
+    )
+    lines = Lines(r)
+    try:
+        address = listening_on(lines.wait_for(lambda lines: started(lines, "1")))
+        assert exchange(address, b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n").startswith(b"HTTP/1.1 421")
+        lines.wait_for(lambda lines: any('"connection"' in line for line in lines))
+        assert not nonblocking()
+        if upgrade:
+            proc.send_signal(signal.SIGUSR2)
+            lines.wait_for(lambda lines: sum('"ready"' in line for line in lines) == 2)
+            assert exchange(address, b"GET / HTTP/1.1\r\nHost: nowhere.example\r\n\r\n").startswith(b"HTTP/1.1 421")
+            assert not nonblocking()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0
+        lines.wait_for(lambda lines: sum('"stopped"' in line for line in lines) == 1 + upgrade)
+        assert not nonblocking()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(TIMEOUT)
+        os.close(w)
+        lines.thread.join(TIMEOUT)
+        os.close(r)
