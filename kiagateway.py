@@ -1009,9 +1009,15 @@ def _print_answer(text: str, status: int) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _reader_left()
     return status
+
+
+def _reader_left() -> int:
+    """Exit status 1, quietly, for a reader that left early: stdout goes to /dev/null, so the flush at exit
+    fails no more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 def _json(document: dict) -> str:
@@ -1033,7 +1039,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         return _bad_usage(str(exc))
     except SystemExit as exc:  # --help and --version print and exit
-        return 0 if exc.code in (None, 0) else 2
+        return _print_answer("", 0 if exc.code in (None, 0) else 2)  # what print() left in the buffer
+    except BrokenPipeError:  # --help or --version to a reader that left early (| head -1), as for --check
+        return _reader_left()
     path = args["CONFIG"] or "servers.toml"
     log = Log(overrides.get("log_format", "text"))
     try:
