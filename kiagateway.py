@@ -63,6 +63,7 @@ import gevent.socket
 import kiaconfig
 import kiametrics
 import kiaprocess
+import kiaupgrade
 import proxyproto
 import relay
 import sniff
@@ -898,13 +899,14 @@ def parse_options(args: dict) -> dict[str, object]:
     return overrides
 
 
-def load_config(path: str, overrides: dict[str, object]) -> Config:
+def load_config(path: str, overrides: dict[str, object], sockets_given: bool = False) -> Config:
     """The file with the command line's settings over its [gateway] table, checked as start-up needs it.
 
     Start-up, --check and reload all come here, so --check refuses what start-up refuses.
+    ``sockets_given``: systemd passes the listeners, the listen lists may be empty.
     """
     cfg = kiaconfig.override(kiaconfig.load(path), overrides)
-    errors = kiaconfig.check_serving(cfg)
+    errors = kiaconfig.check_serving(cfg, sockets_given)
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -1044,8 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
         return _reader_left()
     path = args["CONFIG"] or "servers.toml"
     log = Log(overrides.get("log_format", "text"))
+    systemd = not (args["--check"] or name is not None) and kiaupgrade.sockets_from_systemd()
     try:
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, overrides, systemd)
     except ConfigError as exc:
         for line in exc.errors:
             log.error(line)
@@ -1070,7 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
         return _print_answer(out.getvalue(), 0)
     log = Log(cfg.settings.log_format)
     try:
-        return kiaprocess.run(cfg, lambda: load_config(path, overrides), Gateway, log, __version__)
+        return kiaprocess.run(cfg, lambda: load_config(path, overrides, systemd), Gateway, log, __version__)
     except FatalError as exc:
         log.error(str(exc))
         return 1

@@ -79,6 +79,44 @@ def test_socket_activation_serves_both_listeners(monkeypatch, start_gateway, bac
         socket.create_connection(gw.http, timeout=TIMEOUT).close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_socket_activation_takes_a_config_without_listen_addresses(monkeypatch, start_gateway, backends, workers):
+    """The listen lists are ignored under socket activation: empty ones start, and a reload says they are ignored."""
+    toml = routes_toml(backends, f"workers = {workers}", listen_http="", listen_https="")
+    plain = conftest.gateway_command
+    for attempt in range(2):  # another process may take the port between our probe and the bind: once more then
+        port = free_port()
+        command = [activator(), f"--listen=127.0.0.1:{port}", "--fdname=http"]
+        monkeypatch.setattr(conftest, "gateway_command", lambda c=command: [*c, *plain()])
+        first = FirstClient(("127.0.0.1", port))  # systemd-socket-activate starts the gateway on a connection
+        try:
+            gw = start_gateway(toml)
+            break
+        except AssertionError as exc:
+            if attempt or "Address already in use" not in str(exc):
+                raise
+        finally:
+            first.thread.join(TIMEOUT)
+    assert first.answer.endswith(b"alpha http a.example")
+    assert gw.listening == {"http": [("127.0.0.1", port)], "https": []}
+    gw.config.write_text(toml.replace("http_listen = []", f'http_listen = ["127.0.0.1:{free_port()}"]'))
+    gw.proc.send_signal(signal.SIGHUP)
+    reloaded = gw.wait_for(lambda line: line.get("message") == "config reloaded")
+    assert "ignored" not in reloaded  # no restart would apply it: systemd keeps passing its sockets
+    assert [line["message"] for line in gw.seen if line.get("key") == "http_listen"] == [
+        "http_listen is ignored: systemd passes the listening sockets (the .socket unit's ListenStream= sets them)"
+    ]
+    gw.config.write_text(toml)  # the program it upgrades to takes empty lists too: systemd's sockets go with it
+    pid = gw.proc.pid
+    gw.proc.send_signal(signal.SIGUSR2)
+    gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+    assert gw.wait_for(lambda line: line.get("message", "").startswith("listening on the sockets handed over"))[
+        "message"
+    ].endswith("systemd's: http_listen and https_listen are ignored")
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.stop() == 0
+
+
 class FirstClient:
     """A thread that connects as soon as the port listens, and keeps the answer to one request."""
 
