@@ -192,7 +192,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         log.info("listening for metrics", address=format_address(metrics_sock.getsockname()))
     upgrade = kiaupgrade.Upgrade(
         version,
-        load,
+        lambda: kiareload.load_in_child(load, cooperative=workers == 1),  # as a reload reads it: off the loop
         log,
         listeners,
         lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}"),
@@ -365,9 +365,12 @@ def serve(
     def upgrade_in_place() -> None:
         """A forked child keeps the open connections and drains them; this process becomes the new program."""
         nonlocal upgrading, metrics
-        if upgrading or stopping.is_set() or upgrade is None or not upgrade.ready():
+        if upgrading or stopping.is_set() or upgrade is None:
             return
-        upgrading = True
+        upgrading = True  # ready() waits on the loop for the loader child: a SIGUSR2 meanwhile must not upgrade too
+        if not upgrade.ready() or stopping.is_set():
+            upgrading = False
+            return
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         if gevent.os.fork_gevent():
             upgrade.hand_over()
