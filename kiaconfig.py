@@ -578,18 +578,22 @@ def _where(cfg: Config, key: str) -> str:
     return f"command line: {_name(cfg, key)}" if key in cfg.from_command_line else f"{cfg.source}: {_name(cfg, key)}"
 
 
-def check_serving(cfg: Config) -> list[str]:
+def check_serving(cfg: Config, sockets_given: bool = False) -> list[str]:
     """What start-up would refuse beyond the file's syntax, one line per problem; [] if it would start.
 
     Start-up, ``--check`` and reload all call it, so ``--check`` refuses what
     start-up refuses, except what depends on the moment (a port another process
-    holds, a missing privilege). It reads the user database and the file's
-    mode, and changes nothing.
+    holds, a missing privilege, the sockets systemd passes: ``sockets_given``,
+    when the listen lists are ignored and may be empty). It reads the user
+    database and the file's mode, and changes nothing.
     """
     s = cfg.settings
     errors = []
-    if not s.http_listen and not s.https_listen:
-        errors.append(f"{cfg.source}: [gateway] http_listen and https_listen are both empty: nothing to listen on")
+    if not s.http_listen and not s.https_listen and not sockets_given:
+        errors.append(
+            f"{cfg.source}: [gateway] http_listen and https_listen are both empty: nothing to listen on"
+            " (only a gateway started by systemd socket activation, which passes the sockets, may leave them so)"
+        )
     errors += _overlapping_listeners(cfg)
     if s.user:
         try:

@@ -63,6 +63,7 @@ import gevent.socket
 import kiaconfig
 import kiametrics
 import kiaprocess
+import kiaupgrade
 import proxyproto
 import relay
 import sniff
@@ -926,13 +927,14 @@ def parse_options(args: dict) -> dict[str, object]:
     return overrides
 
 
-def load_config(path: str, overrides: dict[str, object]) -> Config:
+def load_config(path: str, overrides: dict[str, object], sockets_given: bool = False) -> Config:
     """The file with the command line's settings over its [gateway] table, checked as start-up needs it.
 
     Start-up, --check and reload all come here, so --check refuses what start-up refuses.
+    ``sockets_given``: systemd passes the listeners, the listen lists may be empty.
     """
     cfg = kiaconfig.override(kiaconfig.load(path), overrides)
-    errors = kiaconfig.check_serving(cfg)
+    errors = kiaconfig.check_serving(cfg, sockets_given)
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -1037,9 +1039,15 @@ def _print_answer(text: str, status: int) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return _reader_left()
     return status
+
+
+def _reader_left() -> int:
+    """Exit status 1, quietly, for a reader that left early: stdout goes to /dev/null, so the flush at exit
+    fails no more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 1
 
 
 def _json(document: dict) -> str:
@@ -1061,11 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         return _bad_usage(str(exc))
     except SystemExit as exc:  # --help and --version print and exit
-        return 0 if exc.code in (None, 0) else 2
+        return _print_answer("", 0 if exc.code in (None, 0) else 2)  # what print() left in the buffer
+    except BrokenPipeError:  # --help or --version to a reader that left early (| head -1), as for --check
+        return _reader_left()
     path = args["CONFIG"] or "servers.toml"
     log = Log(overrides.get("log_format", "text"))
+    systemd = not (args["--check"] or name is not None) and kiaupgrade.sockets_from_systemd()
     try:
-        cfg = load_config(path, overrides)
+        cfg = load_config(path, overrides, systemd)
     except ConfigError as exc:
         for line in exc.errors:
             log.error(line)
@@ -1091,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
     log = Log(cfg.settings.log_format)
     log.setup()  # stderr opened again now: once run() drops privileges, it may no longer be ours to open
     try:
-        return kiaprocess.run(cfg, lambda: load_config(path, overrides), Gateway, log, __version__)
+        return kiaprocess.run(cfg, lambda: load_config(path, overrides, systemd), Gateway, log, __version__)
     except FatalError as exc:
         log.error(str(exc))
         return 1

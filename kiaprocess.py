@@ -158,6 +158,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     nofile = raise_nofile()  # before the first descriptor we open
     for warning in cfg.warnings:
         log.warning(warning)
+    systemd = kiaupgrade.sockets_from_systemd()  # asked first: inherited_listeners() removes what tells
     try:
         inherited = kiaupgrade.inherited_listeners()
     except kiaupgrade.ActivationError as exc:
@@ -168,7 +169,8 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         listeners = [("http", bind_listener(a)) for a in s.http_listen]
         listeners += [("https", bind_listener(a)) for a in s.https_listen]
     if not listeners:
-        raise FatalError("no listeners: http_listen and https_listen are both empty")
+        said = "LISTEN_FDS passed none" if inherited is not None else "http_listen and https_listen are both empty"
+        raise FatalError(f"no listeners: {said}")
     metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True)) if s.metrics_listen else None
     if s.user:
         drop_privileges(s.user)
@@ -182,14 +184,19 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         pid=os.getpid(),
         nofile=nofile,
     )
-    _say_where_listeners_come_from(log, version, inherited is not None)
+    _say_where_listeners_come_from(log, version, inherited is not None, systemd)
     check_nofile(log, s, nofile)
     for name, sock in listeners:
         log.info(f"listening for {name}", address=format_address(sock.getsockname()))
     if metrics_sock is not None:
         log.info("listening for metrics", address=format_address(metrics_sock.getsockname()))
     upgrade = kiaupgrade.Upgrade(
-        version, load, log, listeners, lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
+        version,
+        lambda: kiareload.load_in_child(load, cooperative=workers == 1),  # as a reload reads it: off the loop
+        log,
+        listeners,
+        lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}"),
+        systemd,
     )
     if workers == 1:
         exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
@@ -216,29 +223,35 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     )
 
 
-def _say_where_listeners_come_from(log: Log, version: str, inherited: bool) -> None:
+def _say_where_listeners_come_from(log: Log, version: str, inherited: bool, systemd: bool) -> None:
     """Log that the listen lists were ignored for handed-over sockets, and who handed them: an upgrade or systemd."""
     if not inherited:
         return
     old = kiaupgrade.upgraded_from()
     if old is not None:
         log.info(f"upgraded from kiagateway {old} to {version}", from_version=old, version=version, pid=os.getpid())
-        log.info("listening on the sockets handed over: a changed http_listen or https_listen needs a restart")
+        if systemd:
+            log.info("listening on the sockets handed over, systemd's: http_listen and https_listen are ignored")
+        else:
+            log.info("listening on the sockets handed over: a changed http_listen or https_listen needs a restart")
     else:
         log.info("socket activation: listening on the sockets passed in, http_listen and https_listen are ignored")
 
 
 # Used only at start-up.
 RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen", "watch_config")
+LISTEN_KEYS = ("http_listen", "https_listen")  # ignored even at start-up while systemd passes the sockets
 
 
-def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] | None:
+def _reload(load: Load, log: Log, running: Config, systemd: bool = False) -> tuple[Config, list[str]] | None:
     """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
 
     Run by the process systemd and the operator see: the only one, or the
     supervisor, which hands the result to its workers. What only start-up reads
     keeps its running value in the config returned, so that a change not
-    applied is reported again at every reload, never forgotten.
+    applied is reported again at every reload, never forgotten. With
+    ``systemd`` passing the sockets, a restart would not apply the listen
+    lists either: the warning says so instead.
     """
     sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
     try:
@@ -253,9 +266,15 @@ def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] |
         sd_notify("READY=1\nSTATUS=reload refused (no routes), running the previous config; see the log")
         return None
     old = running.settings
-    ignored = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
+    changed = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
+    ignored = [key for key in changed if not (systemd and key in LISTEN_KEYS)]
     for warning in new.warnings:
         log.warning(warning)
+    for key in (key for key in changed if key not in ignored):
+        log.warning(
+            f"{key} is ignored: systemd passes the listening sockets (the .socket unit's ListenStream= sets them)",
+            key=key,
+        )
     for key in ignored:
         log.warning(
             f"reload cannot change {key}: restart the gateway to apply it",
@@ -265,8 +284,8 @@ def _reload(load: Load, log: Log, running: Config) -> tuple[Config, list[str]] |
         )
     if new.settings.max_connections != old.max_connections:
         check_nofile(log, new.settings, raise_nofile())
-    if ignored:
-        kept = {key: getattr(old, key) for key in ignored}
+    if changed:
+        kept = {key: getattr(old, key) for key in changed}
         new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
     return new, ignored
 
@@ -325,7 +344,9 @@ def serve(
     def reload() -> None:
         nonlocal running
         with reloading:
-            reloaded = _reload(lambda: kiareload.load_in_child(load), log, running)
+            reloaded = _reload(
+                lambda: kiareload.load_in_child(load), log, running, upgrade is not None and upgrade.systemd
+            )
             if metrics is not None:
                 metrics.reloaded(reloaded is not None)
             if reloaded is not None:
@@ -344,9 +365,12 @@ def serve(
     def upgrade_in_place() -> None:
         """A forked child keeps the open connections and drains them; this process becomes the new program."""
         nonlocal upgrading, metrics
-        if upgrading or stopping.is_set() or upgrade is None or not upgrade.ready():
+        if upgrading or stopping.is_set() or upgrade is None:
             return
-        upgrading = True
+        upgrading = True  # ready() waits on the loop for the loader child: a SIGUSR2 meanwhile must not upgrade too
+        if not upgrade.ready() or stopping.is_set():
+            upgrading = False
+            return
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         if gevent.os.fork_gevent():
             upgrade.hand_over()
@@ -598,7 +622,8 @@ def supervise(
                     if metrics is not None:
                         metrics.gone(child.worker, restarting=not stopping)
             elif signum == signal.SIGHUP:
-                reloaded = _reload(lambda: kiareload.load_in_child(load, cooperative=False), log, cfg)
+                systemd = upgrade is not None and upgrade.systemd
+                reloaded = _reload(lambda: kiareload.load_in_child(load, cooperative=False), log, cfg, systemd)
                 if metrics is not None:
                     metrics.reloaded(reloaded is not None)
                 if reloaded is not None:

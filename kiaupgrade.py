@@ -24,6 +24,7 @@ from kiaconfig import Config, ConfigError
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
 LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
+SYSTEMD_SOCKETS = "KIAGATEWAY_SYSTEMD_SOCKETS"  # set by an upgrade whose sockets came from systemd: they still do
 # The signals the new program handles: held (blocked) across exec, delivered once its handlers are in place,
 # so that a SIGTERM sent while it starts is a graceful stop and not the default death.
 HELD_SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -40,6 +41,7 @@ def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
     so that no child takes them for its own; descriptors meant for another
     process (``LISTEN_PID`` not ours) are left alone.
     """
+    os.environ.pop(SYSTEMD_SOCKETS, None)  # read before, by sockets_from_systemd()
     pid = os.environ.pop("LISTEN_PID", None)
     count = os.environ.pop("LISTEN_FDS", None)
     names = os.environ.pop("LISTEN_FDNAMES", None)
@@ -74,6 +76,18 @@ def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
         sock.set_inheritable(False)  # workers are forked, not executed: only an upgrade hands it on, on purpose
         listeners.append((name, sock))
     return listeners
+
+
+def sockets_from_systemd() -> bool:
+    """True if systemd hands this process its listeners, itself or through the upgrades in place since.
+
+    Then the listen lists of the config are ignored, now and at every restart
+    (systemd keeps the sockets): a config may leave both empty. To be asked
+    before ``inherited_listeners``, which removes the variables.
+    """
+    if os.environ.get("LISTEN_PID", "").strip() != str(os.getpid()) or "LISTEN_FDS" not in os.environ:
+        return False
+    return UPGRADED_FROM not in os.environ or os.environ.get(SYSTEMD_SOCKETS) == "1"
 
 
 def upgraded_from() -> str | None:
@@ -137,12 +151,14 @@ class Upgrade:
         log: _Log,
         listeners: list[tuple[str, socket.socket]],
         reloading: Callable[[], None],
+        systemd: bool = False,
     ) -> None:
         self.version = version
         self.load = load
         self.log = log
         self.listeners = listeners
         self.reloading = reloading  # tells systemd that a reload has begun; the new program's READY=1 ends it
+        self.systemd = systemd  # the listeners came from systemd: the listen lists are ignored (sockets_from_systemd)
 
     def ready(self) -> bool:
         """True if the new program can start: its config reads well and the program is there; else say why."""
@@ -176,6 +192,7 @@ class Upgrade:
             LISTEN_PID=str(os.getpid()),  # exec keeps the PID
             LISTEN_FDNAMES=":".join(name for name, _ in self.listeners),
             **{UPGRADED_FROM: self.version},
+            **({SYSTEMD_SOCKETS: "1"} if self.systemd else {}),
         )
         try:
             move_to_start([sock.fileno() for _, sock in self.listeners])

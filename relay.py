@@ -438,9 +438,18 @@ class Relay:
         self.down = _Direction(self, self.backend, self.client, False)
         self.open_directions = 2  # directions not finished yet
         self.timer = self.loop.timer(idle_timeout / IDLE_LOOKS)
-        self.timer.start(self.on_timer)
-        self.up.start()
-        self.down.start()
+        try:
+            self.timer.start(self.on_timer)
+            self.up.start()
+            self.down.start()
+        except BaseException:
+            # Undone before the caller closes the sockets: libev aborts the whole process
+            # when it meets a started io watcher whose descriptor was closed (epoll_ctl: EBADF).
+            self.timer.close()
+            self.timer = None  # ended: a later abort() or _end() does nothing
+            self.up.close()
+            self.down.close()
+            raise
 
     def touch(self) -> None:
         self.last_activity = _now()

@@ -265,7 +265,12 @@ def test_listeners_that_do_not_overlap(http, https):
 
 def test_no_listeners_at_all_is_refused():
     errors = serving_errors({"http_listen": [], "https_listen": []})
-    assert errors == ["servers.toml: [gateway] http_listen and https_listen are both empty: nothing to listen on"]
+    assert errors == [
+        "servers.toml: [gateway] http_listen and https_listen are both empty: nothing to listen on"
+        " (only a gateway started by systemd socket activation, which passes the sockets, may leave them so)"
+    ]
+    cfg = validate({"gateway": {"http_listen": [], "https_listen": []}})
+    assert kiaconfig.check_serving(cfg, sockets_given=True) == []  # systemd passes them: the lists are ignored
 
 
 def test_command_line_values_are_named_as_options():

@@ -19,6 +19,7 @@ from conftest import TIMEOUT, read_all, routes_toml
 from test_drain import read_until_cut
 from test_kiaprocess import children
 from test_relay import HEAD, RawBackend, recv_exactly
+from test_reload import ADDED_LATENCY, RELOAD_TIMEOUT, big_toml
 from test_routing import tls_get
 
 REQUEST = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
@@ -77,6 +78,44 @@ def test_socket_activation_serves_both_listeners(monkeypatch, start_gateway, bac
     assert gw.stop() == 0
     with pytest.raises(ConnectionRefusedError):  # the listeners were ours alone, and are closed
         socket.create_connection(gw.http, timeout=TIMEOUT).close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_socket_activation_takes_a_config_without_listen_addresses(monkeypatch, start_gateway, backends, workers):
+    """The listen lists are ignored under socket activation: empty ones start, and a reload says they are ignored."""
+    toml = routes_toml(backends, f"workers = {workers}", listen_http="", listen_https="")
+    plain = conftest.gateway_command
+    for attempt in range(2):  # another process may take the port between our probe and the bind: once more then
+        port = free_port()
+        command = [activator(), f"--listen=127.0.0.1:{port}", "--fdname=http"]
+        monkeypatch.setattr(conftest, "gateway_command", lambda c=command: [*c, *plain()])
+        first = FirstClient(("127.0.0.1", port))  # systemd-socket-activate starts the gateway on a connection
+        try:
+            gw = start_gateway(toml)
+            break
+        except AssertionError as exc:
+            if attempt or "Address already in use" not in str(exc):
+                raise
+        finally:
+            first.thread.join(TIMEOUT)
+    assert first.answer.endswith(b"alpha http a.example")
+    assert gw.listening == {"http": [("127.0.0.1", port)], "https": []}
+    gw.config.write_text(toml.replace("http_listen = []", f'http_listen = ["127.0.0.1:{free_port()}"]'))
+    gw.proc.send_signal(signal.SIGHUP)
+    reloaded = gw.wait_for(lambda line: line.get("message") == "config reloaded")
+    assert "ignored" not in reloaded  # no restart would apply it: systemd keeps passing its sockets
+    assert [line["message"] for line in gw.seen if line.get("key") == "http_listen"] == [
+        "http_listen is ignored: systemd passes the listening sockets (the .socket unit's ListenStream= sets them)"
+    ]
+    gw.config.write_text(toml)  # the program it upgrades to takes empty lists too: systemd's sockets go with it
+    pid = gw.proc.pid
+    gw.proc.send_signal(signal.SIGUSR2)
+    gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+    assert gw.wait_for(lambda line: line.get("message", "").startswith("listening on the sockets handed over"))[
+        "message"
+    ].endswith("systemd's: http_listen and https_listen are ignored")
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.stop() == 0
 
 
 class FirstClient:
@@ -265,6 +304,44 @@ def test_upgrade_with_a_bad_config_is_aborted_and_the_old_program_serves_on(star
     assert ask(gw.http).endswith(b"alpha http a.example")
     assert len(started_with(gw, gw.proc.pid)) == 1
     assert gw.stop() == 0
+
+
+def test_the_upgrade_reads_a_big_config_without_stalling_connections(tmp_path, backends):
+    """The upgrade's check reads the file in a child (kiareload), as a reload does: the loop serves meanwhile."""
+    gw = conftest.Gateway(tmp_path, big_toml(backends, "workers = 1"))
+    timings: list[tuple[float, float]] = []  # (start, end) of each request
+    done = threading.Event()
+
+    def client() -> None:
+        deadline = time.monotonic() + RELOAD_TIMEOUT + TIMEOUT
+        while not done.is_set() and time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                ask(gw.http)
+            except OSError:
+                pass
+            timings.append((start, time.monotonic()))
+
+    thread = threading.Thread(target=client, daemon=True)
+    try:
+        thread.start()
+        deadline = time.monotonic() + TIMEOUT
+        while len(timings) < 50 and time.monotonic() < deadline:  # a baseline under the same load
+            time.sleep(0.01)
+        baseline = max(end - start for start, end in timings)
+        sent = time.monotonic()
+        gw.proc.send_signal(signal.SIGUSR2)
+        gw.wait_for(lambda line: line.get("message", "").startswith("upgrading"), RELOAD_TIMEOUT)
+        handed_over = time.monotonic()  # the new program then reads the file before it serves: not measured
+        done.set()
+        thread.join(TIMEOUT)
+        during = [end - start for start, end in timings if start >= sent and end <= handed_over]
+        assert during, "no request ran while the upgrade checked the config"
+        assert max(during) < baseline + ADDED_LATENCY, (max(during), baseline, len(during))
+        gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, gw.proc.pid)) == 2, 60)
+    finally:
+        done.set()
+        gw.stop()
 
 
 def test_upgrade_resets_old_relays_still_open_when_drain_timeout_ends(start_gateway):

@@ -289,3 +289,12 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path, args):
     proc.stdout.close()  # no reader left: the first write fails with EPIPE
     _, err = proc.communicate(timeout=TIMEOUT * 2)
     assert (proc.returncode, err) == (1, b"")
+
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_and_version_to_a_reader_that_leaves_early_get_no_traceback(option):
+    """``kiagateway --help | head -1``: as for --check, the closed pipe ends the answer quietly, exit 1."""
+    proc = subprocess.Popen([*gateway_command(), option], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # no reader left: the first write fails with EPIPE
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert (proc.returncode, err.decode()) == (1, "")
