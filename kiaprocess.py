@@ -346,7 +346,10 @@ def serve(
         nonlocal upgrading, metrics
         if upgrading or stopping.is_set() or upgrade is None or not upgrade.ready():
             return
-        upgrading = True
+        upgrading = True  # while the new program checks itself, on the loop: a second SIGUSR2 waits for nothing
+        if not upgrade.starts() or stopping.is_set():
+            upgrading = False
+            return
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         if gevent.os.fork_gevent():
             upgrade.hand_over()
@@ -582,7 +585,7 @@ def supervise(
                         child.hand(_LENGTH.pack(len(body)) + body)
                     _reloaded(log, cfg, ignored, True, workers=len(children))
             elif signum == signal.SIGUSR2:
-                if upgrade is not None and not stopping and upgrade.ready():
+                if upgrade is not None and not stopping and upgrade.ready() and upgrade.starts(cooperative=False):
                     _stop_for_upgrade(children, log)
                     upgrade.hand_over()  # the new supervisor inherits the listeners and these workers
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we

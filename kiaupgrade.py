@@ -16,14 +16,19 @@ import fcntl
 import os
 import signal
 import socket
+import subprocess
 import sys
 from typing import Callable, NoReturn, Protocol
 
+import kiareload
 from kiaconfig import Config, ConfigError
 
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
 LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
+# Seconds the new program gets to check itself (--check) before an upgrade: it takes 1-2 s on a busy machine
+# (interpreter, imports, a big table); one that has not ended by then would not start either.
+CHECK_TIMEOUT = 30.0
 # The signals the new program handles: held (blocked) across exec, delivered once its handlers are in place,
 # so that a SIGTERM sent while it starts is a graceful stop and not the default death.
 HELD_SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -92,6 +97,42 @@ def command() -> list[str]:
     return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])  # orig_argv: Python 3.10+
 
 
+def check_command() -> list[str]:
+    """The command the upgrade would run with ``--check`` first among the arguments: the new program checking itself.
+
+    First, so that it comes before any ``--`` and never after CONFIG, and the
+    usage line takes it with whatever options the program was started with.
+    """
+    argv = command()
+    arguments = sys.argv[1:]
+    return [sys.executable, *argv[1 : len(argv) - len(arguments)], "--check", *arguments]
+
+
+def new_program_fails() -> str | None:
+    """Run the new program with ``--check``: why it cannot start (the last line it printed), or None if it can.
+
+    What loads the old code's modules cannot see an ImportError after a
+    partial ``pip install -U`` nor a key only the old code accepts; the new
+    program itself can. Blocks: see Upgrade.starts.
+    """
+    try:
+        done = subprocess.run(
+            check_command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=CHECK_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return f"the new program's --check did not end within {CHECK_TIMEOUT:g} s"
+    except OSError as exc:
+        return f"cannot run the new program: {exc.strerror}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else f"its --check ended with exit status {done.returncode} and no word"
+
+
 def cannot_run() -> str | None:
     """Why the program would fail to start, if it can be seen before trying; None if it looks runnable."""
     if not os.access(sys.executable, os.X_OK):
@@ -155,6 +196,31 @@ class Upgrade:
         problem = cannot_run() or cannot_become(new.settings.user)
         if problem:
             self.log.error(f"upgrade aborted, the running program goes on: {problem}")
+            return False
+        return True
+
+    def starts(self, cooperative: bool = True) -> bool:
+        """True if the new program, run with ``--check``, accepts the config; else log why, in its own words.
+
+        Run before anything is handed over or told to stop. The check runs in a
+        child (kiareload.load_in_child): a process with an event loop
+        (``cooperative``) keeps serving meanwhile, and the child collects the
+        check's exit status itself, which this process's reaper of orphans
+        would otherwise take. The supervisor, which has no loop, blocks.
+        """
+
+        def check() -> Config:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited reaper would take the check's status
+            problem = new_program_fails()
+            if problem:
+                raise ConfigError([f"the new program cannot start: {problem}"])
+            return self.load()
+
+        try:
+            kiareload.load_in_child(check, cooperative)
+        except ConfigError as exc:
+            for line in exc.errors:
+                self.log.error(f"upgrade aborted, the running program goes on: {line}")
             return False
         return True
 

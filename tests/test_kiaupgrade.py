@@ -327,3 +327,26 @@ def test_upgrade_tells_systemd_reloading_then_ready_and_only_the_main_process_sp
         gw.proc.send_signal(signal.SIGTERM)
         assert notify.recv(256) == b"STOPPING=1"  # the first word since: the old program stopped without a word
         assert gw.proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_into_a_program_that_cannot_start_is_aborted_and_the_old_program_serves_on(
+    start_gateway, backends, tmp_path, workers
+):
+    """A partial ``pip install -U`` (an ImportError at start-up): the upgrade checks the new program itself first."""
+    site = tmp_path / "site"  # on the gateway's path from the start, empty until the "upgrade" is installed
+    site.mkdir()
+    gw = start_gateway(routes_toml(backends, extra_gateway=f"workers = {workers}"), env={"PYTHONPATH": str(site)})
+    pid = gw.proc.pid
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    # Only a program started from now on imports it: the running one read its site modules at start-up.
+    (site / "sitecustomize.py").write_text('import sys\nsys.modules["kiaconfig"] = None  # a module gone\n')
+    gw.proc.send_signal(signal.SIGUSR2)
+    aborted = gw.wait_for(lambda line: line.get("message", "").startswith("upgrade aborted"))
+    assert "kiaconfig" in aborted["message"]  # the new program's own complaint, its last line
+    for _ in range(2 * workers):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.proc.poll() is None
+    assert len(started_with(gw, pid)) == 1
+    assert not [line for line in gw.seen if "drain" in line.get("message", "")]  # no worker was told to stop
+    assert gw.stop() == 0
