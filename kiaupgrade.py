@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 from typing import Callable, NoReturn, Protocol
 
 import kiareload
@@ -26,6 +27,7 @@ from kiaconfig import Config, ConfigError
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
 LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
+DRAINING = "KIAGATEWAY_DRAINING"  # set likewise: the PIDs of its processes still draining, comma-separated
 # Seconds the new program gets to check itself (--check) before an upgrade: it takes 1-2 s on a busy machine
 # (interpreter, imports, a big table); one that has not ended by then would not start either.
 CHECK_TIMEOUT = 30.0
@@ -84,6 +86,11 @@ def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
 def upgraded_from() -> str | None:
     """The version of the program that upgraded into this one, if one did; the variable goes with it."""
     return os.environ.pop(UPGRADED_FROM, None)
+
+
+def previous_generation() -> set[int]:
+    """The PIDs of the old program's processes still draining when it upgraded into this one; the variable goes."""
+    return {int(word) for word in os.environ.pop(DRAINING, "").split(",") if word.isdigit()}
 
 
 def command() -> list[str]:
@@ -184,6 +191,7 @@ class Upgrade:
         self.log = log
         self.listeners = listeners
         self.reloading = reloading  # tells systemd that a reload has begun; the new program's READY=1 ends it
+        self.previous = previous_generation()  # the old program's processes still draining: a stop waits for them
 
     def ready(self) -> bool:
         """True if the new program can start: its config reads well and the program is there; else say why."""
@@ -224,12 +232,13 @@ class Upgrade:
             return False
         return True
 
-    def hand_over(self) -> NoReturn:
+    def hand_over(self, draining: Iterable[int] = ()) -> NoReturn:
         """Exec the program afresh in this process, the listeners at descriptors 3 and up. Never returns.
 
         A failure of exec itself leaves this process half-way (the descriptors
         moved, the connections handed off): it logs and exits 1, for the
-        service manager to start the gateway again.
+        service manager to start the gateway again. ``draining``: the PIDs of
+        the old program's processes, which the new one waits for when it stops.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         argv = command()
@@ -241,7 +250,10 @@ class Upgrade:
             LISTEN_FDS=str(len(self.listeners)),
             LISTEN_PID=str(os.getpid()),  # exec keeps the PID
             LISTEN_FDNAMES=":".join(name for name, _ in self.listeners),
-            **{UPGRADED_FROM: self.version},
+            **{
+                UPGRADED_FROM: self.version,
+                DRAINING: ",".join(map(str, draining)),
+            },
         )
         try:
             move_to_start([sock.fileno() for _, sock in self.listeners])
