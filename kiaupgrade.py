@@ -28,6 +28,7 @@ LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the 
 LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
 DRAINING = "KIAGATEWAY_DRAINING"  # set likewise: the PIDs of its processes still draining, comma-separated
+GENERATION = "KIAGATEWAY_GENERATION"  # set likewise: how many upgrades in place this PID has been through
 # Seconds the new program gets to check itself (--check) before an upgrade: it takes 1-2 s on a busy machine
 # (interpreter, imports, a big table); one that has not ended by then would not start either.
 CHECK_TIMEOUT = 30.0
@@ -91,6 +92,15 @@ def upgraded_from() -> str | None:
 def previous_generation() -> set[int]:
     """The PIDs of the old program's processes still draining when it upgraded into this one; the variable goes."""
     return {int(word) for word in os.environ.pop(DRAINING, "").split(",") if word.isdigit()}
+
+
+def generation() -> int:
+    """How many upgrades in place this process has been through: 0 for a program started afresh.
+
+    Left in the environment (unlike the variables above), for the workers to read.
+    """
+    text = os.environ.get(GENERATION, "")
+    return int(text) if text.isdigit() else 0
 
 
 def command() -> list[str]:
@@ -253,6 +263,7 @@ class Upgrade:
             **{
                 UPGRADED_FROM: self.version,
                 DRAINING: ",".join(map(str, draining)),
+                GENERATION: str(generation() + 1),
             },
         )
         try:

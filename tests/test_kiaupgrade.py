@@ -406,3 +406,25 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_connection_ids_stay_unique_across_an_upgrade(start_gateway, backends):
+    """The upgrade keeps the PID, which ids start with: the new program must not count from 1 again under it."""
+    gw = start_gateway(routes_toml(backends, listen_https=""))
+    pid = gw.proc.pid
+
+    def ids() -> list[str]:
+        return [line["id"] for line in gw.seen if line.get("message") == "connection"]
+
+    for _ in range(2):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    gw.wait_for(lambda _: len(ids()) == 2)
+    gw.proc.send_signal(signal.SIGUSR2)
+    gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+    for _ in range(2):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    gw.wait_for(lambda _: len(ids()) == 4)
+    before, after = ids()[:2], ids()[2:]
+    assert not set(before) & set(after), f"ids {before} then {after}"
+    assert all(i.startswith(f"{pid}.") for i in before) and all(i.startswith(str(pid)) for i in after)
+    assert gw.stop() == 0
