@@ -247,7 +247,9 @@ class Gateway:
         self.paused = False  # accepting stopped at max_connections
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
-        self._id_prefix = f"{os.getpid()}."  # unique across respawned workers and restarts
+        # Unique across respawned workers and restarts; an upgrade in place keeps the PID, so it adds its count.
+        upgrades = kiaupgrade.generation()
+        self._id_prefix = f"{os.getpid()}-{upgrades}." if upgrades else f"{os.getpid()}."
         self._idle: list = []  # connection greenlets parked between connections
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering

@@ -19,6 +19,7 @@ import socket
 import struct
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Callable, Protocol
 
 import gevent
@@ -364,16 +365,20 @@ def serve(
 
     def upgrade_in_place() -> None:
         """A forked child keeps the open connections and drains them; this process becomes the new program."""
-        nonlocal upgrading, metrics
+        nonlocal upgrading, metrics, upgrade
         if upgrading or stopping.is_set() or upgrade is None:
             return
-        upgrading = True  # ready() waits on the loop for the loader child: a SIGUSR2 meanwhile must not upgrade too
-        if not upgrade.ready() or stopping.is_set():
+        upgrading = (
+            True  # ready() and starts() wait on the loop for their children: a SIGUSR2 meanwhile waits for nothing
+        )
+        if not upgrade.ready() or stopping.is_set() or not upgrade.starts() or stopping.is_set():
             upgrading = False
             return
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
-        if gevent.os.fork_gevent():
-            upgrade.hand_over()
+        child = gevent.os.fork_gevent()
+        if child:
+            upgrade.hand_over([child, *_still_running(upgrade.previous)])
+        upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
         if metrics is not None:  # the new program binds metrics_listen again: let go of it
             metrics.close()
             metrics = None
@@ -412,7 +417,13 @@ def serve(
         sd_notify("STOPPING=1")
     if metrics is not None:
         metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
+    previous = _stop_previous(upgrade.previous) if upgrade is not None else set()
+    until = time.monotonic() + running.settings.drain_timeout + PREVIOUS_MARGIN
     gateway.stop(running.settings.drain_timeout, **fields)
+    while previous and time.monotonic() < until:  # the old program's drain, forked before an upgrade: it is ours
+        gevent.sleep(PREVIOUS_POLL)
+        previous = _still_running(previous)
+    _left_running(log, previous)
     if metrics is not None:
         metrics.close()
     log.info("stopped", **fields)
@@ -420,6 +431,10 @@ def serve(
 
 
 _SUPERVISED = kiaupgrade.HELD_SIGNALS  # SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR2
+# Seconds a stop waits for the old program's processes beyond drain_timeout: their drain began at the upgrade,
+# so it ends sooner; this covers resetting what is left, logging it and exiting on a loaded machine.
+PREVIOUS_MARGIN = 5.0
+PREVIOUS_POLL = 0.05  # seconds between looks at whether the old program's drain has ended (no SIGCHLD wait on a loop)
 RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
 
 
@@ -554,6 +569,8 @@ def supervise(
     """
     signals = _SignalPipe(_SUPERVISED)
     children: dict[int, _Child] = {}  # by pid
+    previous = upgrade.previous if upgrade is not None else set()  # the old program's workers, draining
+    previous_until = 0.0  # when a stop gives up waiting for them
     respawn: dict[int, float] = {}  # worker number -> when to start it again
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # held across an upgrade's exec until now
     _reap(children, respawn, log, False)  # the old program's workers that ended meanwhile
@@ -600,8 +617,9 @@ def supervise(
     log.info("ready", workers=count)
     stopping = False
     watch = kiareload.Poll(cfg.source) if cfg.settings.watch_config else None  # no event loop here: os.stat polls
-    while children or (respawn and not stopping):
+    while children or (respawn and not stopping) or (previous and stopping):
         due = [*respawn.values(), *([watch.due()] if watch and not stopping else [])]
+        due += [previous_until] if previous and stopping else []
         timeout = max(0.0, min(due) - time.monotonic()) if due else None
         sending = {child.lifeline: child for child in children.values() if child.sending}
         readers, writers = ([], []) if metrics is None else metrics.wanted()
@@ -633,9 +651,10 @@ def supervise(
                         child.hand(_LENGTH.pack(len(body)) + body)
                     _reloaded(log, cfg, ignored, True, workers=len(children))
             elif signum == signal.SIGUSR2:
-                if upgrade is not None and not stopping and upgrade.ready():
+                if upgrade is not None and not stopping and upgrade.ready() and upgrade.starts(cooperative=False):
                     _stop_for_upgrade(children, log)
-                    upgrade.hand_over()  # the new supervisor inherits the listeners and these workers
+                    # The new supervisor inherits the listeners and these workers, and waits for them at its stop.
+                    upgrade.hand_over([*children, *_still_running(previous)])
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True
                 respawn.clear()
@@ -646,10 +665,17 @@ def supervise(
                     metrics.drain()  # /healthz answers 503 until the last worker is done
                 log.info("stopping workers", workers=len(children))
                 _signal_all(children, signal.SIGTERM)
+                previous = _stop_previous(previous)
+                previous_until = time.monotonic() + cfg.settings.drain_timeout + PREVIOUS_MARGIN
         for worker, due in list(respawn.items()):
             if not stopping and due <= time.monotonic():
                 del respawn[worker]
                 start(worker)
+        if previous:  # those that ended are collected (by _reap, or here), and forgotten before their PID is reused
+            previous = _still_running(previous)
+            if previous and stopping and time.monotonic() >= previous_until:
+                _left_running(log, previous)
+                previous = set()
     signals.close()
     if metrics is not None:
         metrics.close()
@@ -665,6 +691,36 @@ def _stop_for_upgrade(children: dict[int, _Child], log: Log) -> None:
         if child.sending:  # a config is half out and the pipe full: the signal says it, if less quietly
             _signal_all({pid: child}, signal.SIGTERM)
     log.info("old workers draining for the upgrade", workers=len(children))
+
+
+def _still_running(pids: set[int]) -> set[int]:
+    """Those of ``pids``, children of this process, that have not ended; those that have are collected."""
+    running = set()
+    for pid in pids:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                running.add(pid)
+        except ChildProcessError:  # collected already, by a reaper of this process
+            pass
+    return running
+
+
+def _stop_previous(pids: set[int]) -> set[int]:
+    """Tell the old program's processes still running to stop (they drain already: a second word does no harm).
+
+    Those still running: a PID collected may belong to a stranger by now.
+    """
+    running = _still_running(pids)
+    _signal_all(running, signal.SIGTERM)
+    return running
+
+
+def _left_running(log: Log, pids: set[int]) -> None:
+    """Say that the stop gave up waiting for the old program's processes: the service manager may kill them."""
+    if pids:
+        log.warning(
+            "the old program's processes still run past drain_timeout; exiting", pids=",".join(map(str, sorted(pids)))
+        )
 
 
 def _file_changed(log: Log, path: str) -> None:
@@ -737,7 +793,7 @@ def _reap_orphans(signum: int = 0, frame: object = None) -> None:
         pass
 
 
-def _signal_all(children: dict[int, _Child], signum: int) -> None:
+def _signal_all(children: Iterable[int], signum: int) -> None:
     for pid in children:
         try:
             os.kill(pid, signum)

@@ -16,15 +16,23 @@ import fcntl
 import os
 import signal
 import socket
+import subprocess
 import sys
+from collections.abc import Iterable
 from typing import Callable, NoReturn, Protocol
 
+import kiareload
 from kiaconfig import Config, ConfigError
 
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
 LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
 SYSTEMD_SOCKETS = "KIAGATEWAY_SYSTEMD_SOCKETS"  # set by an upgrade whose sockets came from systemd: they still do
+DRAINING = "KIAGATEWAY_DRAINING"  # set likewise: the PIDs of its processes still draining, comma-separated
+GENERATION = "KIAGATEWAY_GENERATION"  # set likewise: how many upgrades in place this PID has been through
+# Seconds the new program gets to check itself (--check) before an upgrade: it takes 1-2 s on a busy machine
+# (interpreter, imports, a big table); one that has not ended by then would not start either.
+CHECK_TIMEOUT = 30.0
 # The signals the new program handles: held (blocked) across exec, delivered once its handlers are in place,
 # so that a SIGTERM sent while it starts is a graceful stop and not the default death.
 HELD_SIGNALS = (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
@@ -95,6 +103,20 @@ def upgraded_from() -> str | None:
     return os.environ.pop(UPGRADED_FROM, None)
 
 
+def previous_generation() -> set[int]:
+    """The PIDs of the old program's processes still draining when it upgraded into this one; the variable goes."""
+    return {int(word) for word in os.environ.pop(DRAINING, "").split(",") if word.isdigit()}
+
+
+def generation() -> int:
+    """How many upgrades in place this process has been through: 0 for a program started afresh.
+
+    Left in the environment (unlike the variables above), for the workers to read.
+    """
+    text = os.environ.get(GENERATION, "")
+    return int(text) if text.isdigit() else 0
+
+
 def command() -> list[str]:
     """The command line this process started with: interpreter options, the script (or -m), the arguments.
 
@@ -104,6 +126,42 @@ def command() -> list[str]:
     check) see the same line as before.
     """
     return list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])  # orig_argv: Python 3.10+
+
+
+def check_command() -> list[str]:
+    """The command the upgrade would run with ``--check`` first among the arguments: the new program checking itself.
+
+    First, so that it comes before any ``--`` and never after CONFIG, and the
+    usage line takes it with whatever options the program was started with.
+    """
+    argv = command()
+    arguments = sys.argv[1:]
+    return [sys.executable, *argv[1 : len(argv) - len(arguments)], "--check", *arguments]
+
+
+def new_program_fails() -> str | None:
+    """Run the new program with ``--check``: why it cannot start (the last line it printed), or None if it can.
+
+    What loads the old code's modules cannot see an ImportError after a
+    partial ``pip install -U`` nor a key only the old code accepts; the new
+    program itself can. Blocks: see Upgrade.starts.
+    """
+    try:
+        done = subprocess.run(
+            check_command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=CHECK_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        return f"the new program's --check did not end within {CHECK_TIMEOUT:g} s"
+    except OSError as exc:
+        return f"cannot run the new program: {exc.strerror}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+    return lines[-1] if lines else f"its --check ended with exit status {done.returncode} and no word"
 
 
 def cannot_run() -> str | None:
@@ -159,6 +217,7 @@ class Upgrade:
         self.listeners = listeners
         self.reloading = reloading  # tells systemd that a reload has begun; the new program's READY=1 ends it
         self.systemd = systemd  # the listeners came from systemd: the listen lists are ignored (sockets_from_systemd)
+        self.previous = previous_generation()  # the old program's processes still draining: a stop waits for them
 
     def ready(self) -> bool:
         """True if the new program can start: its config reads well and the program is there; else say why."""
@@ -174,12 +233,38 @@ class Upgrade:
             return False
         return True
 
-    def hand_over(self) -> NoReturn:
+    def starts(self, cooperative: bool = True) -> bool:
+        """True if the new program, run with ``--check``, accepts the config; else log why, in its own words.
+
+        Run before anything is handed over or told to stop. The check runs in a
+        child (kiareload.load_in_child): a process with an event loop
+        (``cooperative``) keeps serving meanwhile, and the child collects the
+        check's exit status itself, which this process's reaper of orphans
+        would otherwise take. The supervisor, which has no loop, blocks.
+        """
+
+        def check() -> Config:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited reaper would take the check's status
+            problem = new_program_fails()
+            if problem:
+                raise ConfigError([f"the new program cannot start: {problem}"])
+            return self.load()
+
+        try:
+            kiareload.load_in_child(check, cooperative)
+        except ConfigError as exc:
+            for line in exc.errors:
+                self.log.error(f"upgrade aborted, the running program goes on: {line}")
+            return False
+        return True
+
+    def hand_over(self, draining: Iterable[int] = ()) -> NoReturn:
         """Exec the program afresh in this process, the listeners at descriptors 3 and up. Never returns.
 
         A failure of exec itself leaves this process half-way (the descriptors
         moved, the connections handed off): it logs and exits 1, for the
-        service manager to start the gateway again.
+        service manager to start the gateway again. ``draining``: the PIDs of
+        the old program's processes, which the new one waits for when it stops.
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         argv = command()
@@ -191,7 +276,11 @@ class Upgrade:
             LISTEN_FDS=str(len(self.listeners)),
             LISTEN_PID=str(os.getpid()),  # exec keeps the PID
             LISTEN_FDNAMES=":".join(name for name, _ in self.listeners),
-            **{UPGRADED_FROM: self.version},
+            **{
+                UPGRADED_FROM: self.version,
+                DRAINING: ",".join(map(str, draining)),
+                GENERATION: str(generation() + 1),
+            },
             **({SYSTEMD_SOCKETS: "1"} if self.systemd else {}),
         )
         try:

@@ -404,3 +404,104 @@ def test_upgrade_tells_systemd_reloading_then_ready_and_only_the_main_process_sp
         gw.proc.send_signal(signal.SIGTERM)
         assert notify.recv(256) == b"STOPPING=1"  # the first word since: the old program stopped without a word
         assert gw.proc.wait(TIMEOUT) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_into_a_program_that_cannot_start_is_aborted_and_the_old_program_serves_on(
+    start_gateway, backends, tmp_path, workers
+):
+    """A partial ``pip install -U`` (an ImportError at start-up): the upgrade checks the new program itself first."""
+    site = tmp_path / "site"  # on the gateway's path from the start, empty until the "upgrade" is installed
+    site.mkdir()
+    gw = start_gateway(routes_toml(backends, extra_gateway=f"workers = {workers}"), env={"PYTHONPATH": str(site)})
+    pid = gw.proc.pid
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    # Only a program started from now on imports it: the running one read its site modules at start-up.
+    (site / "sitecustomize.py").write_text('import sys\nsys.modules["kiaconfig"] = None  # a module gone\n')
+    gw.proc.send_signal(signal.SIGUSR2)
+    aborted = gw.wait_for(lambda line: line.get("message", "").startswith("upgrade aborted"))
+    assert "kiaconfig" in aborted["message"]  # the new program's own complaint, its last line
+    for _ in range(2 * workers):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.proc.poll() is None
+    assert len(started_with(gw, pid)) == 1
+    assert not [line for line in gw.seen if "drain" in line.get("message", "")]  # no worker was told to stop
+    assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stop_after_an_upgrade_waits_for_the_old_program_to_drain(start_gateway, workers):
+    """The main process outlives the old generation: else systemd (KillMode=mixed) kills it mid-drain, with a FIN."""
+    streaming = threading.Event()
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        try:
+            while not streaming.wait(0.05):  # a download with no end: only the drain's reset ends it
+                conn.sendall(b"." * 100)
+        except OSError:
+            pass
+
+    be = RawBackend(backend)
+    gw = start_gateway(
+        '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\ndrain_timeout = 3.0\n'
+        f'workers = {workers}\n[http_backends]\n"raw.example" = "{be.address}"\n'
+    )
+    pid = gw.proc.pid
+    try:
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(HEAD)
+            assert sock.recv(100)
+            old = children(pid)
+            gw.proc.send_signal(signal.SIGUSR2)
+            gw.wait_for(lambda line: line.get("message", "").startswith("upgraded from"))
+            gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+            # The old workers (the one with the download at least), or the forked child that keeps it.
+            draining = (
+                old
+                if workers > 1
+                else {gw.wait_for(lambda line: line.get("message", "").startswith("draining the open"))["pid"]}
+            )
+            assert any(alive(p) for p in draining), "the old program ended before the test could stop it"
+            gw.proc.send_signal(signal.SIGTERM)
+            assert gw.proc.wait(TIMEOUT) == 0
+            left = [p for p in draining if alive(p)]
+            for p in left:  # what systemd's KillMode=mixed does next
+                os.kill(p, signal.SIGKILL)
+            assert left == []
+            assert read_until_cut(sock) is ConnectionResetError  # not a clean EOF
+        streaming.set()
+    finally:
+        streaming.set()
+        be.close()
+    assert gw.connection_log(domain="raw.example")["outcome"] == "drain_timeout"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie not yet collected counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_connection_ids_stay_unique_across_an_upgrade(start_gateway, backends):
+    """The upgrade keeps the PID, which ids start with: the new program must not count from 1 again under it."""
+    gw = start_gateway(routes_toml(backends, listen_https=""))
+    pid = gw.proc.pid
+
+    def ids() -> list[str]:
+        return [line["id"] for line in gw.seen if line.get("message") == "connection"]
+
+    for _ in range(2):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    gw.wait_for(lambda _: len(ids()) == 2)
+    gw.proc.send_signal(signal.SIGUSR2)
+    gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+    for _ in range(2):
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    gw.wait_for(lambda _: len(ids()) == 4)
+    before, after = ids()[:2], ids()[2:]
+    assert not set(before) & set(after), f"ids {before} then {after}"
+    assert all(i.startswith(f"{pid}.") for i in before) and all(i.startswith(str(pid)) for i in after)
+    assert gw.stop() == 0
