@@ -1076,7 +1076,10 @@ def main(argv: list[str] | None = None) -> int:
         return _reader_left()
     path = args["CONFIG"] or "servers.toml"
     log = Log(overrides.get("log_format", "text"))
-    systemd = not (args["--check"] or name is not None) and kiaupgrade.sockets_from_systemd()
+    if args["--check"] or name is not None:  # an upgrade's check of a socket-activated gateway says so
+        systemd = os.environ.get(kiaupgrade.SYSTEMD_SOCKETS) == "1"
+    else:
+        systemd = kiaupgrade.sockets_from_systemd()
     try:
         cfg = load_config(path, overrides, systemd)
     except ConfigError as exc:

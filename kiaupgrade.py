@@ -139,8 +139,11 @@ def check_command() -> list[str]:
     return [sys.executable, *argv[1 : len(argv) - len(arguments)], "--check", *arguments]
 
 
-def new_program_fails() -> str | None:
+def new_program_fails(systemd: bool = False) -> str | None:
     """Run the new program with ``--check``: why it cannot start (the last line it printed), or None if it can.
+
+    ``systemd``: the listeners come from systemd, so the check, which has no
+    sockets of its own, lets the config's listen lists be empty as start-up does.
 
     What loads the old code's modules cannot see an ImportError after a
     partial ``pip install -U`` nor a key only the old code accepts; the new
@@ -153,6 +156,7 @@ def new_program_fails() -> str | None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             timeout=CHECK_TIMEOUT,
+            env={**os.environ, SYSTEMD_SOCKETS: "1"} if systemd else None,
         )
     except subprocess.TimeoutExpired:
         return f"the new program's --check did not end within {CHECK_TIMEOUT:g} s"
@@ -218,6 +222,7 @@ class Upgrade:
         self.reloading = reloading  # tells systemd that a reload has begun; the new program's READY=1 ends it
         self.systemd = systemd  # the listeners came from systemd: the listen lists are ignored (sockets_from_systemd)
         self.previous = previous_generation()  # the old program's processes still draining: a stop waits for them
+        self.checked: Config | None = None  # the config ready() read, for starts()
 
     def ready(self) -> bool:
         """True if the new program can start: its config reads well and the program is there; else say why."""
@@ -231,10 +236,13 @@ class Upgrade:
         if problem:
             self.log.error(f"upgrade aborted, the running program goes on: {problem}")
             return False
+        self.checked = new
         return True
 
     def starts(self, cooperative: bool = True) -> bool:
         """True if the new program, run with ``--check``, accepts the config; else log why, in its own words.
+
+        Asked after ``ready()``.
 
         Run before anything is handed over or told to stop. The check runs in a
         child (kiareload.load_in_child): a process with an event loop
@@ -245,10 +253,10 @@ class Upgrade:
 
         def check() -> Config:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited reaper would take the check's status
-            problem = new_program_fails()
+            problem = new_program_fails(self.systemd)
             if problem:
                 raise ConfigError([f"the new program cannot start: {problem}"])
-            return self.load()
+            return self.checked  # read by ready() already; the loader child hands a Config back
 
         try:
             kiareload.load_in_child(check, cooperative)
