@@ -51,6 +51,11 @@ PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs m
 # copy. Each pins up to PIPE_SIZE of kernel memory behind a stalled reader: 256 MiB at most.
 # KIAGATEWAY_MAX_PIPES overrides it (0 turns splicing off; tests use a small one).
 MAX_PIPES = 256
+# TCP_NOTSENT_LOWAT on each destination: send() and writability stop once this much is
+# queued unsent, so a reader that takes nothing pins about this much in its socket's send
+# queue instead of the autotuned send buffer (tcp_wmem max, 4 MiB: 3.9 MB measured). One
+# pipe's worth, so a full pipe still drains in one splice; bulk throughput unchanged.
+NOTSENT_LOWAT = PIPE_SIZE
 PIPE_QUOTA_SHARE = 0.75  # of the user's pipe quota, for all workers' pools; the rest for its other pipes
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
 IDLE_LOOKS = 4  # the idle timer looks at the send queues this often per idle_timeout (see Relay.on_timer)
@@ -65,6 +70,8 @@ if HAVE_SPLICE:
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl only from Python 3.10
 _CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capability bits: either lifts the per-user pipe quota
 
+# Linux's value where a Python build does not name it; None where there is no such option (OpenBSD).
+_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if _LINUX else None)
 _READ, _WRITE = 1, 2  # libev event masks
 # ioctl giving the bytes in a TCP socket's send queue not yet acknowledged: Linux's
 # SIOCOUTQ, a BSD's FIONWRITE where Python names it; None where there is none (OpenBSD).
@@ -227,6 +234,11 @@ class _Direction:
         # the bytes sent before the relay count as taken.
         self.taken = relay.result.bytes_up if up else relay.result.bytes_down
         self.looked = relay.last_activity
+        if _NOTSENT_LOWAT is not None:
+            try:  # one setsockopt per direction, none per message
+                dst.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, NOTSENT_LOWAT)
+            except OSError:  # a kernel without it: dst's send buffer alone bounds what it queues
+                pass
 
     def start(self) -> None:
         self.reader.start(self.on_readable)
