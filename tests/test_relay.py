@@ -711,8 +711,8 @@ def skmem(local: tuple, peer: tuple) -> dict[str, int]:
 @pytest.mark.skipif(shutil.which("ss") is None or not sys.platform.startswith("linux"), reason="needs Linux's ss")
 def test_a_client_that_never_reads_pins_little_in_the_gateway(raw_gateway):
     """A backend sends 64 MiB to a client that reads nothing: once every buffer on the way is
-    full, the gateway's client-facing socket holds about NOTSENT_LOWAT (1 MiB), not its whole
-    autotuned send buffer (up to tcp_wmem's max, 4 MiB: 3.9 MB measured before the low-water mark)."""
+    full, the gateway's client-facing socket holds about NOTSENT_LOWAT (2 MiB: 2.1 MB measured),
+    not its whole autotuned send buffer (tcp_wmem's max, 4 MiB: 3.9 MB measured without it)."""
     progress = {"sent": 0}
 
     def backend(conn):
@@ -740,5 +740,5 @@ def test_a_client_that_never_reads_pins_little_in_the_gateway(raw_gateway):
     be.check()
     assert client_side and backend_side, "ss shows no socket of this relay"
     # The low-water mark plus a few segments' overhead; the send buffer alone would allow 4 MiB.
-    assert client_side["w"] < 2 << 20, (client_side, backend_side)
+    assert client_side["w"] < 3 << 20, (client_side, backend_side)
     assert progress["sent"] < 64 << 20, "a client that reads nothing took everything"
