@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import os
 import pwd
+import re
 import shutil
 import socket
 import struct
@@ -691,3 +692,53 @@ def test_pipe_pool_lends_only_full_pipes_and_counts_them(monkeypatch):
     assert pool.get() is None and pool.limit == 1  # a pipe that could not be sized is never lent
     pool.put(first, empty=False)
     assert pool.open == 0
+
+
+def skmem(local: tuple, peer: tuple) -> dict[str, int]:
+    """The kernel memory of the TCP socket local -> peer as ``ss -tmn`` shows it (r: receive queue,
+    w: send queue, rb/tb: the sizes they may grow to, in bytes); {} when ss finds no such socket."""
+    out = subprocess.run(
+        ["ss", "-tmnH", "src", f"{local[0]}:{local[1]}", "dst", f"{peer[0]}:{peer[1]}"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    ).stdout
+    found = re.search(r"skmem:\(([^)]*)\)", out)
+    return {k: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", found.group(1))} if found else {}
+
+
+@pytest.mark.skipif(shutil.which("ss") is None or not sys.platform.startswith("linux"), reason="needs Linux's ss")
+def test_a_client_that_never_reads_pins_little_in_the_gateway(raw_gateway):
+    """A backend sends 64 MiB to a client that reads nothing: once every buffer on the way is
+    full, the gateway's client-facing socket holds about NOTSENT_LOWAT (2 MiB: 2.1 MB measured),
+    not its whole autotuned send buffer (tcp_wmem's max, 4 MiB: 3.9 MB measured without it)."""
+    progress = {"sent": 0}
+
+    def backend(conn):
+        progress["gateway"] = conn.getpeername()
+        recv_exactly(conn, len(HEAD))
+        chunk = bytes(256 << 10)
+        try:
+            while progress["sent"] < 64 << 20:
+                progress["sent"] += conn.send(chunk)
+        except OSError:  # the client's close ends it
+            pass
+
+    gw, be = raw_gateway(backend, extra="idle_timeout = 60")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        deadline = time.monotonic() + TIMEOUT * 2
+        last, since = -1, time.monotonic()
+        while time.monotonic() - since < 1.0:  # no send for a second: all the buffers are full
+            assert time.monotonic() < deadline, f"the backend still sends after {progress['sent']} bytes"
+            if progress["sent"] != last:
+                last, since = progress["sent"], time.monotonic()
+            time.sleep(0.02)
+        client_side = skmem(gw.http, sock.getsockname())
+        backend_side = skmem(progress["gateway"], be.server.getsockname())
+    be.check()
+    assert client_side and backend_side, "ss shows no socket of this relay"
+    # The low-water mark plus a few segments' overhead; the send buffer alone would allow 4 MiB.
+    assert client_side["w"] < 3 << 20, (client_side, backend_side)
+    assert progress["sent"] < 64 << 20, "a client that reads nothing took everything"
