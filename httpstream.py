@@ -79,7 +79,7 @@ class Request:
     start: int  # stream offset of the request line's first byte
     end: int  # stream offset just past the head's empty line
     body: int | None  # Content-Length (0: no body); None: chunked
-    upgrade: bool  # CONNECT, or an Upgrade field: the connection may turn into another protocol
+    upgrade: str  # "connect" (CONNECT), "upgrade" (an Upgrade field) or "": may the connection change protocol?
 
 
 class RequestStream:
@@ -189,7 +189,11 @@ class RequestStream:
             self._state = _CHUNK_SIZE
         elif body:
             self._state, self._after_body, self.body_left = _BODY, _HEAD, body
-        upgrade = sniffer.method == b"CONNECT" or any(name == b"upgrade" for name, _ in sniffer.framing_fields)
+        upgrade = ""
+        if sniffer.method == b"CONNECT":
+            upgrade = "connect"
+        elif any(name == b"upgrade" for name, _ in sniffer.framing_fields):
+            upgrade = "upgrade"
         return Request(result.domain, start, start + sniffer.head_end, body, upgrade)
 
     def _line(self, bound: int) -> bytes | None:

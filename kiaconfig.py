@@ -120,6 +120,7 @@ class Settings:
     log_format: str = "text"
     log_connections: bool = True  # false: no line per connection (journald's rate limit drops lines past a burst)
     drain_timeout: float = 30.0  # seconds open connections get after SIGTERM/SIGINT before they are reset
+    http_strict_host: bool = False  # check every request of an HTTP keep-alive connection, not just the first
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -395,6 +396,7 @@ _CHECKS = {
     "log_format": _choice(LOG_FORMATS),
     "log_connections": _boolean,
     "drain_timeout": _positive,
+    "http_strict_host": _boolean,
 }
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "BadRequest",
     "GatewayError",
     "HeadTooLarge",
+    "HostChanged",
     "HttpOnTlsPort",
     "HttpSniffer",
     "NoRoute",
@@ -121,6 +122,14 @@ class NoRoute(GatewayError):
     http_status = 421
     tls_alert = ALERT_UNRECOGNIZED_NAME
     outcome = "no_route"
+
+
+class HostChanged(GatewayError):
+    """A later request of a strict keep-alive connection names a host of another route entry."""
+
+    http_status = 421
+    tls_alert = ALERT_UNRECOGNIZED_NAME
+    outcome = "host_changed"
 
 
 class BackendUnreachable(GatewayError):

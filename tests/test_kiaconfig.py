@@ -306,3 +306,12 @@ def test_log_connections_is_a_boolean_on_by_default():
         "[gateway] log_connections: must be true or false" in e
         for e in errors_of({"gateway": {"log_connections": "no"}})
     )
+
+
+def test_http_strict_host_is_a_boolean_off_by_default():
+    assert validate({}, "servers.toml").settings.http_strict_host is False
+    assert validate({"gateway": {"http_strict_host": True}}, "servers.toml").settings.http_strict_host is True
+    assert any(
+        "[gateway] http_strict_host: must be true or false" in e
+        for e in errors_of({"gateway": {"http_strict_host": 1}})
+    )
