@@ -45,9 +45,21 @@ Where backends are known to disagree, it is stricter than RFC 9112:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
-from sniff import FRAMING_NAMES, MAX_PREAMBLE, NEED_MORE, BadRequest, HeadTooLarge, HttpSniffer, _NeedMore, field_line
+from sniff import _HEAD as _HEAD_RE
+from sniff import (
+    FRAMING_NAMES,
+    HOST_AND_FRAMING_FIELDS,
+    MAX_PREAMBLE,
+    NEED_MORE,
+    QUICK_HEAD,
+    BadRequest,
+    HeadTooLarge,
+    HttpSniffer,
+    _NeedMore,
+    field_line,
+)
 
 __all__ = ["NEED_MORE", "Request", "RequestStream"]
 
@@ -71,9 +83,8 @@ _NOT_IN_TRAILERS = FRAMING_NAMES - {b"upgrade"} | {b"host"}  # a backend that me
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_END, _TRAILER = range(5)
 
 
-@dataclass(frozen=True)
-class Request:
-    """One checked request head."""
+class Request(NamedTuple):
+    """One checked request head (a tuple: made once per request, it must be cheap)."""
 
     domain: str | None  # normalised, as HttpSniffer gives it; None: HTTP/1.0 without a Host
     start: int  # stream offset of the request line's first byte
@@ -97,6 +108,7 @@ class RequestStream:
         self._after_body = _HEAD
         self._sniffer: HttpSniffer | None = None
         self._trailer_bytes = 0
+        self._memo: tuple[bytes, str | None] = (b"", None)  # (Host value, its domain) of the last quick head
 
     @property
     def checked(self) -> int:
@@ -137,6 +149,8 @@ class RequestStream:
 
     def next_event(self) -> Request | _NeedMore:
         """The next request head, NEED_MORE, or an error for what could not be framed."""
+        if self._pos == len(self._buf):  # every byte fed is accepted: whatever the state, more are needed
+            return NEED_MORE
         while True:
             state = self._state
             if state == _HEAD:
@@ -170,6 +184,11 @@ class RequestStream:
             return NEED_MORE
         sniffer = self._sniffer
         if sniffer is None:
+            end = buf.find(b"\r\n\r\n", pos, pos + QUICK_HEAD)
+            if end >= 0 and end + 4 - pos <= self.max_head:
+                request = self._quick(pos, end + 4)
+                if request is not None:
+                    return request
             sniffer = self._sniffer = HttpSniffer(self.max_head, framing=True)
             self._looked = pos
         # Hand the sniffer the head and no more: it keeps what it is fed.
@@ -180,21 +199,62 @@ class RequestStream:
         self._looked = stop
         if result is NEED_MORE:
             return NEED_MORE
-        body = _framing(sniffer)
-        start = self._base + pos
-        self._pos = self._looked = pos + sniffer.head_end
         self._sniffer = None
+        return self._accept(
+            pos + sniffer.head_end, result.domain, sniffer.method, sniffer.version, sniffer.framing_fields
+        )
+
+    def _quick(self, pos: int, stop: int) -> Request | None:
+        """A whole, plain head (origin-form target, one Host) checked in C; None sends it the long way.
+
+        The answer is the sniffer's: the same regexes as its quick path, and the
+        domain a sniffer gave for the same Host value, which is all it depends on
+        when the target is a path. Keep-alive requests repeat their Host, so the
+        sniffer runs once per connection and name.
+        """
+        head = _HEAD_RE.fullmatch(self._buf, pos, stop)
+        if head is None:
+            return None
+        method, target, version, fields = head.groups()
+        if target[:1] != b"/":
+            return None
+        host = None
+        framing = []
+        for name, value in HOST_AND_FRAMING_FIELDS.findall(fields):
+            name = name.lower()
+            if name != b"host":
+                framing.append((name, value))
+            elif host is None:
+                host = value.strip(b" \t")
+            else:
+                return None
+        if host is None:
+            return None
+        if host != self._memo[0]:
+            result = HttpSniffer(self.max_head).feed(bytes(self._buf[pos:stop]))
+            self._memo = (host, result.domain)
+        if framing or method == b"CONNECT":
+            return self._accept(stop, self._memo[1], method, version, framing)
+        self._pos = self._looked = stop  # the usual GET: no body, no new protocol (_accept, inlined)
+        self.requests += 1
+        return Request(self._memo[1], self._base + pos, self._base + stop, 0, "")
+
+    def _accept(self, stop: int, domain: str | None, method: bytes, version: bytes | None, fields: list) -> Request:
+        """The head from _pos to ``stop`` is checked: frame its body, move past it, say so."""
+        body = _framing(fields, version) if fields else 0
+        pos = self._pos
+        self._pos = self._looked = stop
         self.requests += 1
         if body is None:
             self._state = _CHUNK_SIZE
         elif body:
             self._state, self._after_body, self.body_left = _BODY, _HEAD, body
         upgrade = ""
-        if sniffer.method == b"CONNECT":
+        if method == b"CONNECT":
             upgrade = "connect"
-        elif any(name == b"upgrade" for name, _ in sniffer.framing_fields):
+        elif fields and any(name == b"upgrade" for name, _ in fields):
             upgrade = "upgrade"
-        return Request(result.domain, start, start + sniffer.head_end, body, upgrade)
+        return Request(domain, self._base + pos, self._base + stop, body, upgrade)
 
     def _line(self, bound: int) -> bytes | None:
         """The next CRLF line, at most ``bound`` bytes; None if it is not all in yet."""
@@ -234,10 +294,10 @@ class RequestStream:
         self._pos += len(line)
 
 
-def _framing(sniffer: HttpSniffer) -> int | None:
+def _framing(fields: list[tuple[bytes, bytes]], version: bytes | None) -> int | None:
     """The body's length (0: none), or None for chunked; BadRequest for any framing two parsers could read apart."""
     lengths, codings = [], []
-    for name, value in sniffer.framing_fields:
+    for name, value in fields:
         if b"_" in name:
             raise BadRequest(f"{name.decode()} field: an underscore where framing needs a hyphen")
         if name == b"content-length":
@@ -247,7 +307,7 @@ def _framing(sniffer: HttpSniffer) -> int | None:
     if codings:
         if lengths:
             raise BadRequest("both Content-Length and Transfer-Encoding (RFC 9112 section 6.3)")
-        if sniffer.version != b"HTTP/1.1":
+        if version != b"HTTP/1.1":
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 section 6.1)")
         if len(codings) > 1 or _one_space_off(codings[0]) != b"chunked":
             raise BadRequest("Transfer-Encoding other than one plain chunked")

@@ -296,6 +296,8 @@ def test_later_heads_keep_the_first_heads_rules():
         b"\x16\x03\x01\x00\x05hello",
         b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
         b"GET http://b.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a test\r\n\r\n",  # the quick path asks the sniffer about a new Host
+        b"GET / HTTP/1.1\r\nHost: a.test:99999\r\n\r\n",
     ):
         assert stream(get() + bad, cuts=False) == ([Request("a.test", 0, len(get()), 0, "")], BadRequest, len(get()))
 
