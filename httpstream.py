@@ -47,10 +47,10 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from sniff import _HEAD as _HEAD_RE
 from sniff import (
+    _FRAMING_FIELD,
+    _HOST_FIELD,
     FRAMING_NAMES,
-    HOST_AND_FRAMING_FIELDS,
     MAX_PREAMBLE,
     NEED_MORE,
     QUICK_HEAD,
@@ -60,6 +60,7 @@ from sniff import (
     _NeedMore,
     field_line,
 )
+from sniff import _HEAD as _HEAD_RE
 
 __all__ = ["NEED_MORE", "Request", "RequestStream"]
 
@@ -108,7 +109,7 @@ class RequestStream:
         self._after_body = _HEAD
         self._sniffer: HttpSniffer | None = None
         self._trailer_bytes = 0
-        self._memo: tuple[bytes, str | None] = (b"", None)  # (Host value, its domain) of the last quick head
+        self._memo: tuple[bytes, str | None] = (b"\0", None)  # (raw Host value, its domain) of the last quick head
 
     @property
     def checked(self) -> int:
@@ -218,21 +219,15 @@ class RequestStream:
         method, target, version, fields = head.groups()
         if target[:1] != b"/":
             return None
-        host = None
-        framing = []
-        for name, value in HOST_AND_FRAMING_FIELDS.findall(fields):
-            name = name.lower()
-            if name != b"host":
-                framing.append((name, value))
-            elif host is None:
-                host = value.strip(b" \t")
-            else:
-                return None
-        if host is None:
+        hosts = _HOST_FIELD.findall(fields)
+        if len(hosts) != 1:
             return None
-        if host != self._memo[0]:
+        framing = []
+        if _FRAMING_FIELD.search(fields) is not None:  # rare in keep-alive traffic: GETs carry no body
+            framing = [(name.lower(), value) for name, value in _FRAMING_FIELD.findall(fields)]
+        if hosts[0] != self._memo[0]:
             result = HttpSniffer(self.max_head).feed(bytes(self._buf[pos:stop]))
-            self._memo = (host, result.domain)
+            self._memo = (hosts[0], result.domain)
         if framing or method == b"CONNECT":
             return self._accept(stop, self._memo[1], method, version, framing)
         self._pos = self._looked = stop  # the usual GET: no body, no new protocol (_accept, inlined)

@@ -462,10 +462,6 @@ FRAMING_NAMES = frozenset(
 _FRAMING_FIELD = re.compile(
     rb"^(content[-_]length|transfer[-_]encoding|upgrade):([^\r]*)\r$", re.IGNORECASE | re.MULTILINE
 )
-# Host and the framing fields in one pass, for httpstream.py's quick path over heads _HEAD matched.
-HOST_AND_FRAMING_FIELDS = re.compile(
-    rb"^(host|content[-_]length|transfer[-_]encoding|upgrade):([^\r]*)\r$", re.IGNORECASE | re.MULTILINE
-)
 
 
 class HttpSniffer:
