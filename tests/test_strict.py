@@ -8,6 +8,7 @@ pipelines, however it splits its bytes, whatever its bodies look like.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ class RecordingBackend:
 
     Answers ``200`` with a body naming the request; ``/large`` gets LARGE bytes; ``/ws`` with
     Upgrade gets ``101`` and CONNECT gets ``200``, then the connection echoes raw bytes; ``/silent``
-    gets no answer at all.
+    gets no answer at all; after ``/close`` the backend closes.
     """
 
     def __init__(self, name: str) -> None:
@@ -92,6 +93,8 @@ class RecordingBackend:
                     if target == "/large":
                         reply = b"L" * LARGE
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
+                    if target == "/close":
+                        return
         except BaseException as exc:
             self.errors.append(exc)
 
@@ -315,3 +318,53 @@ def test_large_upload_passes_and_the_next_head_is_still_checked(strict, mode):
     assert first["body"] == body and second["target"] == "/next"
     line = gw.connection_log(outcome="host_changed")
     assert line["bytes_up"] == len(post("a.example", body) + get("a.example", "/next"))
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    head = read_head(sock)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    body = b""
+    while len(body) < length:
+        data = sock.recv(length - len(body))
+        assert data, head
+        body += data
+    return int(head.split(b" ")[1]), body
+
+
+def test_the_table_in_force_when_the_request_arrives_decides(strict):
+    """A reload that keeps the entry keeps the connection; one that moves the name refuses its next request."""
+    gw, one, two = strict()
+    text = gw.config.read_text()
+    reloads: list[dict] = []
+
+    def reload(new_text: str) -> None:
+        gw.config.write_text(new_text)
+        gw.proc.send_signal(signal.SIGHUP)
+        reloads.append(
+            gw.wait_for(lambda line: line.get("message") == "config reloaded" and all(line is not r for r in reloads))
+        )
+
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1"))
+        assert read_response(sock)[0] == 200
+        reload(text.replace('"b.example"', '"d.example"'))  # another table, the same entry for a.example
+        sock.sendall(get("a.example", "/2"))
+        assert read_response(sock)[0] == 200
+        reload(text.replace(f'"a.example" = "{one.address}"', f'"a.example" = "{two.address}"'))
+        sock.sendall(get("a.example", "/3"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert [r["target"] for r in one.requests()] == ["/1", "/2"]
+    assert two.requests() == []
+
+
+def test_refused_after_the_backend_closed_ends_the_connection(strict):
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/close"))
+        assert read_response(sock)[0] == 200
+        assert sock.recv(100) == b""  # the backend's FIN, passed on
+        sock.sendall(get("b.example", "/stolen"))  # the client may still write: half-close
+        line = gw.connection_log(outcome="host_changed")
+    assert "b.example" in line["reason"]
+    assert [r["target"] for r in one.requests()] == ["/close"] and two.requests() == []
