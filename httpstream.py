@@ -101,7 +101,7 @@ class RequestStream:
         self.max_head = max_head  # bound on each head, and on each request's trailer section
         self.body_left = 0  # body bytes that come next (a Content-Length body, or a chunk's data)
         self.requests = 0  # heads returned so far
-        self._buf = bytearray()  # bytes fed and not yet dropped
+        self._buf: bytes | bytearray = b""  # bytes fed and not yet dropped: the last read, or a buffer of several
         self._base = 0  # stream offset of _buf[0]
         self._pos = 0  # _buf index of the first byte not yet accepted
         self._looked = 0  # _buf index up to which the current head or line has been searched
@@ -120,18 +120,22 @@ class RequestStream:
         """Add the next bytes of the stream; body bytes with nothing unparsed before them are just counted."""
         buf = self._buf
         pos = self._pos
-        if pos == len(buf) or pos >= COMPACT_AT:
-            del buf[:pos]
+        if pos == len(buf):  # all accepted: keep the read itself, no copy (the usual keep-alive case)
             self._base += pos
             self._looked -= pos
-            self._pos = pos = 0
-            if self._state == _BODY and not buf:
+            self._pos = 0
+            if self._state == _BODY:
                 take = min(self.body_left, len(data))
                 self._base += take
                 self._body_done(take)
-                if take == len(data):
-                    return
                 data = data[take:]
+            self._buf = data
+            return
+        if type(buf) is not bytearray or pos >= COMPACT_AT:  # a head or line waits for more: buffer from it on
+            self._base += pos
+            self._looked -= pos
+            self._pos = 0
+            self._buf = buf = bytearray(buf[pos:])
         buf += data
 
     def skip(self, n: int) -> None:
@@ -139,7 +143,7 @@ class RequestStream:
         if self._state != _BODY or not 0 < n <= self.body_left or self._pos != len(self._buf):
             raise ValueError(f"skip({n}): not within the body that comes next")
         self._base += self._pos + n
-        self._buf.clear()
+        self._buf = b""
         self._pos = self._looked = 0
         self._body_done(n)
 
