@@ -370,6 +370,8 @@ class StrictRelay(relay.Relay):
         self.result.outcome = self.refusal.outcome
         self.down.reader.stop()
         self.up.reader.stop()
+        if self.up.writer is not None:  # bytes before the refused request still on their way to a closed backend
+            self.up.writer.stop()
         self.timer.close()
         self.timer = self.loop.timer(ANSWER_SECONDS)
         self.timer.start(self._end)
