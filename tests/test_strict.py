@@ -368,3 +368,19 @@ def test_refused_after_the_backend_closed_ends_the_connection(strict):
         line = gw.connection_log(outcome="host_changed")
     assert "b.example" in line["reason"]
     assert [r["target"] for r in one.requests()] == ["/close"] and two.requests() == []
+
+
+def test_a_later_upgrade_does_not_end_inspection(strict):
+    """Only the first response's start is known without parsing responses: a later 101 is passed on, not trusted."""
+    gw, one, two = strict()
+    upgrade = get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1") + upgrade)
+        assert read_response(sock)[0] == 200
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        sock.sendall(get("b.example", "/stolen"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert [r["target"] for r in one.requests()] == ["/1", "/ws"]
+    assert one.raw == [b""]  # the tunnel got nothing: the request that routes elsewhere was held back
+    assert two.requests() == []
