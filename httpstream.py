@@ -2,14 +2,15 @@
 
 ``sniff.HttpSniffer`` reads the first request head; ``RequestStream`` goes on
 after it, for the strict keep-alive mode (``http_strict_host``). Every head is
-checked by a fresh ``HttpSniffer`` (the same syntax and smuggling rules as the
-first), and the body after it is framed as RFC 9112 section 6 says, by
-Content-Length or chunked, with nothing ambiguous let through.
+checked by ``HttpSniffer``'s code, with the same syntax and smuggling rules as
+the first: a plain head by its regexes (the sniffer itself runs once per Host
+value), any other by a fresh sniffer. The body after it is framed as RFC 9112
+section 6 says, by Content-Length or chunked, with nothing ambiguous let through.
 
 Feed the client's bytes in any pieces with ``feed``; ``next_event`` then
 returns one of three things, never anything else:
 
-- a ``Request`` (frozen): a head is whole and checked: its domain, where it
+- a ``Request`` (a named tuple): a head is whole and checked: its domain, where it
   starts and ends in the stream, how its body is framed;
 - the sentinel ``NEED_MORE``: nothing wrong so far, the next answer needs bytes;
 - it raises ``BadRequest`` (framing that could be read two ways, obs-fold, a
