@@ -152,6 +152,7 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # must send a PROXY header
     metrics_listen: str = ""  # "ip:port" serving /metrics and /healthz; "" for none (a string: --check --json shows it)
     watch_config: bool = False  # reload when the file or a symlink leading to it changes, as on SIGHUP
+    http_strict_host: bool = False  # check every request of an HTTP keep-alive connection, not just the first
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -523,6 +524,7 @@ _CHECKS = {
     "trusted_proxies": _networks,
     "metrics_listen": _optional_listen,
     "watch_config": _boolean,
+    "http_strict_host": _boolean,
 }
 
 

@@ -60,9 +60,11 @@ import gevent.event
 import gevent.server
 import gevent.socket
 
+import httpstream
 import kiaconfig
 import kiametrics
 import kiaprocess
+import kiastrict
 import kiaupgrade
 import proxyproto
 import relay
@@ -78,6 +80,7 @@ REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving 
 LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
 LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
 IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
+NAMES_KEPT = 16  # per strict connection, names known to route to its entry: a client sending many costs lookups only
 CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
@@ -110,6 +113,7 @@ _HTTP_DETAILS = {
     504: "the backend for this host did not answer in time",
 }
 _HTTP_ON_TLS_PORT = "plain HTTP was sent to the TLS port"
+_HOST_CHANGED = "this connection serves another host; send the request on a new connection"
 
 
 def http_response(status: int, detail: str | None = None, head: bool = False) -> bytes:
@@ -143,6 +147,8 @@ def error_reply(error: sniff.GatewayError, listener: str, preamble: bytes | byte
     head = preamble.startswith(b"HEAD ")
     if isinstance(error, sniff.HttpOnTlsPort):
         return http_response(error.http_status, _HTTP_ON_TLS_PORT, head)
+    if isinstance(error, sniff.HostChanged):
+        return http_response(error.http_status, _HOST_CHANGED, head)
     if listener == "http":
         return http_response(error.http_status, head=head)
     if error.tls_alert is not None:
@@ -353,6 +359,7 @@ class Gateway:
         conn = _Connection(self, listener, address)
         settings = self.config.settings
         backend_sock = None
+        strict = None
         sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
         proxied_to = None  # where a trusted proxy's client connected to, from its PROXY header
         try:
@@ -368,6 +375,15 @@ class Gateway:
                 connecting = metrics.preamble_read(listener, conn.started)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
+            if listener == "http" and settings.http_strict_host:
+                # The first request is framed as every later one will be: ambiguous framing is a 400 now.
+                # Only its head goes with the connect; what follows is checked by the relay.
+                parser = httpstream.RequestStream(settings.max_preamble)
+                parser.feed(buffered)
+                first = parser.next_event()
+                assert isinstance(first, httpstream.Request), first  # the sniffer found this very head
+                buffered, leftover = buffered[: first.end], buffered[first.end :]
+                strict = (parser, first, leftover)
             backend = self.routes[listener].lookup(preamble.domain)
             if backend is None:
                 name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
@@ -415,7 +431,22 @@ class Gateway:
             raise
         else:
             try:
-                conn.relay = relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+                if strict is None:
+                    conn.relay = relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
+                else:
+                    parser, first, leftover = strict
+                    conn.relay = kiastrict.StrictRelay(
+                        client,
+                        backend_sock,
+                        settings.idle_timeout,
+                        conn.done,
+                        conn.result,
+                        parser=parser,
+                        first=first,
+                        leftover=leftover,
+                        allows=_SameEntry(self, preamble.domain),
+                        refuse=conn.refuse,
+                    )
                 self.relays.add(conn.relay)
             except BaseException:
                 conn.result.outcome = "error"
@@ -689,6 +720,40 @@ def allowed(host: str, masks: tuple[tuple[int, int, int], ...]) -> bool:
     return False
 
 
+class _SameEntry:
+    """Strict mode: does a later request's name route to the route entry of the connection's first request?
+
+    An entry is its pattern and its backend, looked up in the table in force when
+    the request arrives: two entries with the same address are still two, and a
+    reload that keeps the entry keeps the connection's later requests.
+    """
+
+    __slots__ = ("entry", "gateway", "names", "table")
+
+    def __init__(self, gateway: Gateway, domain: str | None) -> None:
+        self.gateway = gateway
+        self.table = gateway.routes["http"]
+        self.entry = _route_entry(self.table, domain)
+        self.names = {domain}  # names known to route to the entry under self.table
+
+    def __call__(self, domain: str | None) -> bool:
+        table = self.gateway.routes["http"]
+        if table is self.table and domain in self.names:
+            return True
+        if table is not self.table:
+            self.table, self.names = table, set()
+        same = _route_entry(table, domain) == self.entry
+        if same and len(self.names) < NAMES_KEPT:
+            self.names.add(domain)
+        return same
+
+
+def _route_entry(table: kiaconfig.RouteTable, domain: str | None) -> tuple[str, Backend] | None:
+    if domain is None:
+        return ("*", table.default) if table.default is not None else None
+    return table.match(domain)
+
+
 class _ConnectTimedOut(Exception):
     """Raised by the connect deadline's timer."""
 
@@ -828,6 +893,11 @@ class _Connection:
             fields["tried"] = [str(address) for address in self.tried]
         if gateway.config.settings.log_connections:
             gateway.log.connection(fields)
+
+    def refuse(self, error: sniff.GatewayError, rest: bytes) -> bytes:
+        """A later request of a strict connection is refused: keep why for the log line; the reply's bytes."""
+        self.reason = error.reason
+        return error_reply(error, "http", rest)
 
 
 def _trusted(address: tuple, networks: tuple) -> bool:

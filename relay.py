@@ -446,6 +446,9 @@ class Relay:
         "timer",
         "up",
     )
+    # The classes of the two directions: kiastrict.py's strict mode follows the client's requests.
+    up_class: type[_Direction] = _Direction
+    down_class: type[_Direction] = _Direction
 
     def __init__(
         self,
@@ -461,8 +464,8 @@ class Relay:
         self.on_done = on_done
         self.result = result or RelayResult()
         self.last_activity = _now()
-        self.up = _Direction(self, self.client, self.backend, True)
-        self.down = _Direction(self, self.backend, self.client, False)
+        self.up = self.up_class(self, self.client, self.backend, True)
+        self.down = self.down_class(self, self.backend, self.client, False)
         self.open_directions = 2  # directions not finished yet
         self.timer = self.loop.timer(idle_timeout / IDLE_LOOKS)
         try:

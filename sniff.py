@@ -35,6 +35,7 @@ __all__ = [
     "Forbidden",
     "GatewayError",
     "HeadTooLarge",
+    "HostChanged",
     "HttpOnTlsPort",
     "HttpSniffer",
     "NoRoute",
@@ -42,6 +43,7 @@ __all__ = [
     "Preamble",
     "PreambleTimeout",
     "TlsSniffer",
+    "field_line",
     "normalize_domain",
     "sniff_http",
     "sniff_tls",
@@ -124,6 +126,14 @@ class NoRoute(GatewayError):
     http_status = 421
     tls_alert = ALERT_UNRECOGNIZED_NAME
     outcome = "no_route"
+
+
+class HostChanged(GatewayError):
+    """A later request of a strict keep-alive connection names a host of another route entry."""
+
+    http_status = 421
+    tls_alert = ALERT_UNRECOGNIZED_NAME
+    outcome = "host_changed"
 
 
 class BackendUnreachable(GatewayError):
@@ -463,14 +473,27 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/1\.[01])\r\n((?:" + _TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n")
 _HOST_FIELD = re.compile(rb"^host:([^\r]*)\r$", re.IGNORECASE | re.MULTILINE)
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 section 3.1
+# The fields that frame a message (RFC 9112 section 6) or ask for another protocol
+# (RFC 9110 section 7.8), and their underscore spellings: CGI-style backends map
+# "Content_Length" to the same variable as "Content-Length".
+FRAMING_NAMES = frozenset(
+    (b"content-length", b"transfer-encoding", b"upgrade", b"content_length", b"transfer_encoding")
+)
+_FRAMING_FIELD = re.compile(
+    rb"^(content[-_]length|transfer[-_]encoding|upgrade):([^\r]*)\r$", re.IGNORECASE | re.MULTILINE
+)
 
 
 class HttpSniffer:
     """Read a request head fed in any pieces; report the host it names."""
 
-    def __init__(self, max_preamble: int = MAX_PREAMBLE) -> None:
+    def __init__(self, max_preamble: int = MAX_PREAMBLE, framing: bool = False) -> None:
         self.max_preamble = max_preamble
+        self.framing = framing  # also collect the framing fields (httpstream.py); the first-request path skips it
         self.buffer = bytearray()  # every byte fed, to be forwarded untouched
+        self.head_end = 0  # once decided: the offset just past the head's empty line
+        self.method = b""
+        self.framing_fields: list[tuple[bytes, bytes]] = []  # (lower-case name, raw value) of FRAMING_NAMES fields
         self._line_start = 0  # offset of the first line not yet parsed
         self._checked = 0  # bytes of the request line already checked as a prefix
         self._part = 0  # which part of the request line the prefix check is in
@@ -488,9 +511,12 @@ class HttpSniffer:
             head = _HEAD.fullmatch(data, 0, end + 4)
             if head is not None and head.end() <= self.max_preamble:
                 self.buffer += data
-                _method, target, self._version, fields = head.groups()
+                self.method, target, self._version, fields = head.groups()
                 self._target(target)
                 self._hosts = [value.strip(b" \t") for value in _HOST_FIELD.findall(fields)]
+                if self.framing:
+                    self.framing_fields = [(k.lower(), v) for k, v in _FRAMING_FIELD.findall(fields)]
+                self.head_end = head.end()
                 self.result = Preamble(self._domain())
                 return self.result
         search_from = max(self._line_start, len(self.buffer))  # earlier bytes hold no LF
@@ -510,6 +536,7 @@ class HttpSniffer:
             if self._version is None:
                 self._request_line(line[:-2])
             elif line == b"\r\n":
+                self.head_end = end + 1
                 self.result = Preamble(self._domain())
                 return self.result
             else:
@@ -517,6 +544,11 @@ class HttpSniffer:
         if len(self.buffer) >= self.max_preamble:
             raise HeadTooLarge(f"request head exceeds {self.max_preamble} bytes")
         return NEED_MORE
+
+    @property
+    def version(self) -> bytes | None:
+        """The request's HTTP version, once the request line is in."""
+        return self._version
 
     def _check_request_line_prefix(self) -> None:
         """Refuse at once a first line that no further bytes could make valid.
@@ -558,7 +590,7 @@ class HttpSniffer:
         # _check_request_line_prefix has already read this whole line: a method
         # of tchars, one space, a target of vchars, one space, and a prefix of
         # a version. Only the version can still be short ("HTTP/1.").
-        _method, target, version = line.split(b" ")
+        self.method, target, version = line.split(b" ")
         if version not in _VERSIONS:
             raise BadRequest("unsupported HTTP version (want HTTP/1.0 or HTTP/1.1)")
         self._version = version
@@ -584,17 +616,11 @@ class HttpSniffer:
                 raise BadRequest("empty host in the request target")
 
     def _header_line(self, line: bytes) -> None:
-        if line[:1] in (b" ", b"\t"):
-            raise BadRequest("obsolete line folding in the request head")
-        name, colon, value = line.partition(b":")
-        if not colon:
-            raise BadRequest("header line without a colon")
-        if not name or not _TCHAR.issuperset(name):
-            raise BadRequest("invalid header name (whitespace before the colon?)")
-        if b"\x00" in value:
-            raise BadRequest("NUL in a header value")
-        if name.lower() == b"host":
+        name, value = field_line(line)
+        if name == b"host":
             self._hosts.append(value.strip(b" \t"))
+        elif self.framing and name in FRAMING_NAMES:
+            self.framing_fields.append((name, value))
 
     def _host(self, authority: bytes, where: str) -> bytes:
         if len(authority.translate(None, _HOST_VALUE_BAD_BYTES)) != len(authority):
@@ -618,6 +644,23 @@ class HttpSniffer:
         if self._target_host is not None and header_host and _normalize_or_400(header_host) != domain:
             raise BadRequest("Host header disagrees with the request target")
         return domain
+
+
+def field_line(line: bytes) -> tuple[bytes, bytes]:
+    """Check one field line (CRLF cut off) of a head or a trailer section: (lower-case name, raw value).
+
+    RFC 9112 section 5: no obs-fold, no whitespace before the colon, no NUL.
+    """
+    if line[:1] in (b" ", b"\t"):
+        raise BadRequest("obsolete line folding in the request head")
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise BadRequest("header line without a colon")
+    if not name or not _TCHAR.issuperset(name):
+        raise BadRequest("invalid header name (whitespace before the colon?)")
+    if b"\x00" in value:
+        raise BadRequest("NUL in a header value")
+    return name.lower(), value
 
 
 def _normalize_or_400(host: bytes) -> str:

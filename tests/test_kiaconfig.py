@@ -361,3 +361,12 @@ def test_pool_and_allow_errors_name_the_key_and_index(value, expected):
 )
 def test_traffic_settings_are_checked(key, value):
     assert any(f"servers.toml: [gateway] {key}: must be" in e for e in errors_of({"gateway": {key: value}}))
+
+
+def test_http_strict_host_is_a_boolean_off_by_default():
+    assert validate({}, "servers.toml").settings.http_strict_host is False
+    assert validate({"gateway": {"http_strict_host": True}}, "servers.toml").settings.http_strict_host is True
+    assert any(
+        "[gateway] http_strict_host: must be true or false" in e
+        for e in errors_of({"gateway": {"http_strict_host": 1}})
+    )

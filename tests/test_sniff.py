@@ -906,3 +906,27 @@ def test_corpus(path):
         assert outcome(TlsSniffer(), split_at(data, cuts)) == expected
     if data[0] == sniff.TLS_CONTENT_HANDSHAKE:  # an SSLv2 hello is decided by its first 3 bytes
         assert sniff.sniff_tls(data[:-1]) is NEED_MORE  # the hello is read to its last byte
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_framing_fields_and_head_end_for_the_request_stream(quick):
+    """httpstream.py asks the sniffer for the framing fields, raw, and where the head ends: both paths agree."""
+    head = (
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length:  5\r\nX: y\r\n"
+        b"Transfer-Encoding: chunked\r\nUpgrade: websocket\r\nContent_Length: 1\r\n\r\n"
+    )
+    sniffer = HttpSniffer(framing=True)
+    pieces = [head + b"hello"] if quick else [*bytewise(head), b"hello"]
+    assert outcome(sniffer, pieces) == Preamble("a.test")
+    assert sniffer.head_end == len(head)
+    assert sniffer.method == b"POST"
+    assert sniffer.version == b"HTTP/1.1"
+    assert sniffer.framing_fields == [
+        (b"content-length", b"  5"),
+        (b"transfer-encoding", b" chunked"),
+        (b"upgrade", b" websocket"),
+        (b"content_length", b" 1"),
+    ]
+    plain = HttpSniffer()  # the first-request path does not collect them
+    assert outcome(plain, pieces) == Preamble("a.test")
+    assert plain.framing_fields == []

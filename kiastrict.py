@@ -1,0 +1,417 @@
+"""Strict keep-alive routing (``http_strict_host``): a relay whose client side follows every request.
+
+``StrictRelay`` is relay.py's ``Relay`` with two other directions. The client
+-> backend one feeds what it reads to an ``httpstream.RequestStream`` and passes
+on only bytes that belong to requests already checked: a head waits until it
+is whole and its Host routes to the connection's route entry; the body after
+it is counted and passed on unread (spliced when large). The backend -> client
+one stays a plain pump; it looks at a response only after a first request
+with ``Upgrade`` or ``CONNECT``, and then reads just its first 12 bytes: a
+``101`` (a ``2xx`` to CONNECT) ends inspection, anything else lets it go on.
+
+A request that routes elsewhere, or that cannot be framed, is never passed on:
+the backend gets a FIN after the requests before it, the responses it still
+owes reach the client until it closes (or ``idle_timeout`` passes), then the
+client gets the reply (421 or 400) and a FIN. Like relay.py, this module never
+logs and never touches the servers: the gateway hands it ``allows`` (does this
+name route to the connection's entry?) and ``refuse`` (log the refusal, give
+the reply's bytes).
+
+Only the first request may change protocol: the start of the response stream
+is the only response boundary known without parsing responses, which the
+gateway never does. A later ``Upgrade`` is passed on, but inspection goes on.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Callable
+
+import httpstream
+import relay
+import sniff
+from relay import _WRITE, CHUNK, HAVE_SPLICE, PIPE_SIZE, PIPES, ROUNDS
+
+__all__ = ["StrictRelay"]
+
+STATUS_BYTES = 12  # "HTTP/1.1 101": all a status line's start needs to say "upgraded" or not
+ANSWER_SECONDS = 3.0  # to hand over the reply and read what the client still sends (kiagateway's _answer: 2 + 1 s)
+LINGER_BYTES = 65536  # read and dropped after the reply, so that closing does not reset it away
+_SWITCHED = {
+    "upgrade": re.compile(rb"HTTP/1\.[01] 101"),
+    "connect": re.compile(rb"HTTP/1\.[01] 2[0-9][0-9]"),
+}
+
+
+class _StrictUp(relay._Direction):
+    """Client -> backend: parse, check, pass on only what is checked."""
+
+    __slots__ = ("forwarded", "held", "parser", "raw", "received")
+
+    def __init__(self, owner: StrictRelay, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        super().__init__(owner, src, dst, up)
+        self.parser: httpstream.RequestStream | None = owner.parser
+        self.received = self.forwarded = owner.first_end  # stream offsets: read from the client / passed on
+        self.held = b""  # bytes [forwarded, received): read, not yet passed on
+        self.raw = False  # the protocol changed: a plain pump from now on
+
+    def start(self) -> None:
+        leftover = self.relay.leftover
+        if leftover:  # pipelined after the first head in the first read: checked like any read
+            self.relay.loop.run_callback(self._take, leftover)
+        else:
+            super().start()
+
+    def _take(self, data: bytes) -> None:
+        if self.relay is None:  # ended before this ran
+            return
+        try:
+            self.received += len(data)
+            if self._pass_on(data):
+                self.reader.start(self.on_readable)
+        except BaseException:
+            self.relay.abort("error")
+            raise
+
+    def on_readable(self) -> None:
+        if self.raw:
+            super().on_readable()
+            return
+        owner = self.relay
+        try:
+            for _ in range(ROUNDS):
+                parser = self.parser
+                if HAVE_SPLICE and parser.body_left >= CHUNK and parser.checked == self.received:
+                    if not self._splice_body():
+                        break
+                elif not self._read_and_check():
+                    break
+                if self.raw:
+                    break
+            if self.pipe is not None and not self.piped:
+                PIPES.put(self.pipe)
+                self.pipe = None
+        except BaseException:
+            owner.abort("error")
+            raise
+
+    def _splice_body(self) -> bool:
+        """Splice body bytes, no more than the body holds: the next head must come through Python."""
+        if self.pipe is None:
+            try:
+                self.pipe = PIPES.get()
+            except OSError:  # out of descriptors: copy this round instead
+                return self._read_and_check()
+        want = min(PIPE_SIZE, self.parser.body_left)
+        try:
+            n = relay._splice(self.src_fd, self.pipe[1], want, flags=relay._SPLICE_FLAGS)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.relay.abort("client_reset")
+            return False
+        if not n:
+            self._on_eof()
+            return False
+        self.relay.touch()
+        self.parser.skip(n)
+        self.received += n
+        self.forwarded += n
+        self.piped = n
+        return self._drain_pipe() and n == want
+
+    def _read_and_check(self) -> bool:
+        try:
+            data = self.src.recv(CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.relay.abort("client_reset")
+            return False
+        if not data:
+            self._on_eof()
+            return False
+        owner = self.relay
+        owner.last_activity = owner.loop.now()  # touch() inlined: this runs per request
+        self.received += len(data)
+        self.parser.feed(data)
+        return self._pass_on(data) and len(data) == CHUNK
+
+    def _pass_on(self, data: bytes) -> bool:
+        """Check the requests the parser can now read; send what may go. False when reading should stop."""
+        owner = self.relay
+        parser = self.parser
+        refusal = None
+        try:
+            while (event := parser.next_event()) is not httpstream.NEED_MORE:
+                if not owner.allows(event.domain):
+                    refusal = sniff.HostChanged(
+                        f"request for {event.domain or 'no Host'} routes to another entry than this connection's"
+                    )
+                    limit = event.start
+                    break
+            else:
+                limit = parser.checked
+        except sniff.GatewayError as exc:
+            limit, refusal = parser.checked, exc
+        if self.held:
+            data = self.held + data
+        count = limit - self.forwarded
+        self.forwarded = limit
+        if count < len(data):
+            self.held = data[count:]
+            data = data[:count]
+        else:
+            self.held = b""
+        if data:
+            try:
+                sent = self.dst.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                owner.abort("backend_reset")
+                return False
+            owner.result.bytes_up += sent
+            if sent < len(data):
+                self.pending = memoryview(data)[sent:]
+                self._wait_writable()
+                if refusal is not None:
+                    owner.refused(refusal, self.held)  # stop_up once the pending bytes have gone
+                return False
+        if refusal is not None:
+            owner.refused(refusal, self.held)
+            self.stop_up()
+            return False
+        return True
+
+    def on_writable(self) -> None:
+        super().on_writable()
+        owner = self.relay
+        if owner is not None and owner.refusal is not None and self.pending is None and not self.piped:
+            self.stop_up()
+
+    def stop_up(self) -> None:
+        """A request was refused and all before it has gone: read no more, and tell the backend so."""
+        self.reader.stop()
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:  # already gone: the down direction ends the relay
+            pass
+        if not self.relay.down_open:  # the backend had closed, and the client has its FIN: nothing to answer on
+            self.relay._end()
+
+    def go_raw(self) -> None:
+        """The backend switched protocols: pass on what is held, then pump without parsing."""
+        self.raw = True
+        self.parser = None
+        held, self.held = self.held, b""
+        if not held:
+            return
+        if self.pending is not None:
+            self.pending = memoryview(bytes(self.pending) + held)
+            return
+        try:
+            sent = self.dst.send(held)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.relay.abort("backend_reset")
+            return
+        self._count(sent)
+        if sent < len(held):
+            self.pending = memoryview(held)[sent:]
+            self._wait_writable()
+
+
+class _StrictDown(relay._Direction):
+    """Backend -> client: a plain pump that may look at the first response's status, and answers a refusal."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, owner: StrictRelay, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        super().__init__(owner, src, dst, up)
+        self.status = b""
+
+    def start(self) -> None:
+        if self.relay.awaiting:  # the plain pump's callback stays free of the check: it runs per response
+            self.reader.start(self.on_inspect)
+        else:
+            super().start()
+
+    def on_inspect(self) -> None:
+        if self._inspect():
+            self.reader.stop()
+            self.reader.start(self.on_readable)
+            self.on_readable()
+
+    def _inspect(self) -> bool:
+        """Read up to the first 12 bytes of the response and decide; True if pumping may go on now."""
+        owner = self.relay
+        try:
+            try:
+                data = self.src.recv(STATUS_BYTES - len(self.status))
+            except BlockingIOError:
+                return False
+            except OSError:
+                owner.abort("backend_reset")
+                return False
+            if not data:
+                self._on_eof()
+                return False
+            owner.touch()
+            self.status += data
+            if len(self.status) == STATUS_BYTES:
+                if owner.refusal is None and _SWITCHED[owner.awaiting].match(self.status):
+                    owner.up.go_raw()  # before the client sees the 101: its next bytes are the new protocol's
+                owner.awaiting = ""
+            try:
+                sent = self.dst.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                owner.abort("client_reset")
+                return False
+            self._count(sent)
+            if sent < len(data):
+                self.pending = memoryview(data)[sent:]
+                self._wait_writable()
+                return False
+            return not owner.awaiting
+        except BaseException:
+            owner.abort("error")
+            raise
+
+    def _on_eof(self) -> None:
+        owner = self.relay
+        if owner.refusal is None:
+            owner.down_open = False
+            super()._on_eof()
+            return
+        self.reader.stop()
+        owner.down_open = False
+        owner.answer()
+
+
+class StrictRelay(relay.Relay):
+    """A relay for one strict HTTP connection whose first request, up to ``first_end``, has gone to the backend."""
+
+    __slots__ = (
+        "allows",
+        "answering",
+        "awaiting",
+        "down_open",
+        "first_end",
+        "leftover",
+        "lingered",
+        "parser",
+        "refusal",
+        "refuse",
+        "reply",
+    )
+    up_class = _StrictUp
+    down_class = _StrictDown
+
+    def __init__(
+        self,
+        client: socket.socket,
+        backend: socket.socket,
+        idle_timeout: float,
+        on_done: Callable[[relay.RelayResult], None],
+        result: relay.RelayResult,
+        *,
+        parser: httpstream.RequestStream,
+        first: httpstream.Request,
+        leftover: bytes,
+        allows: Callable[[str | None], bool],
+        refuse: Callable[[sniff.GatewayError, bytes], bytes],
+    ) -> None:
+        self.parser = parser
+        self.first_end = first.end
+        self.leftover = leftover  # bytes of the first read after the first head, fed to the parser already
+        self.allows = allows
+        self.refuse = refuse
+        self.refusal: sniff.GatewayError | None = None
+        self.reply = b""
+        self.awaiting = first.upgrade  # "upgrade" or "connect" until the first response's status is read
+        self.down_open = True
+        self.answering = False
+        self.lingered = 0
+        super().__init__(client, backend, idle_timeout, on_done, result)
+
+    def refused(self, error: sniff.GatewayError, rest: bytes) -> None:
+        """A request will not be passed on; ``rest`` are the client's bytes from its first byte on."""
+        self.refusal = error
+        self.result.outcome = error.outcome
+        self.reply = self.refuse(error, rest)
+
+    def abort(self, outcome: str, reset: bool = True) -> None:
+        """As Relay's, except that a refused connection whose backend went quiet still gets its answer."""
+        if (
+            outcome == "idle_timeout"
+            and self.refusal is not None
+            and not self.answering
+            and self.down.pending is None
+            and not self.down.piped
+        ):
+            try:  # the backend is cut: a reset tells it so
+                self.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, relay._LINGER_RESET)
+            except OSError:
+                pass
+            self.answer()
+            return
+        super().abort(outcome, reset)
+
+    def answer(self) -> None:
+        """The responses owed have gone: send the reply, a FIN, read briefly what the client still sends, close."""
+        if self.answering or self.timer is None:
+            return
+        self.answering = True
+        self.result.outcome = self.refusal.outcome
+        self.down.reader.stop()
+        self.up.reader.stop()
+        if self.up.writer is not None:  # bytes before the refused request still on their way to a closed backend
+            self.up.writer.stop()
+        self.timer.close()
+        self.timer = self.loop.timer(ANSWER_SECONDS)
+        self.timer.start(self._end)
+        self.reply = memoryview(self.reply)
+        self._send_reply()
+
+    def _send_reply(self) -> None:
+        try:
+            sent = self.client.send(self.reply)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client is gone: the close is all it gets
+            self._end()
+            return
+        self.reply = self.reply[sent:]
+        down = self.down
+        if self.reply:
+            if down.writer is None:
+                down.writer = self.loop.io(down.dst_fd, _WRITE)
+            down.writer.start(self._send_reply)
+            return
+        if down.writer is not None:
+            down.writer.stop()
+        try:
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._end()
+            return
+        self.up.reader.start(self._linger)
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, until it closes: closing on unread bytes would reset."""
+        while True:
+            try:
+                data = self.client.recv(CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            self.lingered += len(data)
+            if not data or self.lingered >= LINGER_BYTES:
+                self._end()
+                return

@@ -1,0 +1,386 @@
+"""Strict keep-alive routing (http_strict_host) through the gateway subprocess, with real clients and backends.
+
+The backends record every request they receive on each connection, parsed the
+way a plain HTTP/1.1 server does, so each test can say what reached them: a
+request that routes to another route entry never does, whatever the client
+pipelines, however it splits its bytes, whatever its bodies look like.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+
+import pytest
+from conftest import TIMEOUT, read_all
+
+LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
+
+
+class RecordingBackend:
+    """A keep-alive HTTP/1.1 server on 127.0.0.1:0 that records each request of each connection.
+
+    Answers ``200`` with a body naming the request; ``/large`` gets LARGE bytes; ``/ws`` with
+    Upgrade gets ``101`` and CONNECT gets ``200``, then the connection echoes raw bytes; ``/silent``
+    gets no answer at all; after ``/close`` the backend closes.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.connections: list[list[dict]] = []
+        self.raw: list[bytes] = []  # what each tunnel echoed
+        self.errors: list[BaseException] = []
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            requests: list[dict] = []
+            self.connections.append(requests)
+            thread = threading.Thread(target=self._serve, args=(conn, requests), daemon=True)
+            self.threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket, requests: list[dict]) -> None:
+        conn.settimeout(TIMEOUT * 3)
+        try:
+            with conn, conn.makefile("rb") as rfile:
+                while True:
+                    line = rfile.readline()
+                    if not line:
+                        return
+                    method, target, _ = line.decode("latin-1").split(" ", 2)
+                    fields = {}
+                    while (field := rfile.readline()) not in (b"\r\n", b""):
+                        name, _, value = field.decode("latin-1").partition(":")
+                        fields[name.strip().lower()] = value.strip()
+                    body, trailers = b"", {}
+                    if fields.get("transfer-encoding") == "chunked":
+                        while size := int(rfile.readline().split(b";")[0], 16):
+                            body += rfile.read(size)
+                            assert rfile.read(2) == b"\r\n"
+                        while (field := rfile.readline()) not in (b"\r\n", b""):
+                            name, _, value = field.decode("latin-1").partition(":")
+                            trailers[name.strip().lower()] = value.strip()
+                    elif "content-length" in fields:
+                        body = rfile.read(int(fields["content-length"]))
+                    host = fields.get("host")
+                    requests.append(
+                        {"method": method, "target": target, "host": host, "body": body, "trailers": trailers}
+                    )
+                    if target == "/silent":  # a backend that hangs: only the gateway's idle_timeout ends it
+                        self.stopping.wait(TIMEOUT * 3)
+                        return
+                    if (target == "/ws" and "upgrade" in fields) or method == "CONNECT":
+                        status = b"101 Switching Protocols" if method != "CONNECT" else b"200 Connection established"
+                        conn.sendall(b"HTTP/1.1 " + status + b"\r\n\r\n")
+                        self._echo(conn, rfile)
+                        return
+                    reply = f"{self.name} {method} {target} {len(body)}".encode()
+                    if target == "/large":
+                        reply = b"L" * LARGE
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
+                    if target == "/close":
+                        return
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def _echo(self, conn: socket.socket, rfile) -> None:
+        echoed = b""
+        while data := rfile.read1(65536):
+            echoed += data
+            conn.sendall(data)
+        self.raw.append(echoed)
+
+    def requests(self) -> list[dict]:
+        return [r for c in self.connections for r in c]
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.server.close()
+        self.thread.join(TIMEOUT)
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def strict(start_gateway):
+    """Start a gateway in strict mode with two entries on one backend (a, c) and one on another (b)."""
+    made = []
+
+    def start(strict: bool = True, extra: str = "", env: dict | None = None):
+        one, two = RecordingBackend("one"), RecordingBackend("two")
+        made.extend((one, two))
+        gw = start_gateway(
+            f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n'
+            f"http_strict_host = {'true' if strict else 'false'}\n{extra}\n"
+            f'[http_backends]\n"a.example" = "{one.address}"\n"*.a.example" = "{one.address}"\n'
+            f'"c.example" = "{one.address}"\n"b.example" = "{two.address}"\n',
+            env=env,
+        )
+        return gw, one, two
+
+    yield start
+    for backend in made:
+        backend.close()
+
+
+def get(host: str, target: str = "/", extra: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def post(host: str, body: bytes, target: str = "/up") -> bytes:
+    return f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+def responses(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a response stream (Content-Length framed, as our backends and the gateway write it)."""
+    out = []
+    while data:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        assert sep, data[:200]
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        out.append((status, rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def talk(address, pieces: list[bytes], pause: float = 0.0) -> bytes:
+    """Send ``pieces`` one by one (each its own segment), half-close, then read to EOF."""
+    with socket.create_connection(address, timeout=TIMEOUT) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for piece in pieces:
+            sock.sendall(piece)
+            if pause:
+                time.sleep(pause)  # not synchronisation: spreads the pieces over several reads of the gateway
+        sock.shutdown(socket.SHUT_WR)
+        return read_all(sock)
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """A response head, read a byte at a time so that nothing after it is taken."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        byte = sock.recv(1)
+        assert byte, head
+        head += byte
+    return head
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+# --------------------------------------------------------------------------
+
+
+def test_another_entry_pipelined_after_a_large_response_gets_421_after_it(strict):
+    gw, one, two = strict()
+    data = talk(gw.http, [get("a.example", "/large") + get("b.example", "/stolen") + get("a.example", "/after")])
+    got = responses(data)
+    assert [status for status, _ in got] == [200, 421]
+    assert got[0][1] == b"L" * LARGE
+    assert b"another host" in got[1][1]
+    assert [r["target"] for r in one.requests()] == ["/large"]
+    assert two.requests() == []
+    line = gw.connection_log(domain="a.example")
+    assert line["outcome"] == "host_changed" and "b.example" in line["reason"]
+
+
+def test_strict_off_keeps_the_old_behaviour(strict):
+    """The bypass strict mode closes: without it, the second request reaches the first backend."""
+    gw, one, _ = strict(strict=False)
+    data = talk(gw.http, [get("a.example") + get("b.example", "/stolen")])
+    assert [status for status, _ in responses(data)] == [200, 200]
+    assert [r["host"] for r in one.requests()] == ["a.example", "b.example"]
+
+
+def test_same_backend_address_but_another_entry_is_refused(strict):
+    gw, one, _ = strict()
+    data = talk(gw.http, [get("a.example") + get("c.example", "/stolen")])
+    assert [status for status, _ in responses(data)] == [200, 421]
+    assert [r["host"] for r in one.requests()] == ["a.example"]
+
+
+@pytest.mark.parametrize("size", [1, 7, 100])
+def test_same_entry_split_anywhere_is_forwarded_and_another_never(strict, size):
+    gw, one, two = strict()
+    stream = (
+        get("a.example", "/1")
+        + post("A.Example:80", get("b.example", "/hidden"), "/2")  # a body that looks like a request
+        + get("x.a.example", "/3")  # another name, the same entry? no: *.a.example is an entry of its own
+    )
+    data = talk(gw.http, split(stream, size), pause=0.001 if size > 1 else 0.0)
+    assert [status for status, _ in responses(data)] == [200, 200, 421]
+    assert [(r["target"], r["body"]) for r in one.requests()] == [("/1", b""), ("/2", get("b.example", "/hidden"))]
+    assert two.requests() == []
+
+
+def test_chunked_body_with_trailers_then_another_entry(strict):
+    gw, one, two = strict()
+    hidden = get("b.example", "/hidden")
+    body = b"5;ext=1\r\nhello\r\n%x\r\n%s\r\n0\r\nX-Sum: 7\r\n\r\n" % (len(hidden), hidden)
+    head = b"POST /chunks HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n"
+    data = talk(gw.http, split(head + body + get("a.example", "/next") + get("b.example"), 13), pause=0.001)
+    assert [status for status, _ in responses(data)] == [200, 200, 421]
+    first, second = one.requests()
+    assert first["body"] == b"hello" + hidden and first["trailers"] == {"x-sum": "7"}
+    assert second["target"] == "/next"
+    assert two.requests() == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",  # CL.TE
+        "Transfer-Encoding: xchunked\r\n",  # TE.TE
+        "Content-Length: 5\r\nContent-Length: 6\r\n",
+    ],
+)
+def test_ambiguous_framing_is_400_in_the_first_request_and_later(strict, fields):
+    gw, one, _ = strict()
+    bad = f"POST / HTTP/1.1\r\nHost: a.example\r\n{fields}\r\n".encode() + b"0\r\n\r\nhello"
+    data = talk(gw.http, [bad])
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert one.connections == []  # not even connected
+    data = talk(gw.http, [get("a.example") + bad])
+    assert [status for status, _ in responses(data)] == [200, 400]
+    assert [r["target"] for r in one.requests()] == ["/"]
+    assert gw.connection_log(outcome="bad_request", domain="a.example")
+
+
+def test_upgrade_101_ends_inspection(strict):
+    gw, one, _ = strict()
+    upgrade = get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(upgrade)
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        tunnel = get("b.example", "/in-the-tunnel")
+        sock.sendall(tunnel)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == tunnel
+    assert one.raw == [tunnel]
+
+
+def test_upgrade_refused_by_the_backend_keeps_inspecting(strict):
+    gw, one, _ = strict()
+    refused = get("a.example", "/no-ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    data = talk(gw.http, [refused + get("b.example", "/stolen")])
+    assert [status for status, _ in responses(data)] == [200, 421]
+    assert [r["target"] for r in one.requests()] == ["/no-ws"]
+
+
+def test_connect_200_ends_inspection(strict):
+    gw, _, _ = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n")
+        assert read_head(sock).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"\x16\x03\x01 not http at all")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b"\x16\x03\x01 not http at all"
+
+
+def test_silent_backend_answered_after_idle_timeout(strict):
+    gw, one, _ = strict(extra="idle_timeout = 1.0")
+    started = time.monotonic()
+    data = talk(gw.http, [get("a.example", "/silent") + get("b.example", "/stolen")])
+    assert data.startswith(b"HTTP/1.1 421 ") and time.monotonic() - started >= 0.9
+    assert [r["target"] for r in one.requests()] == ["/silent"]
+    assert gw.connection_log(outcome="host_changed")
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_large_upload_passes_and_the_next_head_is_still_checked(strict, mode):
+    gw, one, _ = strict(env={"KIAGATEWAY_NO_SPLICE": "1"} if mode == "copy" else None)
+    body = bytes(range(256)) * 8192  # 2 MiB: spliced past the parser when splice is there
+    data = talk(gw.http, [post("a.example", body) + get("a.example", "/next") + get("b.example")])
+    assert [status for status, _ in responses(data)] == [200, 200, 421]
+    first, second = one.requests()
+    assert first["body"] == body and second["target"] == "/next"
+    line = gw.connection_log(outcome="host_changed")
+    assert line["bytes_up"] == len(post("a.example", body) + get("a.example", "/next"))
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    head = read_head(sock)
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    body = b""
+    while len(body) < length:
+        data = sock.recv(length - len(body))
+        assert data, head
+        body += data
+    return int(head.split(b" ")[1]), body
+
+
+def test_the_table_in_force_when_the_request_arrives_decides(strict):
+    """A reload that keeps the entry keeps the connection; one that moves the name refuses its next request."""
+    gw, one, two = strict()
+    text = gw.config.read_text()
+    reloads: list[dict] = []
+
+    def reload(new_text: str) -> None:
+        gw.config.write_text(new_text)
+        gw.proc.send_signal(signal.SIGHUP)
+        reloads.append(
+            gw.wait_for(lambda line: line.get("message") == "config reloaded" and all(line is not r for r in reloads))
+        )
+
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1"))
+        assert read_response(sock)[0] == 200
+        reload(text.replace('"b.example"', '"d.example"'))  # another table, the same entry for a.example
+        sock.sendall(get("a.example", "/2"))
+        assert read_response(sock)[0] == 200
+        reload(text.replace(f'"a.example" = "{one.address}"', f'"a.example" = "{two.address}"'))
+        sock.sendall(get("a.example", "/3"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert [r["target"] for r in one.requests()] == ["/1", "/2"]
+    assert two.requests() == []
+
+
+def test_refused_after_the_backend_closed_ends_the_connection(strict):
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/close"))
+        assert read_response(sock)[0] == 200
+        assert sock.recv(100) == b""  # the backend's FIN, passed on
+        sock.sendall(get("b.example", "/stolen"))  # the client may still write: half-close
+        line = gw.connection_log(outcome="host_changed")
+    assert "b.example" in line["reason"]
+    assert [r["target"] for r in one.requests()] == ["/close"] and two.requests() == []
+
+
+def test_a_later_upgrade_does_not_end_inspection(strict):
+    """Only the first response's start is known without parsing responses: a later 101 is passed on, not trusted."""
+    gw, one, two = strict()
+    upgrade = get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1") + upgrade)
+        assert read_response(sock)[0] == 200
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        sock.sendall(get("b.example", "/stolen"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert [r["target"] for r in one.requests()] == ["/1", "/ws"]
+    assert one.raw == [b""]  # the tunnel got nothing: the request that routes elsewhere was held back
+    assert two.requests() == []
