@@ -1,0 +1,108 @@
+"""Scale: thousands of concurrent relays with traffic trickling on each; memory per relay and time to set them up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from conftest import (
+    TIMEOUT,
+    assert_back_to_baseline,
+    baseline,
+    pick,
+    record,
+    rss_kib,
+    served,
+    stress_toml,
+    tracebacks,
+)
+from hellos import real_hello
+
+CONNECTS_IN_FLIGHT = 256  # within the listen backlog, so a burst of SYNs is not dropped and retried after 1 s
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def _scale(gw, count: int, trickle_seconds: float, pids: list[int]) -> dict[str, float]:
+    heads = [b"GET / HTTP/1.1\r\nHost: r.example\r\n\r\n!", real_hello("r.example") + b"!"]
+    gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def open_one(i: int) -> None:
+        head = heads[i % 2]
+        async with gate:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*(gw.https if i % 2 else gw.http)), TIMEOUT)
+            writer.write(head)
+            await asyncio.wait_for(reader.readexactly(len(head)), TIMEOUT * 3)
+        conns.append((reader, writer))
+
+    rss_before = rss_kib(pids)
+    started = time.monotonic()
+    await asyncio.gather(*(open_one(i) for i in range(count)))
+    setup = time.monotonic() - started
+    rss_set_up = rss_kib(pids)
+    echoes = 0
+
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, offset: float) -> None:
+        nonlocal echoes
+        await asyncio.sleep(offset)  # spread the ticks over the second
+        end = time.monotonic() + trickle_seconds
+        while time.monotonic() < end:
+            writer.write(b"t")
+            await asyncio.wait_for(reader.readexactly(1), TIMEOUT * 3)
+            echoes += 1
+            await asyncio.sleep(1.0)  # the trickle's pace: a byte a second on each relay
+
+    await asyncio.gather(*(trickle(r, w, (i % 100) / 100) for i, (r, w) in enumerate(conns)))
+    rss_trickled = rss_kib(pids)
+    for _, writer in conns:
+        writer.close()
+    return {
+        "setup": setup,
+        "per_relay": (rss_set_up - rss_before) / count,
+        "per_relay_trickled": (rss_trickled - rss_before) / count,
+        "echoes": echoes,
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_relays(start_gateway, backends, workers: int) -> None:
+    count = pick(1000, 10000)
+    trickle_seconds = pick(3.0, 10.0)
+
+    async def run() -> dict:
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=4096)
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        extra = f"workers = {workers}\nmax_connections = {count + 1000}"
+        gw = start_gateway(stress_toml(backends, {"r.example": address}, {"r.example": address}, extra))
+        pids, before = baseline(gw)
+        try:
+            figures = await _scale(gw, count, trickle_seconds, pids)
+        finally:
+            server.close()
+        return {"gw": gw, "pids": pids, "before": before, **figures}
+
+    result = asyncio.run(run())
+    gw, pids = result["gw"], result["pids"]
+    assert result["echoes"] >= count * int(trickle_seconds) * 0.9, result["echoes"]
+    assert served(gw)
+    assert_back_to_baseline(pids, result["before"], TIMEOUT * 3)
+    assert not tracebacks(gw)
+    name = f"scale, {count} relays, {workers} worker{'s' if workers > 1 else ''}"
+    record(name, "time to set them all up", f"{result['setup']:.2f} s ({count / result['setup']:.0f}/s)")
+    record(
+        name,
+        "gateway RSS per relay, set up / after trickling",
+        f"{result['per_relay']:.2f} / {result['per_relay_trickled']:.2f} KiB",
+    )
+    record(name, f"bytes echoed in {trickle_seconds:g} s of trickle", result["echoes"])
