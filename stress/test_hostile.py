@@ -10,10 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import (
     ROOT,
     TIMEOUT,
     assert_back_to_baseline,
+    base,
     baseline,
     fds,
     p99,
@@ -28,6 +30,8 @@ from conftest import (
     wait_until,
 )
 from hellos import real_hello
+
+import kiagateway
 
 
 async def probe(address: tuple[str, int], payload: bytes, limit: float) -> tuple[str, bytes, float]:
@@ -181,10 +185,15 @@ def mutate(rng: random.Random, seed: bytes, tokens: list[bytes]) -> bytes:
     return bytes(data)
 
 
-def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, backends) -> None:
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "behind-trusted-proxy"])
+def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, backends, proxied: bool) -> None:
+    """Behind a trusted proxy, each preamble comes after a PROXY v1 or v2 header, mutated with it."""
     count = pick(1000, 10000)
     preamble_timeout = 1.0  # short, so that the incomplete ones end soon
-    gw = start_gateway(stress_toml(backends, {}, {}, f"preamble_timeout = {preamble_timeout}\nmax_preamble = 16384"))
+    extra = f"preamble_timeout = {preamble_timeout}\nmax_preamble = 16384"
+    if proxied:
+        extra += '\ntrusted_proxies = ["127.0.0.1"]'
+    gw = start_gateway(stress_toml(backends, {}, {}, extra))
     pids, before = baseline(gw)
     heads, hellos, tokens = _corpus()
     rng = random.Random(1313)
@@ -194,6 +203,8 @@ def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, bac
         if rng.random() < 0.1:  # now and then the other listener's kind
             listener = "http" if listener == "https" else "https"
         seed = rng.choice(hellos if i % 2 else heads)
+        if proxied:  # documentation addresses (RFC 5737): bytes in a header, never a destination
+            seed = kiagateway.proxy_header(rng.choice(("v1", "v2")), ("192.0.2.1", 40000), ("198.51.100.1", 443)) + seed
         jobs.append((getattr(gw, listener), mutate(rng, seed, tokens)))
     limit = preamble_timeout + 5.0  # the gateway's deadline, and room for this loaded machine
 
@@ -205,7 +216,12 @@ def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, bac
     elapsed = time.monotonic() - started
     late = [(jobs[i][1][:60], r) for i, r in enumerate(results) if r[0] not in ("eof", "reset")]
     assert not late, late[:5]
-    assert served(gw)
+    if proxied:  # a normal client behind the proxy
+        header = kiagateway.proxy_header("v1", ("192.0.2.1", 40000), ("198.51.100.1", 80))
+        reply = base.exchange(gw.http, header + b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 200")
+    else:
+        assert served(gw)
     assert_back_to_baseline(pids, before)
     assert not tracebacks(gw), tracebacks(gw)[:3]
     outcomes: dict[str, int] = {}
@@ -213,7 +229,7 @@ def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, bac
         if line.get("message") == "connection":
             outcomes[line["outcome"]] = outcomes.get(line["outcome"], 0) + 1
     answered = sum(1 for r in results if r[1])
-    name = f"malformed preambles, {count}"
+    name = f"malformed preambles, {count}" + (", after a PROXY header" if proxied else "")
     record(name, "answered / closed silently / not ended in time", f"{answered} / {count - answered} / {len(late)}")
     record(
         name, "slowest end (preamble_timeout 1 s) / wall time", f"{max(r[2] for r in results):.2f} s / {elapsed:.1f} s"

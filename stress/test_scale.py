@@ -13,6 +13,7 @@ from conftest import (
     TIMEOUT,
     assert_back_to_baseline,
     baseline,
+    cpu_seconds,
     pick,
     record,
     rss_kib,
@@ -49,6 +50,11 @@ asyncio.run(main())
 """
 
 
+# A byte per relay every TICK seconds at most this many a second in all: asyncio in this process, the
+# gateway and the echo process share two cores, and the test's own loop must not be the bottleneck.
+TICKS_PER_SECOND = 2000
+
+
 async def _scale(gw, count: int, trickle_seconds: float, pids: list[int]) -> dict[str, float]:
     heads = [b"GET / HTTP/1.1\r\nHost: r.example\r\n\r\n!", real_hello("r.example") + b"!"]
     gate = asyncio.Semaphore(CONNECTS_IN_FLIGHT)
@@ -63,21 +69,26 @@ async def _scale(gw, count: int, trickle_seconds: float, pids: list[int]) -> dic
         conns.append((reader, writer))
 
     rss_before = rss_kib(pids)
+    cpu_before = cpu_seconds(pids)
     started = time.monotonic()
     await asyncio.gather(*(open_one(i) for i in range(count)))
     setup = time.monotonic() - started
+    setup_cpu = cpu_seconds(pids) - cpu_before
     rss_set_up = rss_kib(pids)
     echoes = 0
+    tick = max(1.0, count / TICKS_PER_SECOND)
+    end = time.monotonic() + trickle_seconds
 
     async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, offset: float) -> None:
         nonlocal echoes
-        await asyncio.sleep(offset)  # spread the ticks over the second
-        end = time.monotonic() + trickle_seconds
-        while time.monotonic() < end:
+        await asyncio.sleep(offset * tick)  # spread the relays' ticks over the period
+        while True:
             writer.write(b"t")
             await asyncio.wait_for(reader.readexactly(1), TIMEOUT * 3)
             echoes += 1
-            await asyncio.sleep(1.0)  # the trickle's pace: a byte a second on each relay
+            if time.monotonic() + tick > end:
+                return
+            await asyncio.sleep(tick)  # the trickle's pace
 
     await asyncio.gather(*(trickle(r, w, (i % 100) / 100) for i, (r, w) in enumerate(conns)))
     rss_trickled = rss_kib(pids)
@@ -85,16 +96,20 @@ async def _scale(gw, count: int, trickle_seconds: float, pids: list[int]) -> dic
         writer.close()
     return {
         "setup": setup,
+        "setup_cpu": setup_cpu,
         "per_relay": (rss_set_up - rss_before) / count,
         "per_relay_trickled": (rss_trickled - rss_before) / count,
         "echoes": echoes,
+        "tick": tick,
     }
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_concurrent_relays(start_gateway, backends, workers: int) -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    count = min(pick(1000, 10000), (hard - 200) // 2)  # a single worker holds both ends of each relay
+    count = pick(1000, 10000)
+    if workers == 1:
+        count = min(count, (hard - 200) // 2)  # a single worker holds both ends of each relay
     trickle_seconds = pick(3.0, 10.0)
     backend = subprocess.Popen([sys.executable, "-c", ECHO], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     try:
@@ -109,13 +124,16 @@ def test_concurrent_relays(start_gateway, backends, workers: int) -> None:
         backend.kill()
         backend.wait(TIMEOUT)
         backend.stdout.close()
-    assert result["echoes"] >= count * int(trickle_seconds) * 0.9, result["echoes"]
+    assert result["echoes"] >= count  # every relay echoed every byte it was sent (a lost one times out above)
     assert not tracebacks(gw)
     name = f"scale, {count} relays, {workers} worker{'s' if workers > 1 else ''}"
     record(name, "time to set them all up", f"{result['setup']:.2f} s ({count / result['setup']:.0f}/s)")
+    record(name, "gateway CPU per relay set up", f"{result['setup_cpu'] / count * 1e6:.0f} us")
     record(
         name,
         "gateway RSS per relay, set up / after trickling",
         f"{result['per_relay']:.2f} / {result['per_relay_trickled']:.2f} KiB",
     )
-    record(name, f"bytes echoed in {trickle_seconds:g} s of trickle", result["echoes"])
+    record(
+        name, f"bytes echoed in {trickle_seconds:g} s, a byte per relay every {result['tick']:g} s", result["echoes"]
+    )
