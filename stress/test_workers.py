@@ -118,19 +118,29 @@ def test_kill_a_worker_under_load(start_gateway, backends, raw_backend) -> None:
         stop.set()
         loader.join(TIMEOUT)
     failed, survived = [], []
+    ends = {"eof": 0, "reset": 0}
     for sock, port in zip(held, ports):
         try:
-            sock.sendall(b"still there?")
+            sock.setblocking(False)
+            end = "eof" if sock.recv(65536) == b"" else "data"  # the killed worker's kernel closed it: a FIN
+        except BlockingIOError:
+            end = "open"
+        except ConnectionResetError:
+            end = "reset"
+        if end in ends:
+            ends[end] += 1
+        ok = False
+        if end == "open":
             sock.settimeout(TIMEOUT)
+            sock.sendall(b"still there?")
             ok = sock.recv(65536) == b"still there?"
-        except OSError:
-            ok = False
         (survived if ok else failed).append(port)
         sock.close()
     assert set(failed) == victim_ports, "a connection the killed worker did not hold failed, or one it held lived"
     assert not tracebacks(gw)
     name = "workers: kill -9 of one of 2 under load"
     record(name, "held relays: on the killed worker failed / elsewhere survived", f"{len(failed)} / {len(survived)}")
+    record(name, "how the failed ones ended: FIN / reset", f"{ends['eof']} / {ends['reset']}")
     record(name, "short requests during: served / failed", f"{short['ok']} / {short['failed']}")
     record(name, "a replacement worker served after", f"{serves_after:.2f} s")
     assert serves_after < 1.0, f"the replacement served {serves_after:.2f} s after the kill"
