@@ -89,16 +89,33 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     version = "long" if _LONG["on"] else "short"
     rows = ["| scenario | figure | value |", "|---|---|---:|"]
     rows += [f"| {s} | {f} | {v} |" for s, f, v in _FIGURES]
-    head = f"Stress suite, {version} version, {when}; {machine()}; exit status {int(exitstatus)}."
+    stats = terminalreporter.stats
+    counts = f"{len(stats.get('passed', []))} passed, {len(stats.get('failed', []))} failed"
+    head = f"Stress suite, {version} version, {when}; {machine()}; {counts}."
     terminalreporter.section("stress figures")
     terminalreporter.write_line(head)
     for row in rows:
         terminalreporter.write_line(row)
-    (HERE / "results.md").write_text(
-        "# Stress figures\n\n"
-        f"{head}\n\nWritten by `pytest stress/` (short) or `pytest -m stress stress/` (long); "
-        "see stress/conftest.py.\n\n" + "\n".join(rows) + "\n"
-    )
+    write_results(version, head, rows)
+
+
+RESULTS_INTRO = (
+    "# Stress figures\n\nWritten by `pytest stress/` (the short version, run by CI) and `pytest -m stress stress/`"
+    " (the long one): each run replaces its own version's section. See stress/conftest.py.\n"
+)
+
+
+def write_results(version: str, head: str, rows: list[str]) -> None:
+    """Replace this version's section of results.md, keeping the other version's last figures."""
+    path = HERE / "results.md"
+    sections = {}
+    if path.exists():
+        for part in path.read_text().split("\n## ")[1:]:
+            title, _, body = part.partition("\n")
+            sections[title.strip()] = body.strip()
+    sections[f"{version.capitalize()} version"] = head + "\n\n" + "\n".join(rows)
+    order = [t for t in ("Long version", "Short version") if t in sections]
+    path.write_text(RESULTS_INTRO + "".join(f"\n## {t}\n\n{sections[t]}\n" for t in order))
 
 
 @pytest.fixture(scope="session", autouse=True)
