@@ -219,6 +219,7 @@ class _Server(gevent.server.StreamServer):
             self.gateway.log.error(
                 "accept failed, pausing this listener", address=format_address(self.address), cause=str(exc)
             )
+            self.gateway.starved = True
             raise _AcceptPaused() from exc
         client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         client.setblocking(False)
@@ -251,6 +252,7 @@ class Gateway:
         self.servers: list[_Server] = []
         self.open = 0  # connections accepted and not yet closed, relays included
         self.paused = False  # accepting stopped at max_connections
+        self.starved = False  # an accept failed (out of descriptors): gevent retries after up to 1 s, a close at once
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
         # Unique across respawned workers and restarts; an upgrade in place keeps the PID, so it adds its count.
@@ -344,6 +346,10 @@ class Gateway:
         self.open -= 1
         if self.paused:
             self._resume_if_room()
+        elif self.starved:  # a descriptor is free now: accept again without waiting for gevent's back-off
+            self.starved = False
+            for server in self.servers:
+                server._start_accepting_if_started()
         if not self.open:
             self.drained.set()
 

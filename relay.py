@@ -92,6 +92,7 @@ _READ, _WRITE = 1, 2  # libev event masks
 # SIOCOUTQ, a BSD's FIONWRITE where Python names it; None where there is none (OpenBSD).
 _OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
+_LINGER_OFF = struct.pack("ii", 0, 0)  # the default again: close() sends FIN after the bytes still queued
 _now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
 
 if os.environ.get("KIAGATEWAY_MAX_PIPES"):
@@ -460,6 +461,10 @@ class Relay:
     ) -> None:
         self.loop = gevent.get_hub().loop
         self.client, self.backend = client, backend  # non-blocking, owned by the relay from now on
+        # Armed until a graceful end: a process killed outright (kill -9, the OOM killer) runs no code of
+        # ours, and the kernel's close of these sockets must then be a reset, never a FIN taken for the end.
+        _set_linger(client, _LINGER_RESET)
+        _set_linger(backend, _LINGER_RESET)
         self.idle_timeout = idle_timeout
         self.on_done = on_done
         self.result = result or RelayResult()
@@ -518,17 +523,14 @@ class Relay:
         if self.timer is None:
             return  # already ended
         self.result.outcome = outcome
-        if reset:
-            for sock in (self.client, self.backend):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                except OSError:
-                    pass
-        self._end()
+        self._end(reset)
 
-    def _end(self) -> None:
+    def _end(self, reset: bool = False) -> None:
         if self.timer is None:
             return
+        if not reset:  # a graceful end: disarm the reset set at the start, so the close is a FIN after every byte
+            _set_linger(self.client, _LINGER_OFF)
+            _set_linger(self.backend, _LINGER_OFF)
         self.timer.close()
         self.timer = None
         self.up.close()
@@ -536,3 +538,10 @@ class Relay:
         self.client.close()
         self.backend.close()
         self.on_done(self.result)
+
+
+def _set_linger(sock: socket.socket, linger: bytes) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+    except OSError:  # the socket is already gone (reset): its close is all it gets
+        pass

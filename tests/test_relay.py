@@ -220,6 +220,33 @@ def test_client_reset_is_passed_on(raw_gateway):
     assert gw.connection_log(domain="raw.example")["outcome"] == "client_reset"
 
 
+def test_a_killed_gateway_resets_its_relays(raw_gateway):
+    """kill -9 (the OOM killer) runs no code of ours: the kernel closes the relay's sockets, and a close
+    with SO_LINGER 0 is a reset, so neither peer takes a cut stream for a complete one."""
+    backend_end = []
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        conn.sendall(b"hello")
+        try:
+            while conn.recv(65536):
+                pass
+            backend_end.append("eof")
+        except ConnectionResetError:
+            backend_end.append("reset")
+
+    gw, be = raw_gateway(backend)
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(HEAD)
+        assert recv_exactly(sock, 5) == b"hello"
+        gw.proc.kill()
+        gw.proc.wait(TIMEOUT)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(65536)
+    be.check()
+    assert backend_end == ["reset"]
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_proxy_protocol_header_comes_first(start_gateway, version):
     seen = {}
