@@ -8,6 +8,7 @@ pipelines, however it splits its bytes, whatever its bodies look like.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ import time
 
 import pytest
 from conftest import TIMEOUT, read_all
+from test_errors import blackhole  # noqa: F401 - a fixture
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
 
@@ -384,3 +386,48 @@ def test_a_later_upgrade_does_not_end_inspection(strict):
     assert [r["target"] for r in one.requests()] == ["/1", "/ws"]
     assert one.raw == [b""]  # the tunnel got nothing: the request that routes elsewhere was held back
     assert two.requests() == []
+
+
+def syn_sent_to(port: int) -> int:
+    """How many loopback connects to ``port`` wait for a SYN-ACK (Linux's /proc/net/tcp, state 02)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            remote, state = line.split()[2:4]
+            count += state == "02" and int(remote.split(":")[1], 16) == port
+    return count
+
+
+def test_a_reload_during_the_connect_keeps_the_entry_the_backend_was_looked_up_in(start_gateway, blackhole):  # noqa: F811
+    """The entry later requests are compared with is the one the first request was routed by, not a newer one."""
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs /proc/net/tcp to see the gateway's connect wait")
+    one, two = RecordingBackend("one"), RecordingBackend("two")
+    try:
+        text = (
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            "connect_timeout = 2.5\n"  # the window for the reload: long enough under load, short for the suite
+            f'[http_backends]\n"a.example" = ["{blackhole}", "{one.address}"]\n"b.example" = "{two.address}"\n'
+        )
+        gw = start_gateway(text)
+        port = int(blackhole.rsplit(":", 1)[1])
+        waiting = syn_sent_to(port)  # the fixture's own fillers
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(get("a.example", "/1"))
+            deadline = time.monotonic() + TIMEOUT
+            while syn_sent_to(port) == waiting:  # the gateway has looked a.example up and connects to the hole
+                assert time.monotonic() < deadline, "the gateway never connected to the black hole"
+                time.sleep(0.01)
+            # The new table sends both names to one entry: two; the connection's backend stays one.
+            gw.config.write_text(text.split("[http_backends]")[0] + f'[http_backends]\n"*.example" = "{two.address}"\n')
+            gw.proc.send_signal(signal.SIGHUP)
+            gw.wait_for(lambda line: line.get("message") == "config reloaded")
+            assert read_response(sock)[0] == 200  # failed over to one, the old table's entry
+            sock.sendall(get("b.example", "/stolen"))
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+        assert [r["target"] for r in one.requests()] == ["/1"]
+        assert gw.connection_log(outcome="host_changed")
+    finally:
+        one.close()
+        two.close()
