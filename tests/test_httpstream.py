@@ -146,10 +146,19 @@ def test_skip_outside_a_body_is_a_programming_error():
 
 
 def test_upgrade_and_connect_are_flagged():
-    upgrade = get("a.test", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    upgrade = get("a.test", "Connection: Upgrade\r\nUpgrade: WebSocket\r\n")
     connect = b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"
-    requests, final, _ = stream(upgrade + connect + get())
-    assert [r.upgrade for r in requests] == ["upgrade", "connect", ""] and final is NEED_MORE
+    other = get("a.test", "Upgrade: websocket, foo/2\r\n")
+    requests, final, _ = stream(upgrade + connect + other + get())
+    assert [r.upgrade for r in requests] == ["websocket", "connect", "other", ""] and final is NEED_MORE
+
+
+@pytest.mark.parametrize(
+    "fields", ["Upgrade: h2c\r\n", "Upgrade: websocket, H2C/1\r\n", "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"]
+)
+def test_an_upgrade_to_h2c_is_refused(fields):
+    requests, final, _ = stream(get() + get("a.test", fields))
+    assert len(requests) == 1 and final is BadRequest
 
 
 def test_http10_without_host_and_large_batches():

@@ -431,3 +431,31 @@ def test_a_reload_during_the_connect_keeps_the_entry_the_backend_was_looked_up_i
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket, H2C\r\n",
+        "Connection: HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+    ],
+)
+def test_an_h2c_upgrade_is_refused_before_it_reaches_the_backend(strict, fields):
+    """After a 101 to h2c, every HTTP/2 stream could name any host: the request never goes."""
+    gw, one, _ = strict()
+    data = talk(gw.http, [get("a.example", "/ws", fields)])
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert one.requests() == []
+    assert gw.connection_log(outcome="bad_request", domain="a.example")
+
+
+def test_a_101_to_another_protocol_than_websocket_keeps_inspecting(strict):
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: foo/2\r\n"))
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        sock.sendall(get("b.example", "/stolen"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert one.raw == [b""] and two.requests() == []
