@@ -223,7 +223,7 @@ class RequestStream:
         if head is None:
             return None
         method, target, version, fields = head.groups()
-        if target[:1] != b"/":
+        if target[:1] != b"/" or method.upper() == b"CONNECT":  # CONNECT's target is a host: the sniffer checks it
             return None
         hosts = _HOST_FIELD.findall(fields)
         if len(hosts) != 1:
@@ -234,7 +234,7 @@ class RequestStream:
         if hosts[0] != self._memo[0]:
             result = HttpSniffer(self.max_head).feed(bytes(self._buf[pos:stop]))
             self._memo = (hosts[0], result.domain)
-        if framing or method == b"CONNECT":
+        if framing:
             return self._accept(stop, self._memo[1], method, version, framing)
         self._pos = self._looked = stop  # the usual GET: no body, no new protocol (_accept, inlined)
         self.requests += 1
@@ -251,7 +251,7 @@ class RequestStream:
         elif body:
             self._state, self._after_body, self.body_left = _BODY, _HEAD, body
         upgrade = ""
-        if method == b"CONNECT":
+        if method.upper() == b"CONNECT":
             upgrade = "connect"
         elif fields:
             upgrade = _protocols(fields)

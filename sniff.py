@@ -602,7 +602,15 @@ class HttpSniffer:
 
         A ``ws://`` or ``ftp://`` target is not a request this gateway routes: the
         backend might take its host for the one to serve, whatever Host says.
+        CONNECT's authority-form target (``host:port``, any case of the method: some
+        backends ignore it) is where a forward proxy tunnels to: its host is
+        taken too, so Host must agree with it.
         """
+        if self.method.upper() == b"CONNECT":
+            if b"/" in target or b"@" in target:
+                raise BadRequest("CONNECT target other than host:port")
+            self._target_host = self._host(target, "request target")
+            return
         scheme, sep, rest = target.partition(b"://")
         if sep and _SCHEME.fullmatch(scheme):
             if scheme.lower() not in (b"http", b"https"):

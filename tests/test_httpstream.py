@@ -314,3 +314,9 @@ def test_later_heads_keep_the_first_heads_rules():
 def test_later_head_too_large():
     data = get() + b"GET / HTTP/1.1\r\nX: " + b"y" * 600 + b"\r\n\r\n"
     assert stream(data, max_head=512, cuts=False)[1:] == (HeadTooLarge, len(get()))
+
+
+@pytest.mark.parametrize("line", [b"CONNECT b.test:80", b"connect b.test:80", b"CONNECT /a.test"])
+def test_a_later_connect_target_must_agree_with_host(line):
+    requests, final, _ = stream(get() + line + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert len(requests) == 1 and final is BadRequest

@@ -459,3 +459,14 @@ def test_a_101_to_another_protocol_than_websocket_keeps_inspecting(strict):
         sock.shutdown(socket.SHUT_WR)
         assert read_all(sock).startswith(b"HTTP/1.1 421 ")
     assert one.raw == [b""] and two.requests() == []
+
+
+@pytest.mark.parametrize("method", ["CONNECT", "connect"])
+def test_a_connect_target_must_agree_with_host(strict, method):
+    """The tunnel's target is the name a forward proxy would go to: it must be the one routed, first or later."""
+    gw, one, two = strict()
+    connect = f"{method} b.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n".encode()
+    assert talk(gw.http, [connect]).startswith(b"HTTP/1.1 400 ")
+    data = talk(gw.http, [get("a.example", "/1") + connect])
+    assert [status for status, _ in responses(data)] == [200, 400]
+    assert [r["target"] for r in one.requests()] == ["/1"] and two.requests() == []
