@@ -21,7 +21,9 @@ the reply's bytes).
 
 Only the first request may change protocol: the start of the response stream
 is the only response boundary known without parsing responses, which the
-gateway never does. A later ``Upgrade`` is passed on, but inspection goes on.
+gateway never does. A later ``Upgrade`` or ``CONNECT`` is refused (400) like a
+request for another entry, before it reaches the backend: passed on, its
+new protocol's bytes would wait for the backend's close to be refused.
 """
 
 from __future__ import annotations
@@ -147,6 +149,10 @@ class _StrictUp(relay._Direction):
         refusal = None
         try:
             while (event := parser.next_event()) is not httpstream.NEED_MORE:
+                if event.upgrade:  # only the first response's start is known: a later 101 could not end inspection
+                    refusal = sniff.BadRequest("Upgrade or CONNECT after the first request: it needs a new connection")
+                    limit = event.start
+                    break
                 if not owner.allows(event.domain):
                     refusal = sniff.HostChanged(
                         f"request for {event.domain or 'no Host'} routes to another entry than this connection's"
