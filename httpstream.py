@@ -80,7 +80,8 @@ _CHUNK_LINE = re.compile(
     + _QUOTED
     + rb"))?)*)\r\n"
 )
-_NOT_IN_TRAILERS = FRAMING_NAMES - {b"upgrade"} | {b"host"}  # a backend that merges trailers into the head
+# Refused in trailers: a backend that merges trailers into the head would route or frame by them.
+_NOT_IN_TRAILERS = FRAMING_NAMES - {b"upgrade", b"http2-settings"} | {b"host"}
 
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_END, _TRAILER = range(5)
 
@@ -92,7 +93,7 @@ class Request(NamedTuple):
     start: int  # stream offset of the request line's first byte
     end: int  # stream offset just past the head's empty line
     body: int | None  # Content-Length (0: no body); None: chunked
-    upgrade: str  # "connect" (CONNECT), "upgrade" (an Upgrade field) or "": may the connection change protocol?
+    upgrade: str  # "connect" (CONNECT), "websocket" (Upgrade: websocket alone), "other" (any other Upgrade) or ""
 
 
 class RequestStream:
@@ -222,7 +223,7 @@ class RequestStream:
         if head is None:
             return None
         method, target, version, fields = head.groups()
-        if target[:1] != b"/":
+        if target[:1] != b"/" or method.upper() == b"CONNECT":  # CONNECT's target is a host: the sniffer checks it
             return None
         hosts = _HOST_FIELD.findall(fields)
         if len(hosts) != 1:
@@ -233,7 +234,7 @@ class RequestStream:
         if hosts[0] != self._memo[0]:
             result = HttpSniffer(self.max_head).feed(bytes(self._buf[pos:stop]))
             self._memo = (hosts[0], result.domain)
-        if framing or method == b"CONNECT":
+        if framing:
             return self._accept(stop, self._memo[1], method, version, framing)
         self._pos = self._looked = stop  # the usual GET: no body, no new protocol (_accept, inlined)
         self.requests += 1
@@ -250,10 +251,10 @@ class RequestStream:
         elif body:
             self._state, self._after_body, self.body_left = _BODY, _HEAD, body
         upgrade = ""
-        if method == b"CONNECT":
+        if method.upper() == b"CONNECT":
             upgrade = "connect"
-        elif fields and any(name == b"upgrade" for name, _ in fields):
-            upgrade = "upgrade"
+        elif fields:
+            upgrade = _protocols(fields)
         return Request(domain, self._base + pos, self._base + stop, body, upgrade)
 
     def _line(self, bound: int) -> bytes | None:
@@ -320,6 +321,26 @@ def _framing(fields: list[tuple[bytes, bytes]], version: bytes | None) -> int | 
     if not (length.isdigit() and len(length) <= MAX_LENGTH_DIGITS):
         raise BadRequest("Content-Length that is not 1 to 18 digits")
     return int(length)
+
+
+def _protocols(fields: list[tuple[bytes, bytes]]) -> str:
+    """What the Upgrade fields ask for: "websocket" alone, "other", or "" (none); BadRequest for h2c.
+
+    After a 101 to h2c every HTTP/2 stream names its own host, which the
+    gateway never reads (h2c smuggling): the request is refused, whatever
+    the backend would answer. HTTP2-Settings goes only with such an upgrade.
+    """
+    names = set()
+    for name, value in fields:
+        if name == b"http2-settings":
+            raise BadRequest("HTTP2-Settings field: an upgrade to h2c is not routed by Host")
+        if name == b"upgrade":
+            names.update(token.strip(b" \t").split(b"/")[0].lower() for token in value.split(b","))
+    if b"h2c" in names:
+        raise BadRequest("Upgrade to h2c: its HTTP/2 streams are not routed by Host")
+    if not names:
+        return ""
+    return "websocket" if names == {b"websocket"} else "other"
 
 
 def _one_space_off(value: bytes) -> bytes:

@@ -390,7 +390,8 @@ class Gateway:
                 assert isinstance(first, httpstream.Request), first  # the sniffer found this very head
                 buffered, leftover = buffered[: first.end], buffered[first.end :]
                 strict = (parser, first, leftover)
-            backend = self.routes[listener].lookup(preamble.domain)
+            table = self.routes[listener]  # read once: a reload during the connect must not change the entry
+            backend = table.lookup(preamble.domain)
             if backend is None:
                 name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
                 raise sniff.NoRoute(f"no route for {name}")
@@ -450,7 +451,7 @@ class Gateway:
                         parser=parser,
                         first=first,
                         leftover=leftover,
-                        allows=_SameEntry(self, preamble.domain),
+                        allows=_SameEntry(self, table, preamble.domain),
                         refuse=conn.refuse,
                     )
                 self.relays.add(conn.relay)
@@ -736,9 +737,10 @@ class _SameEntry:
 
     __slots__ = ("entry", "gateway", "names", "table")
 
-    def __init__(self, gateway: Gateway, domain: str | None) -> None:
+    def __init__(self, gateway: Gateway, table: kiaconfig.RouteTable, domain: str | None) -> None:
+        """``table`` is the one the first request's backend was looked up in, however long the connect took."""
         self.gateway = gateway
-        self.table = gateway.routes["http"]
+        self.table = table
         self.entry = _route_entry(self.table, domain)
         self.names = {domain}  # names known to route to the entry under self.table
 

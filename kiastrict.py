@@ -6,8 +6,10 @@ on only bytes that belong to requests already checked: a head waits until it
 is whole and its Host routes to the connection's route entry; the body after
 it is counted and passed on unread (spliced when large). The backend -> client
 one stays a plain pump; it looks at a response only after a first request
-with ``Upgrade`` or ``CONNECT``, and then reads just its first 12 bytes: a
-``101`` (a ``2xx`` to CONNECT) ends inspection, anything else lets it go on.
+with ``Upgrade: websocket`` or ``CONNECT``, and then reads just its first 12
+bytes: a ``101`` (a ``2xx`` to CONNECT) ends inspection, anything else lets it
+go on. No other protocol is trusted to end it: an upgrade to h2c is refused by
+httpstream.py, any other is passed on and inspection goes on.
 
 A request that routes elsewhere, or that cannot be framed, is never passed on:
 the backend gets a FIN after the requests before it, the responses it still
@@ -19,7 +21,9 @@ the reply's bytes).
 
 Only the first request may change protocol: the start of the response stream
 is the only response boundary known without parsing responses, which the
-gateway never does. A later ``Upgrade`` is passed on, but inspection goes on.
+gateway never does. A later ``Upgrade`` or ``CONNECT`` is refused (400) like a
+request for another entry, before it reaches the backend: passed on, its
+new protocol's bytes would wait for the backend's close to be refused.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ __all__ = ["StrictRelay"]
 STATUS_BYTES = 12  # "HTTP/1.1 101": all a status line's start needs to say "upgraded" or not
 ANSWER_SECONDS = 3.0  # to hand over the reply and read what the client still sends (kiagateway's _answer: 2 + 1 s)
 LINGER_BYTES = 65536  # read and dropped after the reply, so that closing does not reset it away
-_SWITCHED = {
-    "upgrade": re.compile(rb"HTTP/1\.[01] 101"),
+_SWITCHED = {  # the first requests after which a protocol may take over: "other" upgrades are never trusted
+    "websocket": re.compile(rb"HTTP/1\.[01] 101"),
     "connect": re.compile(rb"HTTP/1\.[01] 2[0-9][0-9]"),
 }
 
@@ -145,6 +149,10 @@ class _StrictUp(relay._Direction):
         refusal = None
         try:
             while (event := parser.next_event()) is not httpstream.NEED_MORE:
+                if event.upgrade:  # only the first response's start is known: a later 101 could not end inspection
+                    refusal = sniff.BadRequest("Upgrade or CONNECT after the first request: it needs a new connection")
+                    limit = event.start
+                    break
                 if not owner.allows(event.domain):
                     refusal = sniff.HostChanged(
                         f"request for {event.domain or 'no Host'} routes to another entry than this connection's"
@@ -333,7 +341,8 @@ class StrictRelay(relay.Relay):
         self.refuse = refuse
         self.refusal: sniff.GatewayError | None = None
         self.reply = b""
-        self.awaiting = first.upgrade  # "upgrade" or "connect" until the first response's status is read
+        # "websocket" or "connect" until the first response's status is read
+        self.awaiting = first.upgrade if first.upgrade in _SWITCHED else ""
         self.down_open = True
         self.answering = False
         self.lingered = 0

@@ -474,13 +474,14 @@ _HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/1\.[01])\r\n((?:" 
 _HOST_FIELD = re.compile(rb"^host:([^\r]*)\r$", re.IGNORECASE | re.MULTILINE)
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 section 3.1
 # The fields that frame a message (RFC 9112 section 6) or ask for another protocol
-# (RFC 9110 section 7.8), and their underscore spellings: CGI-style backends map
+# (RFC 9110 section 7.8; HTTP2-Settings goes with an upgrade to h2c, RFC 7540
+# section 3.2), and their underscore spellings: CGI-style backends map
 # "Content_Length" to the same variable as "Content-Length".
 FRAMING_NAMES = frozenset(
-    (b"content-length", b"transfer-encoding", b"upgrade", b"content_length", b"transfer_encoding")
+    (b"content-length", b"transfer-encoding", b"upgrade", b"http2-settings", b"content_length", b"transfer_encoding")
 )
 _FRAMING_FIELD = re.compile(
-    rb"^(content[-_]length|transfer[-_]encoding|upgrade):([^\r]*)\r$", re.IGNORECASE | re.MULTILINE
+    rb"^(content[-_]length|transfer[-_]encoding|upgrade|http2-settings):([^\r]*)\r$", re.IGNORECASE | re.MULTILINE
 )
 
 
@@ -601,7 +602,15 @@ class HttpSniffer:
 
         A ``ws://`` or ``ftp://`` target is not a request this gateway routes: the
         backend might take its host for the one to serve, whatever Host says.
+        CONNECT's authority-form target (``host:port``, any case of the method: some
+        backends ignore it) is where a forward proxy tunnels to: its host is
+        taken too, so Host must agree with it.
         """
+        if self.method.upper() == b"CONNECT":
+            if b"/" in target or b"@" in target:
+                raise BadRequest("CONNECT target other than host:port")
+            self._target_host = self._host(target, "request target")
+            return
         scheme, sep, rest = target.partition(b"://")
         if sep and _SCHEME.fullmatch(scheme):
             if scheme.lower() not in (b"http", b"https"):

@@ -146,10 +146,19 @@ def test_skip_outside_a_body_is_a_programming_error():
 
 
 def test_upgrade_and_connect_are_flagged():
-    upgrade = get("a.test", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    upgrade = get("a.test", "Connection: Upgrade\r\nUpgrade: WebSocket\r\n")
     connect = b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n"
-    requests, final, _ = stream(upgrade + connect + get())
-    assert [r.upgrade for r in requests] == ["upgrade", "connect", ""] and final is NEED_MORE
+    other = get("a.test", "Upgrade: websocket, foo/2\r\n")
+    requests, final, _ = stream(upgrade + connect + other + get())
+    assert [r.upgrade for r in requests] == ["websocket", "connect", "other", ""] and final is NEED_MORE
+
+
+@pytest.mark.parametrize(
+    "fields", ["Upgrade: h2c\r\n", "Upgrade: websocket, H2C/1\r\n", "HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"]
+)
+def test_an_upgrade_to_h2c_is_refused(fields):
+    requests, final, _ = stream(get() + get("a.test", fields))
+    assert len(requests) == 1 and final is BadRequest
 
 
 def test_http10_without_host_and_large_batches():
@@ -305,3 +314,9 @@ def test_later_heads_keep_the_first_heads_rules():
 def test_later_head_too_large():
     data = get() + b"GET / HTTP/1.1\r\nX: " + b"y" * 600 + b"\r\n\r\n"
     assert stream(data, max_head=512, cuts=False)[1:] == (HeadTooLarge, len(get()))
+
+
+@pytest.mark.parametrize("line", [b"CONNECT b.test:80", b"connect b.test:80", b"CONNECT /a.test"])
+def test_a_later_connect_target_must_agree_with_host(line):
+    requests, final, _ = stream(get() + line + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
+    assert len(requests) == 1 and final is BadRequest

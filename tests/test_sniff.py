@@ -639,6 +639,9 @@ def head(*lines: bytes, request: bytes = b"GET / HTTP/1.1") -> bytes:
         (head(b"Host: example.com", request=b"GET /?next=ftp://other.example/ HTTP/1.1"), "example.com"),
         (head(b"Host: example.com", request=b"GET /a://b HTTP/1.1"), "example.com"),
         (head(b"Host: example.com:443", request=b"CONNECT example.com:443 HTTP/1.1"), "example.com"),
+        (head(b"Host: Example.com", request=b"connect EXAMPLE.com:80 HTTP/1.1"), "example.com"),
+        (head(request=b"CONNECT [::1]:443 HTTP/1.0"), "[::1]"),
+        (head(b"Host:", request=b"CONNECT example.com:443 HTTP/1.1"), "example.com"),
         (head(b"Host: example.com", request=b"OPTIONS * HTTP/1.1"), "example.com"),
         # Routing compares hosts only: a port that differs is the backend's business.
         (head(b"Host: example.com:80", request=b"GET http://example.com:81/ HTTP/1.1"), "example.com"),
@@ -714,6 +717,14 @@ def test_http_every_strict_prefix_needs_more():
         head(b"Host: example.com", request=b"GET http://:80/x HTTP/1.1"),
         head(b"Host: example.com", request=b"GET http://bad_host!/x HTTP/1.1"),
         head(b"Host: example.com", request=b"GET http://example.com:99999/ HTTP/1.1"),
+        # CONNECT's authority-form target is routed like an absolute-form one
+        head(b"Host: a.example", request=b"CONNECT b.example:80 HTTP/1.1"),
+        head(b"Host: a.example", request=b"Connect b.example:80 HTTP/1.1"),
+        head(b"Host: a.example", request=b"CONNECT http://a.example/ HTTP/1.1"),
+        head(b"Host: a.example", request=b"CONNECT /a.example HTTP/1.1"),
+        head(b"Host: a.example", request=b"CONNECT u@a.example:80 HTTP/1.1"),
+        head(b"Host: a.example", request=b"CONNECT :80 HTTP/1.1"),
+        head(b"Host: a.example", request=b"CONNECT a.example:99999 HTTP/1.1"),
         # absolute-form with a scheme this gateway does not route
         head(b"Host: example.com", request=b"GET ftp://other.example/ HTTP/1.1"),
         head(b"Host: example.com", request=b"GET ws://example.com/chat HTTP/1.1"),

@@ -8,6 +8,7 @@ pipelines, however it splits its bytes, whatever its bodies look like.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -15,6 +16,7 @@ import time
 
 import pytest
 from conftest import TIMEOUT, read_all
+from test_errors import blackhole  # noqa: F401 - a fixture
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
 
@@ -370,17 +372,104 @@ def test_refused_after_the_backend_closed_ends_the_connection(strict):
     assert [r["target"] for r in one.requests()] == ["/close"] and two.requests() == []
 
 
-def test_a_later_upgrade_does_not_end_inspection(strict):
-    """Only the first response's start is known without parsing responses: a later 101 is passed on, not trusted."""
-    gw, one, two = strict()
-    upgrade = get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n")
+@pytest.mark.parametrize(
+    "later",
+    [
+        get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+    ],
+)
+def test_a_later_upgrade_or_connect_is_refused_before_it_is_forwarded(strict, later):
+    """Only the first response's start is known without parsing responses: a later 101 could not end inspection,
+    and the new protocol's bytes would wait for the backend's close to be refused. Refused at once instead."""
+    gw, one, _ = strict()
     with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
-        sock.sendall(get("a.example", "/1") + upgrade)
-        assert read_response(sock)[0] == 200
+        sock.sendall(get("a.example", "/1") + later)  # no half-close: the answer must come without one
+        data = read_all(sock)
+    assert [status for status, _ in responses(data)] == [200, 400]
+    assert [r["target"] for r in one.requests()] == ["/1"] and one.raw == []
+    assert gw.connection_log(outcome="bad_request")
+
+
+def syn_sent_to(port: int) -> int:
+    """How many loopback connects to ``port`` wait for a SYN-ACK (Linux's /proc/net/tcp, state 02)."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            remote, state = line.split()[2:4]
+            count += state == "02" and int(remote.split(":")[1], 16) == port
+    return count
+
+
+def test_a_reload_during_the_connect_keeps_the_entry_the_backend_was_looked_up_in(start_gateway, blackhole):  # noqa: F811
+    """The entry later requests are compared with is the one the first request was routed by, not a newer one."""
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs /proc/net/tcp to see the gateway's connect wait")
+    one, two = RecordingBackend("one"), RecordingBackend("two")
+    try:
+        text = (
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            "connect_timeout = 2.5\n"  # the window for the reload: long enough under load, short for the suite
+            f'[http_backends]\n"a.example" = ["{blackhole}", "{one.address}"]\n"b.example" = "{two.address}"\n'
+        )
+        gw = start_gateway(text)
+        port = int(blackhole.rsplit(":", 1)[1])
+        waiting = syn_sent_to(port)  # the fixture's own fillers
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(get("a.example", "/1"))
+            deadline = time.monotonic() + TIMEOUT
+            while syn_sent_to(port) == waiting:  # the gateway has looked a.example up and connects to the hole
+                assert time.monotonic() < deadline, "the gateway never connected to the black hole"
+                time.sleep(0.01)
+            # The new table sends both names to one entry: two; the connection's backend stays one.
+            gw.config.write_text(text.split("[http_backends]")[0] + f'[http_backends]\n"*.example" = "{two.address}"\n')
+            gw.proc.send_signal(signal.SIGHUP)
+            gw.wait_for(lambda line: line.get("message") == "config reloaded")
+            assert read_response(sock)[0] == 200  # failed over to one, the old table's entry
+            sock.sendall(get("b.example", "/stolen"))
+            sock.shutdown(socket.SHUT_WR)
+            assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+        assert [r["target"] for r in one.requests()] == ["/1"]
+        assert gw.connection_log(outcome="host_changed")
+    finally:
+        one.close()
+        two.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+        "Connection: Upgrade\r\nUpgrade: websocket, H2C\r\n",
+        "Connection: HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+    ],
+)
+def test_an_h2c_upgrade_is_refused_before_it_reaches_the_backend(strict, fields):
+    """After a 101 to h2c, every HTTP/2 stream could name any host: the request never goes."""
+    gw, one, _ = strict()
+    data = talk(gw.http, [get("a.example", "/ws", fields)])
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert one.requests() == []
+    assert gw.connection_log(outcome="bad_request", domain="a.example")
+
+
+def test_a_101_to_another_protocol_than_websocket_keeps_inspecting(strict):
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: foo/2\r\n"))
         assert read_head(sock).startswith(b"HTTP/1.1 101")
         sock.sendall(get("b.example", "/stolen"))
         sock.shutdown(socket.SHUT_WR)
         assert read_all(sock).startswith(b"HTTP/1.1 421 ")
-    assert [r["target"] for r in one.requests()] == ["/1", "/ws"]
-    assert one.raw == [b""]  # the tunnel got nothing: the request that routes elsewhere was held back
-    assert two.requests() == []
+    assert one.raw == [b""] and two.requests() == []
+
+
+@pytest.mark.parametrize("method", ["CONNECT", "connect"])
+def test_a_connect_target_must_agree_with_host(strict, method):
+    """The tunnel's target is the name a forward proxy would go to: it must be the one routed, first or later."""
+    gw, one, two = strict()
+    connect = f"{method} b.example:80 HTTP/1.1\r\nHost: a.example\r\n\r\n".encode()
+    assert talk(gw.http, [connect]).startswith(b"HTTP/1.1 400 ")
+    data = talk(gw.http, [get("a.example", "/1") + connect])
+    assert [status for status, _ in responses(data)] == [200, 400]
+    assert [r["target"] for r in one.requests()] == ["/1"] and two.requests() == []
