@@ -137,7 +137,7 @@ class _StrictUp(relay._Direction):
             self._on_eof()
             return False
         owner = self.relay
-        owner.last_activity = owner.loop.now()  # touch() inlined: this runs per request
+        owner.last_activity = relay._now()  # touch() inlined: this runs per request
         self.received += len(data)
         self.parser.feed(data)
         return self._pass_on(data) and len(data) == CHUNK

@@ -310,6 +310,19 @@ def test_silent_backend_answered_after_idle_timeout(strict):
     assert gw.connection_log(outcome="host_changed")
 
 
+def test_a_later_head_left_unfinished_ends_at_idle_timeout(strict):
+    """Bytes the strict relay holds back count as activity on the idle timer's clock (monotonic)."""
+    gw, _, _ = strict(extra="idle_timeout = 1.0")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example"))
+        assert read_response(sock)[0] == 200
+        sock.sendall(b"GET / HTTP/1.1\r\nHo")  # a head that never ends: held back, then silence
+        sent = time.monotonic()
+        read_all(sock)
+        assert time.monotonic() - sent < 4.0
+    assert gw.connection_log(outcome="idle_timeout")
+
+
 @pytest.mark.parametrize("mode", ["splice", "copy"])
 def test_large_upload_passes_and_the_next_head_is_still_checked(strict, mode):
     gw, one, _ = strict(env={"KIAGATEWAY_NO_SPLICE": "1"} if mode == "copy" else None)
