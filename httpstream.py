@@ -63,7 +63,7 @@ from sniff import (
 )
 from sniff import _HEAD as _HEAD_RE
 
-__all__ = ["NEED_MORE", "Request", "RequestStream"]
+__all__ = ["NEED_MORE", "NOT_PLAIN", "Request", "RequestStream"]
 
 MAX_LENGTH_DIGITS = 18  # 10**18 - 1 < 2**63: no backend's signed 64-bit length overflows
 MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions; nginx and Netty bound theirs too
@@ -80,10 +80,33 @@ _CHUNK_LINE = re.compile(
     + _QUOTED
     + rb"))?)*)\r\n"
 )
+# What _quick takes without framing, in one pass: origin-form target, any method but CONNECT, one Host
+# (its raw value captured), no field of FRAMING_NAMES. A sub-language of sniff's _HEAD.
+_NOT_PLAIN_FIELD = rb"(?i:host|content[-_]length|transfer[-_]encoding|upgrade|http2-settings):"
+_PLAIN_FIELD = rb"(?!" + _NOT_PLAIN_FIELD + rb")" + _TOKEN + rb":[^\x00\r\n]*\r\n"
+_PLAIN_HEAD = re.compile(
+    rb"(?!(?i:connect) )"
+    + _TOKEN
+    + rb" /[\x21-\x7e]* HTTP/1\.[01]\r\n(?:"
+    + _PLAIN_FIELD
+    + rb")*(?i:host):([^\x00\r\n]*)\r\n(?:"
+    + _PLAIN_FIELD
+    + rb")*\r\n"
+)
 # Refused in trailers: a backend that merges trailers into the head would route or frame by them.
 _NOT_IN_TRAILERS = FRAMING_NAMES - {b"upgrade", b"http2-settings"} | {b"host"}
 
 _HEAD, _BODY, _CHUNK_SIZE, _CHUNK_END, _TRAILER = range(5)
+
+
+class _NotPlain:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NOT_PLAIN"
+
+
+NOT_PLAIN = _NotPlain()  # plain_head's answer when the bytes need feed and next_event
 
 
 class Request(NamedTuple):
@@ -112,6 +135,9 @@ class RequestStream:
         self._sniffer: HttpSniffer | None = None
         self._trailer_bytes = 0
         self._memo: tuple[bytes, str | None] = (b"\0", None)  # (raw Host value, its domain) of the last quick head
+        # (head, its domain) of the last head plain_head took: a keep-alive client repeats its head, byte for byte
+        self._plain: tuple[bytes | None, str | None] = (None, None)
+        self._plain_max = min(QUICK_HEAD, max_head)  # _head takes the quick path up to both
 
     @property
     def checked(self) -> int:
@@ -139,6 +165,34 @@ class RequestStream:
             self._pos = 0
             self._buf = buf = bytearray(buf[pos:])
         buf += data
+
+    def plain_head(self, data: bytes) -> str | _NotPlain | None:
+        """The usual keep-alive read, in one call: ``data`` is one whole GET-like head, checked and accepted.
+
+        Returns its domain when every byte fed before is accepted, a head comes
+        next, and ``data`` is exactly one head that ``_quick`` would take with
+        no framing field and a Host already met on this connection: the same
+        answer, offsets and state as ``feed(data)`` and two ``next_event``
+        calls, for a third of their cost. Anything else returns ``NOT_PLAIN``
+        and takes nothing: the caller feeds ``data`` the general way.
+        """
+        if self._pos != len(self._buf) or self._state != _HEAD:
+            return NOT_PLAIN
+        if data == self._plain[0]:
+            domain = self._plain[1]
+        else:
+            if len(data) > self._plain_max:
+                return NOT_PLAIN
+            head = _PLAIN_HEAD.fullmatch(data)
+            if head is None or head.group(1) != self._memo[0]:
+                return NOT_PLAIN
+            domain = self._memo[1]
+            self._plain = (data, domain)
+        self._base += self._pos
+        self._buf = data
+        self._pos = self._looked = len(data)
+        self.requests += 1
+        return domain
 
     def skip(self, n: int) -> None:
         """``n`` bytes of the body that comes next were passed on without ``feed``."""

@@ -48,6 +48,10 @@ _SWITCHED = {  # the first requests after which a protocol may take over: "other
 }
 
 
+def _host_changed(domain: str | None) -> sniff.HostChanged:
+    return sniff.HostChanged(f"request for {domain or 'no Host'} routes to another entry than this connection's")
+
+
 class _StrictUp(relay._Direction):
     """Client -> backend: parse, check, pass on only what is checked."""
 
@@ -139,8 +143,29 @@ class _StrictUp(relay._Direction):
         owner = self.relay
         owner.last_activity = relay._now()  # touch() inlined: this runs per request
         self.received += len(data)
-        self.parser.feed(data)
-        return self._pass_on(data) and len(data) == CHUNK
+        domain = self.parser.plain_head(data)
+        if domain is httpstream.NOT_PLAIN:
+            self.parser.feed(data)
+            return self._pass_on(data) and len(data) == CHUNK
+        if owner.allows(domain):  # the usual keep-alive read, one whole head: _pass_on's work, inlined
+            self.forwarded = self.received
+            try:
+                sent = self.dst.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                owner.abort("backend_reset")
+                return False
+            owner.result.bytes_up += sent
+            if sent < len(data):
+                self.pending = memoryview(data)[sent:]
+                self._wait_writable()
+            return False  # a head is shorter than a chunk: the socket is drained
+        self.forwarded = self.received - len(data)
+        self.held = data
+        owner.refused(_host_changed(domain), data)
+        self.stop_up()
+        return False
 
     def _pass_on(self, data: bytes) -> bool:
         """Check the requests the parser can now read; send what may go. False when reading should stop."""
@@ -154,9 +179,7 @@ class _StrictUp(relay._Direction):
                     limit = event.start
                     break
                 if not owner.allows(event.domain):
-                    refusal = sniff.HostChanged(
-                        f"request for {event.domain or 'no Host'} routes to another entry than this connection's"
-                    )
+                    refusal = _host_changed(event.domain)
                     limit = event.start
                     break
             else:

@@ -18,16 +18,25 @@ import pytest
 from hellos import bytewise
 
 import httpstream
-from httpstream import NEED_MORE, Request, RequestStream
+from httpstream import NEED_MORE, NOT_PLAIN, Request, RequestStream
 from sniff import BadRequest, HeadTooLarge
 
 
-def run(pieces, max_head: int = httpstream.MAX_PREAMBLE):
-    """(requests, NEED_MORE or the error class, checked) after feeding ``pieces`` in order."""
+def run(pieces, max_head: int = httpstream.MAX_PREAMBLE, plain: bool = False):
+    """(requests, NEED_MORE or the error class, checked) after feeding ``pieces`` in order.
+
+    With ``plain``, each piece is first offered to ``plain_head``, as the strict relay does with each read.
+    """
     parser = RequestStream(max_head)
     requests = []
     try:
         for piece in pieces:
+            if plain:
+                start = parser.checked
+                domain = parser.plain_head(piece)
+                if domain is not NOT_PLAIN:
+                    requests.append(Request(domain, start, parser.checked, 0, ""))
+                    continue
             parser.feed(piece)
             while True:
                 event = parser.next_event()
@@ -42,10 +51,11 @@ def run(pieces, max_head: int = httpstream.MAX_PREAMBLE):
 
 def stream(data: bytes, max_head: int = httpstream.MAX_PREAMBLE, cuts: bool = True):
     whole = run([data], max_head)
-    assert run(bytewise(data), max_head) == whole
-    if cuts:
-        for cut in range(1, len(data)):
-            assert run([data[:cut], data[cut:]], max_head) == whole, cut
+    for plain in (False, True):
+        assert run(bytewise(data), max_head, plain) == whole
+        if cuts:
+            for cut in range(1, len(data)):
+                assert run([data[:cut], data[cut:]], max_head, plain) == whole, cut
     return whole
 
 
@@ -320,3 +330,73 @@ def test_later_head_too_large():
 def test_a_later_connect_target_must_agree_with_host(line):
     requests, final, _ = stream(get() + line + b" HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert len(requests) == 1 and final is BadRequest
+
+
+# --------------------------------------------------------------------------
+# plain_head: the strict relay's shortcut for a read that is one whole plain head
+
+
+def test_plain_head_takes_repeated_heads_with_the_general_paths_answers():
+    first, other = get("a.test", "X-Seq: 1\r\n"), get("b.test")
+    pieces = [first, first, other, first, get("a.test", "Cookie: c=1\r\n"), other, other, post(b"x"), first]
+    parser = RequestStream()
+    taken = []
+    for piece in pieces:
+        domain = parser.plain_head(piece)
+        taken.append(domain)
+        if domain is NOT_PLAIN:
+            parser.feed(piece)
+            while parser.next_event() is not NEED_MORE:
+                pass
+    # A Host other than the last one, or a body, goes the general way; a head with the last Host is
+    # taken, and so is a repeat of the last head taken, with its own domain after another Host came between.
+    assert taken == [NOT_PLAIN, "a.test", NOT_PLAIN, "a.test", NOT_PLAIN, NOT_PLAIN, "b.test", NOT_PLAIN, "a.test"]
+    assert run(pieces, plain=True) == run(pieces) == (run([b"".join(pieces)])[0], NEED_MORE, len(b"".join(pieces)))
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        get("a.test", "Content-Length: 0\r\n"),
+        get("a.test", "content_length: 0\r\n"),
+        get("a.test", "Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n",
+        get("a.test", "TRANSFER_ENCODING: chunked\r\n"),
+        get("a.test", "Upgrade: websocket\r\n"),
+        get("a.test", "HTTP2-Settings: AAMAAABkAAQAAP__\r\n"),
+        get("a.test", "Host: a.test\r\n"),  # a second Host
+        get("a.test", "host: b.test\r\n"),
+        get("A.TEST"),  # the same name, another raw value: the sniffer normalises it
+        b"GET / HTTP/1.1\r\nHost:a.test\r\n\r\n",
+        b"CONNECT /x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"connect / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : a.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\n Host: a.test\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\r\nX: \x00\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a.test\n\r\n",
+        get("a.test") + get("a.test"),  # pipelined: two heads in one read
+        get("a.test")[:-1],
+        get("a.test", "X: " + "y" * 2100 + "\r\n"),  # past QUICK_HEAD
+    ],
+)
+def test_plain_head_leaves_every_other_read_to_the_general_path(head):
+    parser = RequestStream()
+    parser.feed(get("a.test"))
+    assert isinstance(parser.next_event(), Request)
+    assert parser.plain_head(head) is NOT_PLAIN
+    assert parser.checked == len(get("a.test"))  # nothing taken
+    assert run([get("a.test"), head], plain=True) == run([get("a.test"), head])
+
+
+def test_plain_head_is_only_for_a_parser_waiting_for_a_head():
+    assert repr(NOT_PLAIN) == "NOT_PLAIN"
+    parser = RequestStream(max_head=512)
+    parser.feed(post(b"0123456789", "a.test"))
+    assert isinstance(parser.next_event(), Request)
+    assert parser.plain_head(get("a.test")) is NOT_PLAIN  # inside the body: body bytes
+    parser.feed(b"0123456789" + get("a.test")[:5])
+    assert parser.next_event() is NEED_MORE
+    assert parser.plain_head(get("a.test")) is NOT_PLAIN  # a head is half in
+    assert RequestStream(max_head=30).plain_head(get("a.test")) is NOT_PLAIN  # longer than max_head

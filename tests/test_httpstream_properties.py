@@ -122,3 +122,51 @@ def test_skipping_body_bytes_is_feeding_them(data):
         while (event := parser.next_event()) is not NEED_MORE:
             found.append(event)
     assert (found, NEED_MORE, parser.checked) == expected
+
+
+FIELDS = st.sampled_from(
+    [
+        "Accept: */*\r\n",
+        "Cookie: a=b; c=d\r\n",
+        "User-Agent: x\r\n",
+        "X-Host: other.test\r\n",
+        "Hostname: other.test\r\n",
+        "Host: other.test\r\n",
+        "HOST: a.test\r\n",
+        "Content-Length: 0\r\n",
+        "Content-Length: 3\r\n",
+        "content_length: 0\r\n",
+        "Transfer-Encoding: chunked\r\n",
+        "Upgrade: websocket\r\n",
+        "Upgrade-Insecure-Requests: 1\r\n",
+        "Connection: keep-alive\r\n",
+        "X-Empty:\r\n",
+    ]
+)
+
+
+@st.composite
+def heads(draw) -> bytes:
+    """A GET-like head, with the fields a client or an attacker might add around one or more Host fields."""
+    usual = draw(st.booleans())  # half of them as a keep-alive client repeats them: plain_head's case
+    method = "GET" if usual else draw(st.sampled_from(["HEAD", "POST", "CONNECT", "connect", "OPTIONS"]))
+    target = "/" if usual else draw(st.sampled_from(["/p?q=1", "*", "http://a.test/", "a.test:80"]))
+    version = "HTTP/1.1" if usual else "HTTP/1.0"
+    host = draw(st.sampled_from(["Host: a.test\r\n", "Host: b.test\r\n", "host:a.test\r\n", "Host: A.test \r\n", ""]))
+    fields = st.sampled_from(["Accept: */*\r\n", "Cookie: a=b\r\n", "X-Empty:\r\n"]) if usual else FIELDS
+    before, after = draw(st.lists(fields, max_size=2)), draw(st.lists(fields, max_size=2))
+    return f"{method} {target} {version}\r\n{''.join(before)}{host}{''.join(after)}\r\n".encode()
+
+
+@FAST
+@given(st.data())
+def test_plain_head_decides_as_feeding_does(data):
+    """The strict relay offers each read to plain_head first: the decisions are those of feed and next_event."""
+    pool = data.draw(st.lists(heads(), min_size=1, max_size=3))
+    pieces = data.draw(st.lists(st.sampled_from(pool), min_size=1, max_size=8))  # reads repeat as clients repeat heads
+    if data.draw(st.integers(0, 3)) == 0:
+        edits = data.draw(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.booleans()), max_size=2))
+        at = data.draw(st.integers(0, len(pieces) - 1))
+        pieces[at] = mutated(pieces[at], edits)
+    limit = data.draw(st.sampled_from([80, 512, 32768]))
+    assert run(pieces, limit, plain=True) == run(pieces, limit)
