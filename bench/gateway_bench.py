@@ -425,9 +425,21 @@ def measured(gw: Gateway, work: Callable[[], dict]) -> dict:
     return result
 
 
+# --vary-paths: a new target per request (/small?n=1, 2, ...), as browsing clients send, rather than one head repeated
+VARY_PATHS_LUA = """
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/small?n=" .. n)
+end
+"""
+
+
 def sc_wrk(gw: Gateway, args: argparse.Namespace, close: bool) -> dict:
     addr, port = gw.http
     extra = ["-H", "Connection: close"] if close else []
+    if args.vary_paths:
+        extra += ["-s", str(args.vary_paths_script)]
 
     def once(seconds: int) -> dict:
         cmd = ["wrk", "-t1", f"-c{args.conns}", f"-d{seconds}s", "--timeout", "5s", "-H", f"Host: {DOMAIN}", *extra]
@@ -740,6 +752,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--big-mib", type=int, default=256, help="size of /big.bin in MiB")
     parser.add_argument("--conns", type=int, default=32, help="connections for wrk and h2load")
     parser.add_argument("--strict", action="store_true", help="run kiagateway with http_strict_host = true")
+    parser.add_argument("--vary-paths", action="store_true", help="wrk asks for another path in each request")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset")
     parser.add_argument("--bind", default="127.0.0.1", help="loopback address for every listener")
     parser.add_argument("--port-base", type=int, default=19500, help="first of the 6 ports this script uses")
@@ -802,7 +815,10 @@ def main() -> int:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(),
             "tools": tool_versions(kia_cmd),
-            "params": {k: getattr(args, k) for k in ("duration", "workers", "conns", "big_mib", "idle_n", "bind")},
+            "params": {
+                k: getattr(args, k)
+                for k in ("duration", "workers", "conns", "big_mib", "idle_n", "bind", "strict", "vary_paths")
+            },
             "kiagateway_cmd": args.cmd,
             "gateways": ["DIRECT", *(name for name in ports if name != "backend")],
             "scenarios": scenarios,
@@ -812,6 +828,8 @@ def main() -> int:
     }
     signal.signal(signal.SIGTERM, interrupt)
     work = Path(tempfile.mkdtemp(prefix="kiagateway-bench-"))
+    args.vary_paths_script = work / "vary_paths.lua"
+    args.vary_paths_script.write_text(VARY_PATHS_LUA)
     backend = None
     try:
         backend = nginx_service(work, args.bind, ports["backend"], nofile)
