@@ -166,6 +166,21 @@ class RequestStream:
             self._buf = buf = bytearray(buf[pos:])
         buf += data
 
+    def begin(self, sniffer: HttpSniffer) -> Request:
+        """Take the first request from the sniffer that routed it: its head is checked once, not twice.
+
+        ``sniffer`` was made with ``framing=True`` and has decided; every byte it
+        was fed is fed here, and the head is accepted with the sniffer's answer,
+        which is the one ``next_event`` would give (the same code decides). Its
+        body is framed as every later one; ambiguous framing raises BadRequest.
+        """
+        if self.requests or self._buf or sniffer.result is None or not sniffer.framing:
+            raise ValueError("begin() takes a decided framing sniffer, before anything else")
+        self.feed(bytes(sniffer.buffer))
+        return self._accept(
+            sniffer.head_end, sniffer.result.domain, sniffer.method, sniffer.version, sniffer.framing_fields
+        )
+
     def plain_head(self, data: bytes) -> str | _NotPlain | None:
         """The usual keep-alive read, in one call: ``data`` is one whole GET-like head, checked and accepted.
 

@@ -366,7 +366,11 @@ class Gateway:
         settings = self.config.settings
         backend_sock = None
         strict = None
-        sniffer = (sniff.HttpSniffer if listener == "http" else sniff.TlsSniffer)(settings.max_preamble)
+        checks_every_request = listener == "http" and settings.http_strict_host
+        if listener == "http":  # in strict mode the sniffer also collects the first request's framing
+            sniffer = sniff.HttpSniffer(settings.max_preamble, framing=checks_every_request)
+        else:
+            sniffer = sniff.TlsSniffer(settings.max_preamble)
         proxied_to = None  # where a trusted proxy's client connected to, from its PROXY header
         try:
             first = sniff.NEED_MORE
@@ -381,13 +385,11 @@ class Gateway:
                 connecting = metrics.preamble_read(listener, conn.started)
             buffered = bytes(sniffer.buffer)
             conn.domain = preamble.domain
-            if listener == "http" and settings.http_strict_host:
+            if checks_every_request:
                 # The first request is framed as every later one will be: ambiguous framing is a 400 now.
                 # Only its head goes with the connect; what follows is checked by the relay.
                 parser = httpstream.RequestStream(settings.max_preamble)
-                parser.feed(buffered)
-                first = parser.next_event()
-                assert isinstance(first, httpstream.Request), first  # the sniffer found this very head
+                first = parser.begin(sniffer)
                 buffered, leftover = buffered[: first.end], buffered[first.end :]
                 strict = (parser, first, leftover)
             table = self.routes[listener]  # read once: a reload during the connect must not change the entry

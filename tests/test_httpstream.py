@@ -19,7 +19,7 @@ from hellos import bytewise
 
 import httpstream
 from httpstream import NEED_MORE, NOT_PLAIN, Request, RequestStream
-from sniff import BadRequest, HeadTooLarge
+from sniff import BadRequest, HeadTooLarge, HttpSniffer
 
 
 def run(pieces, max_head: int = httpstream.MAX_PREAMBLE, plain: bool = False):
@@ -400,3 +400,39 @@ def test_plain_head_is_only_for_a_parser_waiting_for_a_head():
     assert parser.next_event() is NEED_MORE
     assert parser.plain_head(get("a.test")) is NOT_PLAIN  # a head is half in
     assert RequestStream(max_head=30).plain_head(get("a.test")) is NOT_PLAIN  # longer than max_head
+
+
+# --------------------------------------------------------------------------
+# begin: the first request, taken from the sniffer that routed it
+
+
+def test_begin_takes_the_sniffers_first_head_and_frames_what_follows():
+    data = post(b"hello", "a.test") + get("b.test")
+    sniffer = HttpSniffer(framing=True)
+    assert sniffer.feed(data).domain == "a.test"
+    parser = RequestStream()
+    assert parser.begin(sniffer) == Request("a.test", 0, len(post(b"hello", "a.test")) - 5, 5, "")
+    assert parser.next_event() == Request("b.test", len(post(b"hello", "a.test")), len(data), 0, "")
+    assert parser.checked == len(data)
+
+
+def test_begin_needs_a_decided_framing_sniffer_and_a_fresh_stream():
+    undecided, plain = HttpSniffer(framing=True), HttpSniffer()
+    undecided.feed(get()[:5])
+    plain.feed(get())
+    for sniffer in (undecided, plain):
+        with pytest.raises(ValueError):
+            RequestStream().begin(sniffer)
+    used = RequestStream()
+    used.feed(get())
+    decided = HttpSniffer(framing=True)
+    decided.feed(get())
+    with pytest.raises(ValueError):
+        used.begin(decided)
+
+
+def test_begin_refuses_ambiguous_framing_in_the_first_request():
+    sniffer = HttpSniffer(framing=True)
+    sniffer.feed(get("a.test", "Content-Length: 1\r\nTransfer-Encoding: chunked\r\n"))
+    with pytest.raises(BadRequest):
+        RequestStream().begin(sniffer)

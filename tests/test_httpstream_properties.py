@@ -15,7 +15,7 @@ from test_httpstream import run
 from test_sniff_properties import DOMAIN
 
 from httpstream import NEED_MORE, RequestStream
-from sniff import BadRequest, HeadTooLarge
+from sniff import BadRequest, HeadTooLarge, HttpSniffer
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -170,3 +170,41 @@ def test_plain_head_decides_as_feeding_does(data):
         pieces[at] = mutated(pieces[at], edits)
     limit = data.draw(st.sampled_from([80, 512, 32768]))
     assert run(pieces, limit, plain=True) == run(pieces, limit)
+
+
+def run_from_sniffer(pieces: list[bytes], limit: int):
+    """As the gateway does in strict mode: a framing sniffer reads the first head, begin() takes it over."""
+    sniffer, parser, found = HttpSniffer(limit, framing=True), RequestStream(limit), []
+    try:
+        fed = 0
+        while sniffer.feed(pieces[fed]) is NEED_MORE:
+            fed += 1
+            if fed == len(pieces):
+                return None  # the sniffer never decided: no connection gets this far
+        found.append(parser.begin(sniffer))
+        for piece in [b"", *pieces[fed + 1 :]]:  # first what the sniffer read past the head: fed by begin()
+            parser.feed(piece)
+            while (event := parser.next_event()) is not NEED_MORE:
+                found.append(event)
+    except (BadRequest, HeadTooLarge) as exc:
+        if not found:
+            return None  # the sniffer refused the first head: the gateway answers before any relay
+        return found, type(exc), parser.checked
+    return found, NEED_MORE, parser.checked
+
+
+@FAST
+@given(st.data())
+def test_begin_after_the_sniffer_decides_as_feeding_does(data):
+    """The first head is checked once, by the sniffer that routes it: what follows is framed as if all were fed."""
+    if data.draw(st.booleans()):
+        stream = b"".join(r for r, _ in data.draw(STREAMS))
+    else:
+        stream = b"".join(data.draw(st.lists(heads(), min_size=1, max_size=3)))
+    if data.draw(st.booleans()):
+        edits = data.draw(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.booleans()), max_size=3))
+        stream = mutated(stream, edits)
+    limit = data.draw(st.sampled_from([80, 512, 32768]))
+    got = run_from_sniffer(split_at(stream, data.draw(cuts_for(stream))), limit)
+    if got is not None:
+        assert got == run([stream], limit)
