@@ -881,6 +881,7 @@ class _Connection:
         gateway = self.gateway
         if self.relay is not None:
             gateway.relays.discard(self.relay)
+            self.relay = None  # the relay holds self.done: without this cycle its objects are freed now, not by the GC
         gateway._closed()
         if self.counted is not None:
             gateway._release(self.counted)

@@ -130,14 +130,20 @@ class Gateway:
     """The gateway as a real subprocess; logs come as JSON lines on stderr."""
 
     def __init__(
-        self, workdir: Path, toml: str, args: tuple[str, ...] = (), env: dict | None = None, max_fds: int = 0
+        self,
+        workdir: Path,
+        toml: str,
+        args: tuple[str, ...] = (),
+        env: dict | None = None,
+        max_fds: int = 0,
+        command: list[str] | None = None,
     ) -> None:
         self.config = workdir / "servers.toml"
         self.config.write_text(toml)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
         self.proc = subprocess.Popen(
-            [*gateway_command(), "--log-format=json", *args, str(self.config)],
+            [*(command or gateway_command()), "--log-format=json", *args, str(self.config)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -249,11 +255,19 @@ def start_gateway(tmp_path):
     """Start gateways with a given TOML text; all are stopped at teardown."""
     started: list[Gateway] = []
 
-    def start(toml: str, *args: str, env: dict | None = None, max_fds: int = 0, under: Path | None = None) -> Gateway:
-        """``under``: a directory for the config other than pytest's 0700 one, for a gateway that drops privileges."""
+    def start(
+        toml: str,
+        *args: str,
+        env: dict | None = None,
+        max_fds: int = 0,
+        under: Path | None = None,
+        command: list[str] | None = None,
+    ) -> Gateway:
+        """``under``: a directory for the config other than pytest's 0700 one, for a gateway that drops privileges;
+        ``command``: what runs instead of the console script (arguments are added after it)."""
         workdir = (under or tmp_path) / f"gw{len(started)}"
         workdir.mkdir(mode=0o755)
-        gateway = Gateway(workdir, toml, args, env, max_fds)
+        gateway = Gateway(workdir, toml, args, env, max_fds, command)
         started.append(gateway)
         return gateway
 
