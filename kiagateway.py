@@ -73,7 +73,7 @@ from kiaconfig import Address, Backend, Config, ConfigError, Settings
 from kialog import Log, format_address
 from kiaprocess import FatalError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 READ_SIZE = 16384  # one recv while reading the preamble; most heads and hellos fit whole
 REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving up on it
