@@ -346,6 +346,25 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     return int(head.split(b" ")[1]), body
 
 
+def test_requests_sent_one_at_a_time_are_each_checked_and_forwarded(strict):
+    """The usual keep-alive client: one whole head per read, repeated or not, then one for another entry."""
+    gw, one, two = strict()
+    sent = b""
+    heads = [get("a.example", "/same")] * 4 + [get("a.example", f"/p{i}", "Accept: */*\r\n") for i in range(3)]
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        for head in heads:  # each waits for its answer: the gateway reads it whole, alone
+            sock.sendall(head)
+            sent += head
+            assert read_response(sock)[0] == 200
+        sock.sendall(get("b.example", "/stolen"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert [r["target"] for r in one.requests()] == ["/same"] * 4 + ["/p0", "/p1", "/p2"]
+    assert len(one.connections) == 1 and two.requests() == []
+    line = gw.connection_log(outcome="host_changed")
+    assert line["bytes_up"] == len(sent)
+
+
 def test_the_table_in_force_when_the_request_arrives_decides(strict):
     """A reload that keeps the entry keeps the connection; one that moves the name refuses its next request."""
     gw, one, two = strict()
