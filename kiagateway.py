@@ -42,6 +42,7 @@ Errors and warnings go to stderr: stdout holds only what --check or --route prin
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import ipaddress
 import itertools
@@ -403,15 +404,15 @@ class Gateway:
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout, conn)
             if metrics is not None:
                 metrics.connected(listener, connecting)
-            outgoing = buffered
+            header = b""  # sent again on the new connection a later Upgrade or CONNECT gets in strict mode
             if backend.proxy_protocol:
                 try:
                     local = client.getsockname() if proxied_to is None else proxied_to
                 except OSError:
                     raise _ClientGone("client_reset") from None
-                outgoing = proxy_header(backend.proxy_protocol, conn.peer, local) + buffered
+                header = proxy_header(backend.proxy_protocol, conn.peer, local)
             try:
-                _sendall(backend_sock, outgoing, settings.connect_timeout)
+                _sendall(backend_sock, header + buffered, settings.connect_timeout)
             except _ConnectTimedOut:
                 raise sniff.BackendTimeout(
                     f"backend {backend} took no data for {settings.connect_timeout:g}s"
@@ -455,6 +456,7 @@ class Gateway:
                         leftover=leftover,
                         allows=_SameEntry(self, table, preamble.domain),
                         refuse=conn.refuse,
+                        connect=functools.partial(self._connect_again, backend, header, conn),
                     )
                 self.relays.add(conn.relay)
             except BaseException:
@@ -586,6 +588,25 @@ class Gateway:
             conn.address = addresses[0]
             return self._connect_to(addresses[0], domain, timeout)
         return self._connect_pool(backend, domain, timeout, conn)
+
+    def _connect_again(self, backend: Backend, header: bytes, conn: _Connection, domain: str | None) -> socket.socket:
+        """Strict mode: a new connection to the connection's entry for a later Upgrade or CONNECT, ``header`` sent.
+
+        The first connect's path (pool order, cooldown, ``connect_timeout``, names
+        resolved now), so ``conn`` names the address that serves from now on.
+        """
+        timeout = self.config.settings.connect_timeout
+        conn.tried = None  # the log line's list is that of the connect that serves
+        sock = self._connect(backend, domain, timeout, conn)
+        try:
+            _sendall(sock, header, timeout)
+        except _ConnectTimedOut:
+            sock.close()
+            raise sniff.BackendTimeout(f"backend {backend} took no data for {timeout:g}s") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _connect_pool(self, backend: Backend, domain: str | None, timeout: float, conn: _Connection) -> socket.socket:
         """Try a pool's addresses, each once with its own ``timeout``, until one connects.

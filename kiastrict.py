@@ -32,6 +32,8 @@ import re
 import socket
 from typing import Callable
 
+import gevent
+
 import httpstream
 import relay
 import sniff
@@ -171,15 +173,18 @@ class _StrictUp(relay._Direction):
         """Check the requests the parser can now read; send what may go. False when reading should stop."""
         owner = self.relay
         parser = self.parser
-        refusal = None
+        refusal = switch = None
         try:
             while (event := parser.next_event()) is not httpstream.NEED_MORE:
-                if event.upgrade:  # only the first response's start is known: a later 101 could not end inspection
-                    refusal = sniff.BadRequest("Upgrade or CONNECT after the first request: it needs a new connection")
-                    limit = event.start
-                    break
                 if not owner.allows(event.domain):
                     refusal = _host_changed(event.domain)
+                    limit = event.start
+                    break
+                if event.upgrade:  # a later 101 ends inspection only as the first response of a backend connection
+                    if event.upgrade in _SWITCHED:
+                        switch = event
+                    else:
+                        refusal = sniff.BadRequest("Upgrade to another protocol than websocket after the first request")
                     limit = event.start
                     break
             else:
@@ -209,9 +214,14 @@ class _StrictUp(relay._Direction):
                 self._wait_writable()
                 if refusal is not None:
                     owner.refused(refusal, self.held)  # stop_up once the pending bytes have gone
+                owner.switch = switch  # likewise
                 return False
         if refusal is not None:
             owner.refused(refusal, self.held)
+            self.stop_up()
+            return False
+        if switch is not None:
+            owner.switch = switch
             self.stop_up()
             return False
         return True
@@ -219,11 +229,14 @@ class _StrictUp(relay._Direction):
     def on_writable(self) -> None:
         super().on_writable()
         owner = self.relay
-        if owner is not None and owner.refusal is not None and self.pending is None and not self.piped:
+        if owner is None or self.pending is not None or self.piped:
+            return
+        if owner.refusal is not None or owner.switch is not None:
             self.stop_up()
 
     def stop_up(self) -> None:
-        """A request was refused and all before it has gone: read no more, and tell the backend so."""
+        """A request was refused, or needs a new backend connection, and all before it has gone: read no more,
+        and tell the backend so."""
         self.reader.stop()
         try:
             self.dst.shutdown(socket.SHUT_WR)
@@ -293,7 +306,7 @@ class _StrictDown(relay._Direction):
             owner.touch()
             self.status += data
             if len(self.status) == STATUS_BYTES:
-                if owner.refusal is None and _SWITCHED[owner.awaiting].match(self.status):
+                if owner.refusal is None and owner.switch is None and _SWITCHED[owner.awaiting].match(self.status):
                     owner.up.go_raw()  # before the client sees the 101: its next bytes are the new protocol's
                 owner.awaiting = ""
             try:
@@ -315,13 +328,18 @@ class _StrictDown(relay._Direction):
 
     def _on_eof(self) -> None:
         owner = self.relay
-        if owner.refusal is None:
+        up = owner.up
+        # A backend that closes before it took every request before an Upgrade or CONNECT gets no successor.
+        if owner.refusal is None and (owner.switch is None or up.pending is not None or up.piped):
             owner.down_open = False
             super()._on_eof()
             return
         self.reader.stop()
         owner.down_open = False
-        owner.answer()
+        if owner.refusal is not None:
+            owner.answer()
+        else:
+            owner.switch_backend()
 
 
 class StrictRelay(relay.Relay):
@@ -331,6 +349,7 @@ class StrictRelay(relay.Relay):
         "allows",
         "answering",
         "awaiting",
+        "connect",
         "down_open",
         "first_end",
         "leftover",
@@ -339,6 +358,7 @@ class StrictRelay(relay.Relay):
         "refusal",
         "refuse",
         "reply",
+        "switch",
     )
     up_class = _StrictUp
     down_class = _StrictDown
@@ -356,13 +376,16 @@ class StrictRelay(relay.Relay):
         leftover: bytes,
         allows: Callable[[str | None], bool],
         refuse: Callable[[sniff.GatewayError, bytes], bytes],
+        connect: Callable[[str | None], socket.socket],
     ) -> None:
         self.parser = parser
         self.first_end = first.end
         self.leftover = leftover  # bytes of the first read after the first head, fed to the parser already
         self.allows = allows
         self.refuse = refuse
+        self.connect = connect  # blocks: a new backend connection to the entry, PROXY header sent, for this name
         self.refusal: sniff.GatewayError | None = None
+        self.switch: httpstream.Request | None = None  # a later Upgrade or CONNECT held for a new backend connection
         self.reply = b""
         # "websocket" or "connect" until the first response's status is read
         self.awaiting = first.upgrade if first.upgrade in _SWITCHED else ""
@@ -378,21 +401,72 @@ class StrictRelay(relay.Relay):
         self.reply = self.refuse(error, rest)
 
     def abort(self, outcome: str, reset: bool = True) -> None:
-        """As Relay's, except that a refused connection whose backend went quiet still gets its answer."""
-        if (
-            outcome == "idle_timeout"
-            and self.refusal is not None
-            and not self.answering
-            and self.down.pending is None
-            and not self.down.piped
-        ):
-            try:  # the backend is cut: a reset tells it so
-                self.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, relay._LINGER_RESET)
-            except OSError:
-                pass
-            self.answer()
-            return
+        """As Relay's, except that a refused connection whose backend went quiet still gets its answer, and so
+        does a later Upgrade or CONNECT whose backend never closed: a 400, as no new connection can follow it."""
+        if outcome == "idle_timeout" and not self.answering and self.down.pending is None and not self.down.piped:
+            if self.refusal is None and self.switch is not None:
+                reason = "Upgrade or CONNECT after the first request: the backend kept its connection open after a FIN"
+                self.refused(sniff.BadRequest(reason), self.up.held)
+            if self.refusal is not None:
+                try:  # the backend is cut: a reset tells it so
+                    self.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, relay._LINGER_RESET)
+                except OSError:
+                    pass
+                self.answer()
+                return
         super().abort(outcome, reset)
+
+    def switch_backend(self) -> None:
+        """The backend closed after every response owed: connect anew for the held Upgrade or CONNECT.
+
+        The connect blocks, so it runs in a greenlet of its own; the client is not
+        read meanwhile and the idle timer waits (the connect has connect_timeout).
+        """
+        self.timer.stop()
+        gevent.spawn(self._connect_anew, self.switch.domain)
+
+    def _connect_anew(self, domain: str | None) -> None:
+        try:
+            backend = self.connect(domain)
+        except sniff.GatewayError as exc:  # 502 or 504, as to a first request: the responses owed have gone
+            if self.timer is not None:
+                self.refused(exc, self.up.held)
+                self.answer()
+            return
+        except OSError:  # the new backend broke before it took the PROXY header
+            self.abort("backend_reset")
+            return
+        except BaseException:
+            self.abort("error")
+            raise
+        if self.timer is None:  # the relay ended meanwhile (drain_timeout): the new connection is cut
+            relay._set_linger(backend, relay._LINGER_RESET)
+            backend.close()
+            return
+        try:
+            self._resume(backend)
+        except BaseException:
+            self.abort("error")
+            raise
+
+    def _resume(self, backend: socket.socket) -> None:
+        """Go on with a new backend: new directions, the held request passed on first, then the client read again."""
+        relay._set_linger(backend, relay._LINGER_RESET)  # as in Relay.__init__: a kill -9 must reset it
+        old, up = self.backend, self.up
+        self.backend = backend  # from here _end closes it
+        self.up.close()
+        self.down.close()
+        relay._set_linger(old, relay._LINGER_OFF)  # it ended cleanly, both ways
+        old.close()
+        self.awaiting, self.switch = self.switch.upgrade, None
+        self.down_open = True
+        self.touch()
+        self.up = self.up_class(self, self.client, backend, True)
+        self.up.received, self.up.forwarded, self.up.held = up.received, up.forwarded, up.held
+        self.down = self.down_class(self, backend, self.client, False)
+        self.timer.start(self.on_timer)
+        self.down.start()
+        self.up._take(b"")
 
     def answer(self) -> None:
         """The responses owed have gone: send the reply, a FIN, read briefly what the client still sends, close."""

@@ -26,11 +26,13 @@ class RecordingBackend:
 
     Answers ``200`` with a body naming the request; ``/large`` gets LARGE bytes; ``/ws`` with
     Upgrade gets ``101`` and CONNECT gets ``200``, then the connection echoes raw bytes; ``/silent``
-    gets no answer at all; after ``/close`` the backend closes.
+    gets no answer at all; after ``/close`` the backend closes. With ``accepts`` it closes its
+    listener after that many connections: the next connect is refused.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, accepts: int | None = None) -> None:
         self.name = name
+        self.accepts = accepts
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
         self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
@@ -52,6 +54,8 @@ class RecordingBackend:
                 return
             requests: list[dict] = []
             self.connections.append(requests)
+            if len(self.connections) == self.accepts:
+                self.server.close()
             thread = threading.Thread(target=self._serve, args=(conn, requests), daemon=True)
             self.threads.append(thread)
             thread.start()
@@ -404,23 +408,137 @@ def test_refused_after_the_backend_closed_ends_the_connection(strict):
     assert [r["target"] for r in one.requests()] == ["/close"] and two.requests() == []
 
 
+WEBSOCKET = "Connection: Upgrade\r\nUpgrade: websocket\r\n"
+
+
+def targets(backend: RecordingBackend) -> list[list[str]]:
+    """The targets each connection of ``backend`` received, one list per connection."""
+    return [[r["target"] for r in requests] for requests in backend.connections]
+
+
+def echo_through(sock: socket.socket, data: bytes) -> None:
+    """Send raw bytes through a tunnel the backend echoes, read them back, then close it: nothing else comes."""
+    sock.sendall(data)
+    echoed = b""
+    while len(echoed) < len(data):
+        chunk = sock.recv(len(data) - len(echoed))
+        assert chunk, echoed
+        echoed += chunk
+    assert echoed == data
+    sock.shutdown(socket.SHUT_WR)
+    assert read_all(sock) == b""
+
+
 @pytest.mark.parametrize(
-    "later",
+    "later, target",
     [
-        get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: websocket\r\n"),
-        b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n",
+        (get("a.example", "/ws", WEBSOCKET), "/ws"),
+        (b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n", "a.example:443"),
     ],
 )
-def test_a_later_upgrade_or_connect_is_refused_before_it_is_forwarded(strict, later):
-    """Only the first response's start is known without parsing responses: a later 101 could not end inspection,
-    and the new protocol's bytes would wait for the backend's close to be refused. Refused at once instead."""
+def test_a_later_upgrade_or_connect_gets_a_backend_connection_of_its_own(strict, later, target):
+    """A later 101 (2xx to CONNECT) is the first response of a new backend connection: the only response
+    boundary known without parsing responses. The old connection ends after the responses it owed."""
+    gw, one, _ = strict()
+    tunnel = get("b.example", "/in-the-tunnel")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1"))
+        assert read_response(sock) == (200, b"one GET /1 0")
+        sock.sendall(later)
+        assert read_head(sock).startswith(b"HTTP/1.1 101" if target == "/ws" else b"HTTP/1.1 200")
+        echo_through(sock, tunnel)
+    assert targets(one) == [["/1"], [target]] and one.raw == [tunnel]
+    line = gw.connection_log(domain="a.example")
+    assert line["outcome"] == "ok" and line["backend"] == one.address
+
+
+def test_a_later_upgrade_pipelined_after_a_large_response_comes_after_it(strict):
     gw, one, _ = strict()
     with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
-        sock.sendall(get("a.example", "/1") + later)  # no half-close: the answer must come without one
+        sock.sendall(get("a.example", "/large") + get("a.example", "/ws", WEBSOCKET))
+        assert read_response(sock) == (200, b"L" * LARGE)
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        echo_through(sock, b"\x81\x05hello")
+    assert targets(one) == [["/large"], ["/ws"]] and one.raw == [b"\x81\x05hello"]
+
+
+def test_a_later_upgrade_answered_without_101_keeps_inspecting_and_another_may_follow(strict):
+    """Each later Upgrade gets a connection of its own, whatever came of the one before."""
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1") + get("a.example", "/no-ws", WEBSOCKET))
+        assert read_response(sock) == (200, b"one GET /1 0")
+        assert read_response(sock) == (200, b"one GET /no-ws 0")
+        sock.sendall(get("a.example", "/2"))
+        assert read_response(sock) == (200, b"one GET /2 0")
+        sock.sendall(get("a.example", "/ws", WEBSOCKET))
+        assert read_head(sock).startswith(b"HTTP/1.1 101")
+        echo_through(sock, get("b.example", "/in-the-tunnel"))
+    assert targets(one) == [["/1"], ["/no-ws", "/2"], ["/ws"]] and two.connections == []
+
+
+def test_after_a_later_upgrade_answered_without_101_another_entry_gets_421(strict):
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1"))
+        assert read_response(sock)[0] == 200
+        sock.sendall(get("a.example", "/no-ws", WEBSOCKET))
+        assert read_response(sock) == (200, b"one GET /no-ws 0")
+        sock.sendall(get("b.example", "/stolen"))
+        assert read_all(sock).startswith(b"HTTP/1.1 421 ")
+    assert targets(one) == [["/1"], ["/no-ws"]] and two.connections == []
+    assert gw.connection_log(outcome="host_changed", domain="a.example")
+
+
+def test_a_later_upgrade_for_another_entry_gets_421_and_reaches_no_backend(strict):
+    gw, one, two = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1") + get("b.example", "/ws", WEBSOCKET))
         data = read_all(sock)
+    assert [status for status, _ in responses(data)] == [200, 421]
+    assert targets(one) == [["/1"]] and two.connections == []
+    assert gw.connection_log(outcome="host_changed", domain="a.example")
+
+
+def test_a_later_upgrade_to_another_protocol_is_refused_before_it_is_forwarded(strict):
+    """No 101 to it ends inspection: its bytes would wait for the backend's close to be refused. Refused at once."""
+    gw, one, _ = strict()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/1") + get("a.example", "/ws", "Connection: Upgrade\r\nUpgrade: foo/2\r\n"))
+        data = read_all(sock)  # no half-close: the answer must come without one
     assert [status for status, _ in responses(data)] == [200, 400]
-    assert [r["target"] for r in one.requests()] == ["/1"] and one.raw == []
+    assert targets(one) == [["/1"]] and one.raw == []
     assert gw.connection_log(outcome="bad_request")
+
+
+def test_a_later_upgrade_whose_new_connect_is_refused_gets_502_after_the_responses_owed(start_gateway):
+    one = RecordingBackend("one", accepts=1)
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            f'[http_backends]\n"a.example" = "{one.address}"\n'
+        )
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(get("a.example", "/1") + get("a.example", "/ws", WEBSOCKET))
+            data = read_all(sock)  # no half-close
+        assert [status for status, _ in responses(data)] == [200, 502]
+        assert targets(one) == [["/1"]]
+        line = gw.connection_log(outcome="backend_unreachable", domain="a.example")
+        assert one.address in line["reason"] and one.address.encode() not in data
+    finally:
+        one.close()
+
+
+def test_a_later_upgrade_whose_backend_never_closes_gets_400_after_idle_timeout(strict):
+    gw, one, _ = strict(extra="idle_timeout = 1.0")
+    started = time.monotonic()
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("a.example", "/silent") + get("a.example", "/ws", WEBSOCKET))
+        data = read_all(sock)
+    assert data.startswith(b"HTTP/1.1 400 ") and time.monotonic() - started >= 0.9
+    assert targets(one) == [["/silent"]]
+    line = gw.connection_log(outcome="bad_request", domain="a.example")
+    assert "kept its connection open" in line["reason"]
 
 
 def syn_sent_to(port: int) -> int:
