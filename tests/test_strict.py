@@ -27,12 +27,16 @@ class RecordingBackend:
     Answers ``200`` with a body naming the request; ``/large`` gets LARGE bytes; ``/ws`` with
     Upgrade gets ``101`` and CONNECT gets ``200``, then the connection echoes raw bytes; ``/silent``
     gets no answer at all; after ``/close`` the backend closes. With ``accepts`` it closes its
-    listener after that many connections: the next connect is refused.
+    listener after that many connections: the next connect is refused. With ``proxy`` each
+    connection starts with a PROXY v1 line, kept in ``proxy_lines``.
     """
 
-    def __init__(self, name: str, accepts: int | None = None) -> None:
+    def __init__(self, name: str, accepts: int | None = None, proxy: bool = False) -> None:
         self.name = name
         self.accepts = accepts
+        self.proxy = proxy
+        self.proxy_lines: list[bytes] = []
+        self.resets = 0  # tunnels that ended with a reset
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.2)
         self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
@@ -64,6 +68,8 @@ class RecordingBackend:
         conn.settimeout(TIMEOUT * 3)
         try:
             with conn, conn.makefile("rb") as rfile:
+                if self.proxy:
+                    self.proxy_lines.append(rfile.readline())
                 while True:
                     line = rfile.readline()
                     if not line:
@@ -106,9 +112,13 @@ class RecordingBackend:
 
     def _echo(self, conn: socket.socket, rfile) -> None:
         echoed = b""
-        while data := rfile.read1(65536):
-            echoed += data
-            conn.sendall(data)
+        try:
+            while data := rfile.read1(65536):
+                echoed += data
+                conn.sendall(data)
+        except ConnectionResetError:
+            self.resets += 1
+            return
         self.raw.append(echoed)
 
     def requests(self) -> list[dict]:
@@ -435,6 +445,7 @@ def echo_through(sock: socket.socket, data: bytes) -> None:
         (get("a.example", "/ws", WEBSOCKET), "/ws"),
         (b"CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n\r\n", "a.example:443"),
     ],
+    ids=["websocket", "connect"],
 )
 def test_a_later_upgrade_or_connect_gets_a_backend_connection_of_its_own(strict, later, target):
     """A later 101 (2xx to CONNECT) is the first response of a new backend connection: the only response
@@ -525,6 +536,63 @@ def test_a_later_upgrade_whose_new_connect_is_refused_gets_502_after_the_respons
         assert targets(one) == [["/1"]]
         line = gw.connection_log(outcome="backend_unreachable", domain="a.example")
         assert one.address in line["reason"] and one.address.encode() not in data
+    finally:
+        one.close()
+
+
+def test_a_later_upgrade_s_new_connection_gets_the_proxy_header_and_a_kill_resets_it(start_gateway):
+    """The new backend connection is the connection's as much as the first: the same PROXY header, and the
+    reset armed at the start of a relay, so that a gateway killed outright never leaves it a clean end."""
+    one = RecordingBackend("one", proxy=True)
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            f'[http_backends]\n"a.example" = {{ address = "{one.address}", proxy_protocol = "v1" }}\n'
+        )
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(get("a.example", "/1") + get("a.example", "/ws", WEBSOCKET))
+            assert read_response(sock)[0] == 200
+            assert read_head(sock).startswith(b"HTTP/1.1 101")
+            header = f"PROXY TCP4 127.0.0.1 127.0.0.1 {sock.getsockname()[1]} {gw.http[1]}\r\n".encode()
+            assert one.proxy_lines == [header, header]
+            gw.proc.kill()
+            gw.proc.wait(TIMEOUT)
+            deadline = time.monotonic() + TIMEOUT
+            while not one.resets:
+                assert time.monotonic() < deadline, "the new backend connection did not end with a reset"
+                time.sleep(0.01)
+        assert targets(one) == [["/1"], ["/ws"]]
+    finally:
+        one.close()
+
+
+def test_a_drain_that_ends_during_the_new_connect_resets_the_client(start_gateway, blackhole):  # noqa: F811
+    """The relay ends while its new connect waits: the client gets a reset, the gateway exits cleanly."""
+    if not os.path.exists("/proc/net/tcp"):
+        pytest.skip("needs /proc/net/tcp to see the gateway's connect wait")
+    one = RecordingBackend("one")
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            "connect_timeout = 5.0\ndrain_timeout = 0.5\n"
+            f'[http_backends]\n"a.example" = ["{one.address}", "{blackhole}"]\n'  # round-robin: the hole second
+        )
+        port = int(blackhole.rsplit(":", 1)[1])
+        waiting = syn_sent_to(port)  # the fixture's own fillers
+        with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+            sock.sendall(get("a.example", "/1") + get("a.example", "/ws", WEBSOCKET))
+            assert read_response(sock)[0] == 200
+            deadline = time.monotonic() + TIMEOUT
+            while syn_sent_to(port) == waiting:  # the first backend connection ended; the new one waits
+                assert time.monotonic() < deadline, "the gateway never connected to the black hole"
+                time.sleep(0.01)
+            gw.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionResetError):
+                sock.recv(1)
+        assert gw.proc.wait(TIMEOUT) == 0
+        assert gw.connection_log(outcome="drain_timeout", domain="a.example")
+        assert [line for line in gw.seen if line.get("message") == "NOT JSON"] == []  # no traceback
+        assert targets(one) == [["/1"]]
     finally:
         one.close()
 
