@@ -5,25 +5,34 @@
 on only bytes that belong to requests already checked: a head waits until it
 is whole and its Host routes to the connection's route entry; the body after
 it is counted and passed on unread (spliced when large). The backend -> client
-one stays a plain pump; it looks at a response only after a first request
-with ``Upgrade: websocket`` or ``CONNECT``, and then reads just its first 12
-bytes: a ``101`` (a ``2xx`` to CONNECT) ends inspection, anything else lets it
-go on. No other protocol is trusted to end it: an upgrade to h2c is refused by
-httpstream.py, any other is passed on and inspection goes on.
+one stays a plain pump; it looks at a response only after a request with
+``Upgrade: websocket`` or ``CONNECT`` that is the first of its backend
+connection, and then reads just its first 12 bytes: a ``101`` (a ``2xx`` to
+CONNECT) ends inspection, anything else lets it go on. No other protocol is
+trusted to end it: an upgrade to h2c is refused by httpstream.py; any other is
+passed on as the first request (inspection goes on) and refused (400) as a
+later one, before it reaches the backend: its new protocol's bytes would wait
+for the backend's close to be refused.
 
 A request that routes elsewhere, or that cannot be framed, is never passed on:
 the backend gets a FIN after the requests before it, the responses it still
 owes reach the client until it closes (or ``idle_timeout`` passes), then the
 client gets the reply (421 or 400) and a FIN. Like relay.py, this module never
 logs and never touches the servers: the gateway hands it ``allows`` (does this
-name route to the connection's entry?) and ``refuse`` (log the refusal, give
-the reply's bytes).
+name route to the connection's entry?), ``refuse`` (log the refusal, give the
+reply's bytes) and ``connect`` (a new connection to the entry, made as the
+first one was).
 
-Only the first request may change protocol: the start of the response stream
-is the only response boundary known without parsing responses, which the
-gateway never does. A later ``Upgrade`` or ``CONNECT`` is refused (400) like a
-request for another entry, before it reaches the backend: passed on, its
-new protocol's bytes would wait for the backend's close to be refused.
+The start of a backend connection's response stream is the only response
+boundary known without parsing responses, which the gateway never does. So a
+later ``Upgrade: websocket`` or ``CONNECT`` gets a backend connection of its
+own, by the same steps as a refusal: it is held with all that follows, the
+client is not read, the backend gets a FIN and the responses it owes reach the
+client until it closes. Then a greenlet connects anew (the connect blocks),
+the held bytes go first on the new connection, checked as before, and its
+first response decides as for a first request. A connect that fails is
+answered as for a first request (502 or 504); a backend that keeps its
+connection open for ``idle_timeout`` after the FIN gets the client a 400.
 """
 
 from __future__ import annotations
@@ -452,18 +461,19 @@ class StrictRelay(relay.Relay):
     def _resume(self, backend: socket.socket) -> None:
         """Go on with a new backend: new directions, the held request passed on first, then the client read again."""
         relay._set_linger(backend, relay._LINGER_RESET)  # as in Relay.__init__: a kill -9 must reset it
-        old, up = self.backend, self.up
+        old, old_up, old_down = self.backend, self.up, self.down
         self.backend = backend  # from here _end closes it
-        self.up.close()
-        self.down.close()
+        self.touch()
+        up = self.up_class(self, self.client, backend, True)
+        up.received, up.forwarded, up.held = old_up.received, old_up.forwarded, old_up.held  # and the parser
+        down = self.down_class(self, backend, self.client, False)
+        old_up.close()
+        old_down.close()
+        self.up, self.down = up, down
         relay._set_linger(old, relay._LINGER_OFF)  # it ended cleanly, both ways
         old.close()
-        self.awaiting, self.switch = self.switch.upgrade, None
+        self.awaiting, self.switch = self.switch.upgrade, None  # the new connection's first response decides
         self.down_open = True
-        self.touch()
-        self.up = self.up_class(self, self.client, backend, True)
-        self.up.received, self.up.forwarded, self.up.held = up.received, up.forwarded, up.held
-        self.down = self.down_class(self, backend, self.client, False)
         self.timer.start(self.on_timer)
         self.down.start()
         self.up._take(b"")
