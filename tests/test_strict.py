@@ -589,7 +589,8 @@ def test_a_drain_that_ends_during_the_new_connect_resets_the_client(start_gatewa
             gw.proc.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionResetError):
                 sock.recv(1)
-        assert gw.stop() == 0  # exited by itself after the drain; every line it wrote is in gw.seen now
+        assert gw.proc.wait(TIMEOUT) == 0
+        gw.stop()  # exited already: this reads every line it wrote into gw.seen
         assert gw.connection_log(outcome="drain_timeout", domain="a.example")
         assert [line for line in gw.seen if line.get("message") == "NOT JSON"] == []  # no traceback
         assert targets(one) == [["/1"]]
