@@ -158,19 +158,9 @@ class _StrictUp(relay._Direction):
         if domain is httpstream.NOT_PLAIN:
             self.parser.feed(data)
             return self._pass_on(data) and len(data) == CHUNK
-        if owner.allows(domain):  # the usual keep-alive read, one whole head: _pass_on's work, inlined
+        if owner.allows(domain):  # the usual keep-alive read, one whole head: _pass_on's work, shortened
             self.forwarded = self.received
-            try:
-                sent = self.dst.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                owner.abort("backend_reset")
-                return False
-            owner.result.bytes_up += sent
-            if sent < len(data):
-                self.pending = memoryview(data)[sent:]
-                self._wait_writable()
+            self._forward(data)
             return False  # a head is shorter than a chunk: the socket is drained
         self.forwarded = self.received - len(data)
         self.held = data
@@ -209,22 +199,12 @@ class _StrictUp(relay._Direction):
             data = data[:count]
         else:
             self.held = b""
-        if data:
-            try:
-                sent = self.dst.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                owner.abort("backend_reset")
-                return False
-            owner.result.bytes_up += sent
-            if sent < len(data):
-                self.pending = memoryview(data)[sent:]
-                self._wait_writable()
+        if data and not self._forward(data):
+            if self.pending is not None:  # stop_up once the pending bytes have gone (else the relay ended)
                 if refusal is not None:
-                    owner.refused(refusal, self.held)  # stop_up once the pending bytes have gone
-                owner.switch = switch  # likewise
-                return False
+                    owner.refused(refusal, self.held)
+                owner.switch = switch
+            return False
         if refusal is not None:
             owner.refused(refusal, self.held)
             self.stop_up()
@@ -232,6 +212,22 @@ class _StrictUp(relay._Direction):
         if switch is not None:
             owner.switch = switch
             self.stop_up()
+            return False
+        return True
+
+    def _forward(self, data: bytes) -> bool:
+        """Send checked bytes to the backend; False if some wait for it to take them, or the relay ended."""
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.relay.abort("backend_reset")
+            return False
+        self.relay.result.bytes_up += sent
+        if sent < len(data):
+            self.pending = memoryview(data)[sent:]
+            self._wait_writable()
             return False
         return True
 
