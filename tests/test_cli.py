@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import TIMEOUT, Gateway, free_closed_port, gateway_command, routes_toml
 
+import kiacli
 import kiagateway
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,7 @@ USAGE_ERRORS = [
 @pytest.mark.parametrize(("args", "sentence"), USAGE_ERRORS)
 def test_bad_usage_exits_2_with_the_usage_and_one_plain_sentence(tmp_path, monkeypatch, capsys, args, sentence):
     monkeypatch.chdir(tmp_path)  # no servers.toml here: nothing could start by mistake
-    assert kiagateway.main(args) == 2
+    assert kiacli.main(args) == 2
     out = capsys.readouterr()
     assert out.out == ""
     _assert_one_sentence_and_the_usage(out.err, sentence)
@@ -410,7 +411,7 @@ def test_check_takes_repeated_listen_options_once_each(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     (tmp_path / "servers.toml").write_text('[http_backends]\n"a.example" = "127.0.0.1:1"\n')
     args = ("--http-listen=127.0.0.1:8080", "--http-listen=[::1]:8080", "--https-listen=127.0.0.1:8443")
-    assert kiagateway.main(["--check", *args]) == 0, capsys.readouterr().err
+    assert kiacli.main(["--check", *args]) == 0, capsys.readouterr().err
     assert "http listener: 127.0.0.1:8080, [::1]:8080; 1 route\n" in capsys.readouterr().out
 
 

@@ -130,11 +130,11 @@ def test_a_relay_that_fails_after_a_watcher_started_does_not_abort_the_process()
 # Run the gateway with the cyclic garbage collector off, and say at exit how much garbage it had left for it.
 COUNT_CYCLIC_GARBAGE = """
 import atexit, gc, json, os, sys
-import kiagateway
+import kiacli
 gc.disable()
 line = lambda: json.dumps({"message": "cyclic garbage", "objects": gc.collect()}) + "\\n"
 atexit.register(lambda: os.write(2, line().encode()))
-sys.exit(kiagateway.main())
+sys.exit(kiacli.main())
 """
 
 

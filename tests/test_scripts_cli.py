@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import TIMEOUT, gateway_command
 
+import kiacli
 import kiaconfig
-import kiagateway
 
 # Never bound: --check and --route open no socket. Backend addresses need not exist either.
 TABLE = """
@@ -52,7 +52,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def main(capfd, *args: str) -> tuple[int, str, str]:
-    status = kiagateway.main(list(args))
+    status = kiacli.main(list(args))
     out = capfd.readouterr()
     return status, out.out, out.err
 
