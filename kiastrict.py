@@ -162,8 +162,7 @@ class _StrictUp(relay._Direction):
             self.forwarded = self.received
             self._forward(data)
             return False  # a head is shorter than a chunk: the socket is drained
-        self.forwarded = self.received - len(data)
-        self.held = data
+        self.held = data  # all before it has gone: forwarded is where it starts
         owner.refused(_host_changed(domain), data)
         self.stop_up()
         return False
@@ -183,7 +182,7 @@ class _StrictUp(relay._Direction):
                     if event.upgrade in _SWITCHED:
                         switch = event
                     else:
-                        refusal = sniff.BadRequest("Upgrade to another protocol than websocket after the first request")
+                        refusal = sniff.BadRequest("Upgrade to a protocol other than websocket after the first request")
                     limit = event.start
                     break
             else:
