@@ -39,6 +39,22 @@ def activator() -> str:
     pytest.skip("systemd-socket-activate not installed (Debian package systemd)")
 
 
+def start_activated(start_gateway, toml: str, *names: str) -> tuple[conftest.Gateway, FirstClient, list[int]]:
+    """The gateway under systemd-socket-activate, a loopback port per fd name, started by a first client's connect."""
+    for attempt in range(2):  # another process may take a port between our probe and the bind: once more then
+        ports = [free_port() for _ in names]
+        listen = [f"--listen=127.0.0.1:{port}" for port in ports]
+        command = [activator(), *listen, f"--fdname={':'.join(names)}", *conftest.gateway_command()]
+        first = FirstClient(("127.0.0.1", ports[0]))
+        try:
+            return start_gateway(toml, command=command), first, ports
+        except AssertionError as exc:
+            if attempt or "Address already in use" not in str(exc):
+                raise
+        finally:
+            first.thread.join(TIMEOUT)
+
+
 def started_with(gw: conftest.Gateway, pid: int) -> list[dict]:
     """The start-up lines of the program run by ``pid``: one per program run in that process."""
     return [line for line in gw.seen if line.get("message", "").startswith("kiagateway ") and line["pid"] == pid]
@@ -54,21 +70,10 @@ def ask(address: tuple[str, int]) -> bytes:
 # Socket activation
 
 
-def test_socket_activation_serves_both_listeners(monkeypatch, start_gateway, backends, client_context):
-    plain = conftest.gateway_command
-    for attempt in range(2):  # another process may take a port between our probe and the bind: once more then
-        ports = free_port(), free_port()
-        command = [activator(), *(f"--listen=127.0.0.1:{port}" for port in ports), "--fdname=http:https"]
-        monkeypatch.setattr(conftest, "gateway_command", lambda c=command: [*c, *plain()])
-        first = FirstClient(("127.0.0.1", ports[0]))  # systemd-socket-activate starts the gateway on a connection
-        try:
-            gw = start_gateway(routes_toml(backends, extra_gateway="workers = 2"))
-            break
-        except AssertionError as exc:
-            if attempt or "Address already in use" not in str(exc):
-                raise
-        finally:
-            first.thread.join(TIMEOUT)
+def test_socket_activation_serves_both_listeners(start_gateway, backends, client_context):
+    gw, first, ports = start_activated(
+        start_gateway, routes_toml(backends, extra_gateway="workers = 2"), "http", "https"
+    )
     assert first.answer.endswith(b"alpha http a.example")  # the connection that started it was served
     assert gw.listening == {"http": [("127.0.0.1", ports[0])], "https": [("127.0.0.1", ports[1])]}
     assert gw.wait_for(lambda line: line.get("message", "").startswith("socket activation"))
@@ -81,23 +86,10 @@ def test_socket_activation_serves_both_listeners(monkeypatch, start_gateway, bac
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_socket_activation_takes_a_config_without_listen_addresses(monkeypatch, start_gateway, backends, workers):
+def test_socket_activation_takes_a_config_without_listen_addresses(start_gateway, backends, workers):
     """The listen lists are ignored under socket activation: empty ones start, and a reload says they are ignored."""
     toml = routes_toml(backends, f"workers = {workers}", listen_http="", listen_https="")
-    plain = conftest.gateway_command
-    for attempt in range(2):  # another process may take the port between our probe and the bind: once more then
-        port = free_port()
-        command = [activator(), f"--listen=127.0.0.1:{port}", "--fdname=http"]
-        monkeypatch.setattr(conftest, "gateway_command", lambda c=command: [*c, *plain()])
-        first = FirstClient(("127.0.0.1", port))  # systemd-socket-activate starts the gateway on a connection
-        try:
-            gw = start_gateway(toml)
-            break
-        except AssertionError as exc:
-            if attempt or "Address already in use" not in str(exc):
-                raise
-        finally:
-            first.thread.join(TIMEOUT)
+    gw, first, (port,) = start_activated(start_gateway, toml, "http")
     assert first.answer.endswith(b"alpha http a.example")
     assert gw.listening == {"http": [("127.0.0.1", port)], "https": []}
     gw.config.write_text(toml.replace("http_listen = []", f'http_listen = ["127.0.0.1:{free_port()}"]'))
