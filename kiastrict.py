@@ -46,13 +46,12 @@ import gevent
 import httpstream
 import relay
 import sniff
-from relay import _WRITE, CHUNK, HAVE_SPLICE, PIPE_SIZE, PIPES, ROUNDS
+from kiasocket import reset_on_close
+from relay import CHUNK, HAVE_SPLICE, PIPE_SIZE
 
 __all__ = ["StrictRelay"]
 
 STATUS_BYTES = 12  # "HTTP/1.1 101": all a status line's start needs to say "upgraded" or not
-ANSWER_SECONDS = 3.0  # to hand over the reply and read what the client still sends (kiagateway's _answer: 2 + 1 s)
-LINGER_BYTES = 65536  # read and dropped after the reply, so that closing does not reset it away
 _SWITCHED = {  # the first requests after which a protocol may take over: "other" upgrades are never trusted
     "websocket": re.compile(rb"HTTP/1\.[01] 101"),
     "connect": re.compile(rb"HTTP/1\.[01] 2[0-9][0-9]"),
@@ -63,7 +62,7 @@ def _host_changed(domain: str | None) -> sniff.HostChanged:
     return sniff.HostChanged(f"request for {domain or 'no Host'} routes to another entry than this connection's")
 
 
-class _StrictUp(relay._Direction):
+class _StrictUp(relay.Direction):
     """Client -> backend: parse, check, pass on only what is checked."""
 
     __slots__ = ("forwarded", "held", "parser", "raw", "received")
@@ -93,66 +92,31 @@ class _StrictUp(relay._Direction):
             self.relay.abort("error")
             raise
 
-    def on_readable(self) -> None:
+    def splice_limit(self) -> int:
+        """Splice body bytes only, no more than the body holds: the next head must come through Python."""
         if self.raw:
-            super().on_readable()
-            return
-        owner = self.relay
-        try:
-            for _ in range(ROUNDS):
-                parser = self.parser
-                if HAVE_SPLICE and parser.body_left >= CHUNK and parser.checked == self.received:
-                    if not self._splice_body():
-                        break
-                elif not self._read_and_check():
-                    break
-                if self.raw:
-                    break
-            if self.pipe is not None and not self.piped:
-                PIPES.put(self.pipe)
-                self.pipe = None
-        except BaseException:
-            owner.abort("error")
-            raise
+            return super().splice_limit()
+        parser = self.parser
+        if HAVE_SPLICE and parser.body_left >= CHUNK and parser.checked == self.received:
+            return min(PIPE_SIZE, parser.body_left)
+        return 0
 
-    def _splice_body(self) -> bool:
-        """Splice body bytes, no more than the body holds: the next head must come through Python."""
-        if self.pipe is None:
-            try:
-                self.pipe = PIPES.get()
-            except OSError:  # out of descriptors: copy this round instead
-                return self._read_and_check()
-        want = min(PIPE_SIZE, self.parser.body_left)
-        try:
-            n = relay._splice(self.src_fd, self.pipe[1], want, flags=relay._SPLICE_FLAGS)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self.relay.abort("client_reset")
-            return False
-        if not n:
-            self._on_eof()
-            return False
-        self.relay.touch()
+    def took(self, n: int) -> None:
+        if self.raw:
+            super().took(n)
+            return
         self.parser.skip(n)
         self.received += n
         self.forwarded += n
-        self.piped = n
-        return self._drain_pipe() and n == want
 
-    def _read_and_check(self) -> bool:
-        try:
-            data = self.src.recv(CHUNK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            self.relay.abort("client_reset")
-            return False
-        if not data:
-            self._on_eof()
+    def copy_once(self) -> bool:
+        """Read a chunk and pass on what it completes of requests that may go; False when reading should stop."""
+        if self.raw:
+            return super().copy_once()
+        data = self.read()
+        if data is None:
             return False
         owner = self.relay
-        owner.last_activity = relay._now()  # touch() inlined: this runs per request
         self.received += len(data)
         domain = self.parser.plain_head(data)
         if domain is httpstream.NOT_PLAIN:
@@ -160,7 +124,7 @@ class _StrictUp(relay._Direction):
             return self._pass_on(data) and len(data) == CHUNK
         if owner.allows(domain):  # the usual keep-alive read, one whole head: _pass_on's work, shortened
             self.forwarded = self.received
-            self._forward(data)
+            self.send(data)
             return False  # a head is shorter than a chunk: the socket is drained
         self.held = data  # all before it has gone: forwarded is where it starts
         owner.refused(_host_changed(domain), data)
@@ -198,7 +162,7 @@ class _StrictUp(relay._Direction):
             data = data[:count]
         else:
             self.held = b""
-        if data and not self._forward(data):
+        if data and not self.send(data):
             if self.pending is not None:  # stop_up once the pending bytes have gone (else the relay ended)
                 if refusal is not None:
                     owner.refused(refusal, self.held)
@@ -211,22 +175,6 @@ class _StrictUp(relay._Direction):
         if switch is not None:
             owner.switch = switch
             self.stop_up()
-            return False
-        return True
-
-    def _forward(self, data: bytes) -> bool:
-        """Send checked bytes to the backend; False if some wait for it to take them, or the relay ended."""
-        try:
-            sent = self.dst.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.relay.abort("backend_reset")
-            return False
-        self.relay.result.bytes_up += sent
-        if sent < len(data):
-            self.pending = memoryview(data)[sent:]
-            self._wait_writable()
             return False
         return True
 
@@ -247,7 +195,7 @@ class _StrictUp(relay._Direction):
         except OSError:  # already gone: the down direction ends the relay
             pass
         if not self.relay.down_open:  # the backend had closed, and the client has its FIN: nothing to answer on
-            self.relay._end()
+            self.relay.end()
 
     def go_raw(self) -> None:
         """The backend switched protocols: pass on what is held, then pump without parsing."""
@@ -259,20 +207,10 @@ class _StrictUp(relay._Direction):
         if self.pending is not None:
             self.pending = memoryview(bytes(self.pending) + held)
             return
-        try:
-            sent = self.dst.send(held)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.relay.abort("backend_reset")
-            return
-        self._count(sent)
-        if sent < len(held):
-            self.pending = memoryview(held)[sent:]
-            self._wait_writable()
+        self.send(held)
 
 
-class _StrictDown(relay._Direction):
+class _StrictDown(relay.Direction):
     """Backend -> client: a plain pump that may look at the first response's status, and answers a refusal."""
 
     __slots__ = ("status",)
@@ -297,46 +235,26 @@ class _StrictDown(relay._Direction):
         """Read up to the first 12 bytes of the response and decide; True if pumping may go on now."""
         owner = self.relay
         try:
-            try:
-                data = self.src.recv(STATUS_BYTES - len(self.status))
-            except BlockingIOError:
+            data = self.read(STATUS_BYTES - len(self.status))
+            if data is None:
                 return False
-            except OSError:
-                owner.abort("backend_reset")
-                return False
-            if not data:
-                self._on_eof()
-                return False
-            owner.touch()
             self.status += data
             if len(self.status) == STATUS_BYTES:
                 if owner.refusal is None and owner.switch is None and _SWITCHED[owner.awaiting].match(self.status):
                     owner.up.go_raw()  # before the client sees the 101: its next bytes are the new protocol's
                 owner.awaiting = ""
-            try:
-                sent = self.dst.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                owner.abort("client_reset")
-                return False
-            self._count(sent)
-            if sent < len(data):
-                self.pending = memoryview(data)[sent:]
-                self._wait_writable()
-                return False
-            return not owner.awaiting
+            return self.send(data) and not owner.awaiting
         except BaseException:
             owner.abort("error")
             raise
 
-    def _on_eof(self) -> None:
+    def on_eof(self) -> None:
         owner = self.relay
         up = owner.up
         # A backend that closes before it took every request before an Upgrade or CONNECT gets no successor.
         if owner.refusal is None and (owner.switch is None or up.pending is not None or up.piped):
             owner.down_open = False
-            super()._on_eof()
+            super().on_eof()
             return
         self.reader.stop()
         owner.down_open = False
@@ -351,13 +269,11 @@ class StrictRelay(relay.Relay):
 
     __slots__ = (
         "allows",
-        "answering",
         "awaiting",
         "connect",
         "down_open",
         "first_end",
         "leftover",
-        "lingered",
         "parser",
         "refusal",
         "refuse",
@@ -394,8 +310,6 @@ class StrictRelay(relay.Relay):
         # "websocket" or "connect" until the first response's status is read
         self.awaiting = first.upgrade if first.upgrade in _SWITCHED else ""
         self.down_open = True
-        self.answering = False
-        self.lingered = 0
         super().__init__(client, backend, idle_timeout, on_done, result)
 
     def refused(self, error: sniff.GatewayError, rest: bytes) -> None:
@@ -407,15 +321,12 @@ class StrictRelay(relay.Relay):
     def abort(self, outcome: str, reset: bool = True) -> None:
         """As Relay's, except that a refused connection whose backend went quiet still gets its answer, and so
         does a later Upgrade or CONNECT whose backend never closed: a 400, as no new connection can follow it."""
-        if outcome == "idle_timeout" and not self.answering and self.down.pending is None and not self.down.piped:
+        if outcome == "idle_timeout" and self.answering is None and self.down.pending is None and not self.down.piped:
             if self.refusal is None and self.switch is not None:
                 reason = "Upgrade or CONNECT after the first request: the backend kept its connection open after a FIN"
                 self.refused(sniff.BadRequest(reason), self.up.held)
             if self.refusal is not None:
-                try:  # the backend is cut: a reset tells it so
-                    self.backend.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, relay._LINGER_RESET)
-                except OSError:
-                    pass
+                reset_on_close(self.backend)  # the backend is cut: a reset tells it so
                 self.answer()
                 return
         super().abort(outcome, reset)
@@ -444,7 +355,7 @@ class StrictRelay(relay.Relay):
             self.abort("error")
             raise
         if self.timer is None:  # the relay ended meanwhile (drain_timeout): the new connection is cut
-            relay._set_linger(backend, relay._LINGER_RESET)
+            reset_on_close(backend)
             backend.close()
             return
         try:
@@ -455,7 +366,7 @@ class StrictRelay(relay.Relay):
 
     def _resume(self, backend: socket.socket) -> None:
         """Go on with a new backend: new directions, the held request passed on first, then the client read again."""
-        relay._set_linger(backend, relay._LINGER_RESET)  # as in Relay.__init__: a kill -9 must reset it
+        reset_on_close(backend)  # as in Relay.__init__: a kill -9 must reset it
         old, old_up, old_down = self.backend, self.up, self.down
         self.backend = backend  # from here _end closes it
         self.touch()
@@ -465,7 +376,7 @@ class StrictRelay(relay.Relay):
         old_up.close()
         old_down.close()
         self.up, self.down = up, down
-        relay._set_linger(old, relay._LINGER_OFF)  # it ended cleanly, both ways
+        reset_on_close(old, False)  # it ended cleanly, both ways
         old.close()
         self.awaiting, self.switch = self.switch.upgrade, None  # the new connection's first response decides
         self.down_open = True
@@ -474,55 +385,5 @@ class StrictRelay(relay.Relay):
         self.up._take(b"")
 
     def answer(self) -> None:
-        """The responses owed have gone: send the reply, a FIN, read briefly what the client still sends, close."""
-        if self.answering or self.timer is None:
-            return
-        self.answering = True
-        self.result.outcome = self.refusal.outcome
-        self.down.reader.stop()
-        self.up.reader.stop()
-        if self.up.writer is not None:  # bytes before the refused request still on their way to a closed backend
-            self.up.writer.stop()
-        self.timer.close()
-        self.timer = self.loop.timer(ANSWER_SECONDS)
-        self.timer.start(self._end)
-        self.reply = memoryview(self.reply)
-        self._send_reply()
-
-    def _send_reply(self) -> None:
-        try:
-            sent = self.client.send(self.reply)
-        except BlockingIOError:
-            sent = 0
-        except OSError:  # the client is gone: the close is all it gets
-            self._end()
-            return
-        self.reply = self.reply[sent:]
-        down = self.down
-        if self.reply:
-            if down.writer is None:
-                down.writer = self.loop.io(down.dst_fd, _WRITE)
-            down.writer.start(self._send_reply)
-            return
-        if down.writer is not None:
-            down.writer.stop()
-        try:
-            self.client.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._end()
-            return
-        self.up.reader.start(self._linger)
-
-    def _linger(self) -> None:
-        """Read and drop what the client still sends, until it closes: closing on unread bytes would reset."""
-        while True:
-            try:
-                data = self.client.recv(CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            self.lingered += len(data)
-            if not data or self.lingered >= LINGER_BYTES:
-                self._end()
-                return
+        """The responses owed have gone: the client gets the refusal's reply and a FIN."""
+        self.answer_and_close(self.reply, self.refusal.outcome)

@@ -34,8 +34,12 @@ direction keeps flowing (half-close). Silence in both directions together for
 kernel's send queue count as activity) ends the relay with a FIN, or with a
 reset if bytes still in flight would be lost; a reset on either side ends it
 and is passed on as a reset, so neither peer mistakes a broken stream for a
-complete one. This module never logs and never touches the servers: it calls
-``on_done(result)`` once, after both sockets are closed.
+complete one. A relay may instead end with a reply of the caller's to the
+client (``answer_and_close``: strict mode's refusals), closed by kiasocket.py's
+linger rule. This module never logs and never touches the servers: it calls
+``on_done(result)`` once, after both sockets are closed. ``Direction`` is its
+extension point: kiastrict.py reads the client's side otherwise with the same
+steps.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import gevent
+
+from kiasocket import LINGER_BYTES, LINGER_SECONDS, READ, REPLY_SECONDS, WRITE, reset_on_close
 
 try:
     import termios
@@ -87,12 +93,9 @@ _CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capability bits: either lifts the 
 
 # Linux's value where a Python build does not name it; None where there is no such option (OpenBSD).
 _NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if _LINUX else None)
-_READ, _WRITE = 1, 2  # libev event masks
 # ioctl giving the bytes in a TCP socket's send queue not yet acknowledged: Linux's
 # SIOCOUTQ, a BSD's FIONWRITE where Python names it; None where there is none (OpenBSD).
 _OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
-_LINGER_OFF = struct.pack("ii", 0, 0)  # the default again: close() sends FIN after the bytes still queued
 _now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
 
 if os.environ.get("KIAGATEWAY_MAX_PIPES"):
@@ -213,8 +216,15 @@ def _capable(bit: int) -> bool:
 PIPES = PipePool()
 
 
-class _Direction:
-    """One way of the relay: src -> dst, with what is in flight when dst is full."""
+class Direction:
+    """One way of the relay: src -> dst, with what is in flight when dst is full.
+
+    The steps a direction that reads otherwise (kiastrict.py) builds on: ``read``
+    takes a chunk from src, ``send`` passes bytes on or keeps them pending until
+    dst drains, ``splice_once`` moves up to a limit without the bytes entering
+    Python, ``on_eof`` ends the direction. It chooses with ``splice_limit`` and
+    follows spliced bytes with ``took``; ``copy_once`` is its read of one chunk.
+    """
 
     __slots__ = (
         "bulk",
@@ -240,7 +250,7 @@ class _Direction:
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
         self.up = up
         self.name = ("client", "backend") if up else ("backend", "client")  # (src, dst) for outcomes
-        self.reader = relay.loop.io(self.src_fd, _READ)
+        self.reader = relay.loop.io(self.src_fd, READ)
         self.writer = None  # made when dst first fills up
         self.pending: memoryview | None = None  # recv'd bytes dst did not take yet
         self.pipe: tuple[int, int] | None = None
@@ -263,10 +273,8 @@ class _Direction:
         relay = self.relay
         try:
             for _ in range(ROUNDS):
-                if self.bulk or self.pipe is not None:
-                    if not self._splice_once():
-                        break
-                elif not self._copy_once():
+                limit = self.splice_limit()
+                if not (self.splice_once(limit) if limit else self.copy_once()):
                     break
             if self.pipe is not None and not self.piped:
                 PIPES.put(self.pipe)  # nothing in flight: an idle relay holds no pipe
@@ -275,22 +283,42 @@ class _Direction:
             relay.abort("error")
             raise
 
-    def _copy_once(self) -> bool:
-        """recv one chunk and send it; False when this callback should stop."""
+    def splice_limit(self) -> int:
+        """How many bytes the next read may splice; 0: copy it. Big reads splice, small ones copy."""
+        return PIPE_SIZE if self.bulk or self.pipe is not None else 0
+
+    def took(self, n: int) -> None:
+        """``n`` bytes were spliced from src: small splices go back to copying."""
+        self.bulk = n >= SPLICE_BELOW
+
+    def read(self, size: int = CHUNK) -> bytes | None:
+        """Up to ``size`` bytes from src; None if it has none now, ended (``on_eof`` ran) or broke (the relay ended)."""
         try:
-            data = self.src.recv(CHUNK)
+            data = self.src.recv(size)
         except BlockingIOError:
-            return False
+            return None
         except OSError:
             self.relay.abort(f"{self.name[0]}_reset")
-            return False
+            return None
         if not data:
-            self._on_eof()
+            self.on_eof()
+            return None
+        self.relay.last_activity = _now()  # touch() inlined: this runs per message
+        return data
+
+    def copy_once(self) -> bool:
+        """recv one chunk and send it; False when this callback should stop."""
+        data = self.read()
+        if data is None:
             return False
-        relay = self.relay
-        relay.last_activity = _now()  # touch() and _count() inlined: this runs per message
         size = len(data)
         self.bulk = HAVE_SPLICE and size == CHUNK
+        return self.send(data) and size == CHUNK  # a short read drained the socket
+
+    def send(self, data: bytes) -> bool:
+        """Pass ``data`` on to dst; False if some of it waits for dst to take it (reading stops meanwhile), or the
+        relay ended."""
+        relay = self.relay
         try:
             sent = self.dst.send(data)
         except BlockingIOError:
@@ -302,37 +330,42 @@ class _Direction:
             relay.result.bytes_up += sent
         else:
             relay.result.bytes_down += sent
-        if sent < size:
+        if sent < len(data):
             self.pending = memoryview(data)[sent:]
             self._wait_writable()
             return False
-        return size == CHUNK  # a short read drained the socket
+        return True
 
-    def _splice_once(self) -> bool:
+    def splice_once(self, limit: int = PIPE_SIZE) -> bool:
+        """Splice up to ``limit`` bytes src -> pipe -> dst; False when this callback should stop.
+
+        With no pipe to be had, the read copies instead (``copy_once``); so it does
+        when src is readable yet has nothing to splice: TCP urgent data at the front
+        of the queue stops splice() for good, while recv() steps over it (the urgent
+        byte is not part of the stream). Rare otherwise: a full pipe's worth read
+        just before.
+        """
         if self.pipe is None:
             self.pipe = PIPES.get()
-            if self.pipe is None:  # none to be had: copy this round instead
-                return self._copy_once()
+            if self.pipe is None:
+                return self.copy_once()
         try:
-            n = _splice(self.src_fd, self.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            n = _splice(self.src_fd, self.pipe[1], limit, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            # Readable, yet nothing to splice: TCP urgent data at the front of the queue
-            # stops splice() for good, while recv() steps over it (the urgent byte is not
-            # part of the stream). Rare otherwise: a full pipe's worth read just before.
-            return self._copy_once()
+            return self.copy_once()
         except OSError:
             self.relay.abort(f"{self.name[0]}_reset")
             return False
         if not n:
-            self._on_eof()
+            self.on_eof()
             return False
         self.relay.touch()
-        self.bulk = n >= SPLICE_BELOW
+        self.took(n)
         self.piped = n
         # A non-blocking splice takes all the socket holds, up to the length
         # asked: less means the socket is empty, so skip the splice that would
         # only say EAGAIN.
-        return self._drain_pipe() and n == PIPE_SIZE
+        return self._drain_pipe() and n == limit
 
     def _drain_pipe(self) -> bool:
         """Splice the pipe into dst; False if dst filled up (then we wait for it) or broke."""
@@ -361,7 +394,7 @@ class _Direction:
     def _wait_writable(self) -> None:
         self.reader.stop()
         if self.writer is None:
-            self.writer = self.relay.loop.io(self.dst_fd, _WRITE)
+            self.writer = self.relay.loop.io(self.dst_fd, WRITE)
         self.writer.start(self.on_writable)
 
     def on_writable(self) -> None:
@@ -409,7 +442,7 @@ class _Direction:
         self.taken, self.looked = taken, now
         return since
 
-    def _on_eof(self) -> None:
+    def on_eof(self) -> None:
         """src is done. Nothing is in flight: a direction reads only after dst took all it had."""
         self.reader.stop()
         if self.relay.open_directions > 1:  # else closing dst right after sends the FIN anyway
@@ -435,6 +468,7 @@ class Relay:
     """Both directions of one connection, plus the idle timer; ends by calling ``on_done``."""
 
     __slots__ = (
+        "answering",
         "backend",
         "client",
         "down",
@@ -448,8 +482,8 @@ class Relay:
         "up",
     )
     # The classes of the two directions: kiastrict.py's strict mode follows the client's requests.
-    up_class: type[_Direction] = _Direction
-    down_class: type[_Direction] = _Direction
+    up_class: type[Direction] = Direction
+    down_class: type[Direction] = Direction
 
     def __init__(
         self,
@@ -463,12 +497,13 @@ class Relay:
         self.client, self.backend = client, backend  # non-blocking, owned by the relay from now on
         # Armed until a graceful end: a process killed outright (kill -9, the OOM killer) runs no code of
         # ours, and the kernel's close of these sockets must then be a reset, never a FIN taken for the end.
-        _set_linger(client, _LINGER_RESET)
-        _set_linger(backend, _LINGER_RESET)
+        reset_on_close(client)
+        reset_on_close(backend)
         self.idle_timeout = idle_timeout
         self.on_done = on_done
         self.result = result or RelayResult()
         self.last_activity = _now()
+        self.answering: _Answer | None = None  # the reply the relay ends with, once answer_and_close began
         self.up = self.up_class(self, self.client, self.backend, True)
         self.down = self.down_class(self, self.backend, self.client, False)
         self.open_directions = 2  # directions not finished yet
@@ -481,7 +516,7 @@ class Relay:
             # Undone before the caller closes the sockets: libev aborts the whole process
             # when it meets a started io watcher whose descriptor was closed (epoll_ctl: EBADF).
             self.timer.close()
-            self.timer = None  # ended: a later abort() or _end() does nothing
+            self.timer = None  # ended: a later abort() or end() does nothing
             self.up.close()
             self.down.close()
             raise
@@ -516,21 +551,22 @@ class Relay:
     def direction_done(self) -> None:
         self.open_directions -= 1
         if not self.open_directions:
-            self._end()
+            self.end()
 
     def abort(self, outcome: str, reset: bool = True) -> None:
         """End both directions now; a reset is passed on as a reset."""
         if self.timer is None:
             return  # already ended
         self.result.outcome = outcome
-        self._end(reset)
+        self.end(reset)
 
-    def _end(self, reset: bool = False) -> None:
+    def end(self, reset: bool = False) -> None:
+        """Close both sockets, with a FIN after every byte or (``reset``) a reset, and report the result once."""
         if self.timer is None:
             return
         if not reset:  # a graceful end: disarm the reset set at the start, so the close is a FIN after every byte
-            _set_linger(self.client, _LINGER_OFF)
-            _set_linger(self.backend, _LINGER_OFF)
+            reset_on_close(self.client, False)
+            reset_on_close(self.backend, False)
         self.timer.close()
         self.timer = None
         self.up.close()
@@ -539,9 +575,69 @@ class Relay:
         self.backend.close()
         self.on_done(self.result)
 
+    def answer_and_close(self, reply: bytes, outcome: str) -> None:
+        """End with ``reply`` to the client instead of the backend's bytes: send it, a FIN, read and drop what the
+        client still sends (kiasocket's linger rule), then close. Call it once the bytes owed to the client have
+        gone; nothing else moves meanwhile."""
+        if self.answering is not None or self.timer is None:
+            return
+        self.answering = _Answer(reply)
+        self.result.outcome = outcome
+        self.down.reader.stop()
+        self.up.reader.stop()
+        if self.up.writer is not None:  # bytes still on their way to the backend are not wanted any more
+            self.up.writer.stop()
+        self.timer.close()
+        self.timer = self.loop.timer(REPLY_SECONDS + LINGER_SECONDS)
+        self.timer.start(self.end)
+        self._send_answer()
 
-def _set_linger(sock: socket.socket, linger: bytes) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-    except OSError:  # the socket is already gone (reset): its close is all it gets
-        pass
+    def _send_answer(self) -> None:
+        answer = self.answering
+        try:
+            sent = self.client.send(answer.reply)
+        except BlockingIOError:
+            sent = 0
+        except OSError:  # the client is gone: the close is all it gets
+            self.end()
+            return
+        answer.reply = answer.reply[sent:]
+        down = self.down
+        if answer.reply:
+            if down.writer is None:
+                down.writer = self.loop.io(down.dst_fd, WRITE)
+            down.writer.start(self._send_answer)
+            return
+        if down.writer is not None:
+            down.writer.stop()
+        try:
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.end()
+            return
+        self.up.reader.start(self._linger)
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, until it closes: closing on unread bytes would reset."""
+        answer = self.answering
+        while True:
+            try:
+                data = self.client.recv(CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            answer.lingered += len(data)
+            if not data or answer.lingered >= LINGER_BYTES:
+                self.end()
+                return
+
+
+class _Answer:
+    """What is left of the reply a relay ends with, and how much the client sent after it."""
+
+    __slots__ = ("lingered", "reply")
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = memoryview(reply)
+        self.lingered = 0

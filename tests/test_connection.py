@@ -40,7 +40,7 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
     def start(direction) -> None:
         raise Forced()
 
-    monkeypatch.setattr(relay._Direction, "start", start)
+    monkeypatch.setattr(relay.Direction, "start", start)
     cfg = kiaconfig.validate(
         {
             "gateway": {"http_listen": [], "https_listen": [], "idle_timeout": 0.1},
@@ -80,7 +80,7 @@ SECOND_START_FAILS = textwrap.dedent(
     class Forced(Exception):
         pass
 
-    real_start, calls = relay._Direction.start, []
+    real_start, calls = relay.Direction.start, []
 
     def start(direction):
         calls.append(direction)
@@ -88,7 +88,7 @@ SECOND_START_FAILS = textwrap.dedent(
             raise Forced()
         real_start(direction)
 
-    relay._Direction.start = start
+    relay.Direction.start = start
     backend = socket.create_server(("127.0.0.1", 0))
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.create_connection(listener.getsockname(), timeout=10)
