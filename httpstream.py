@@ -48,20 +48,20 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from kiaerrors import BadRequest, HeadTooLarge
 from sniff import (
-    _FRAMING_FIELD,
-    _HOST_FIELD,
+    FRAMING_FIELD,
     FRAMING_NAMES,
+    HOST_FIELD,
     MAX_PREAMBLE,
     NEED_MORE,
     QUICK_HEAD,
-    BadRequest,
-    HeadTooLarge,
+    TOKEN,
     HttpSniffer,
-    _NeedMore,
+    NeedMore,
     field_line,
 )
-from sniff import _HEAD as _HEAD_RE
+from sniff import HEAD as HEAD_RE
 
 __all__ = ["NEED_MORE", "NOT_PLAIN", "Request", "RequestStream"]
 
@@ -69,24 +69,23 @@ MAX_LENGTH_DIGITS = 18  # 10**18 - 1 < 2**63: no backend's signed 64-bit length 
 MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions; nginx and Netty bound theirs too
 COMPACT_AT = 65536  # drop parsed bytes from the buffer once this many pile up: one read's worth
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'  # RFC 9110 section 5.6.4
 _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,15})((?:[ \t]*;[ \t]*"
-    + _TOKEN
+    + TOKEN
     + rb"(?:[ \t]*=[ \t]*(?:"
-    + _TOKEN
+    + TOKEN
     + rb"|"
     + _QUOTED
     + rb"))?)*)\r\n"
 )
 # What _quick takes without framing, in one pass: origin-form target, any method but CONNECT, one Host
-# (its raw value captured), no field of FRAMING_NAMES. A sub-language of sniff's _HEAD.
+# (its raw value captured), no field of FRAMING_NAMES. A sub-language of sniff's HEAD.
 _NOT_PLAIN_FIELD = rb"(?i:host|content[-_]length|transfer[-_]encoding|upgrade|http2-settings):"
-_PLAIN_FIELD = rb"(?!" + _NOT_PLAIN_FIELD + rb")" + _TOKEN + rb":[^\x00\r\n]*\r\n"
+_PLAIN_FIELD = rb"(?!" + _NOT_PLAIN_FIELD + rb")" + TOKEN + rb":[^\x00\r\n]*\r\n"
 _PLAIN_HEAD = re.compile(
     rb"(?!(?i:connect) )"
-    + _TOKEN
+    + TOKEN
     + rb" /[\x21-\x7e]* HTTP/1\.[01]\r\n(?:"
     + _PLAIN_FIELD
     + rb")*(?i:host):([^\x00\r\n]*)\r\n(?:"
@@ -224,7 +223,7 @@ class RequestStream:
         if not self.body_left:
             self._state = self._after_body
 
-    def next_event(self) -> Request | _NeedMore:
+    def next_event(self) -> Request | NeedMore:
         """The next request head, NEED_MORE, or an error for what could not be framed."""
         if self._pos == len(self._buf):  # every byte fed is accepted: whatever the state, more are needed
             return NEED_MORE
@@ -255,7 +254,7 @@ class RequestStream:
                 else:
                     self._trailer(line)
 
-    def _head(self) -> Request | _NeedMore:
+    def _head(self) -> Request | NeedMore:
         buf, pos = self._buf, self._pos
         if pos == len(buf):
             return NEED_MORE
@@ -289,18 +288,18 @@ class RequestStream:
         when the target is a path. Keep-alive requests repeat their Host, so the
         sniffer runs once per connection and name.
         """
-        head = _HEAD_RE.fullmatch(self._buf, pos, stop)
+        head = HEAD_RE.fullmatch(self._buf, pos, stop)
         if head is None:
             return None
         method, target, version, fields = head.groups()
         if target[:1] != b"/" or method.upper() == b"CONNECT":  # CONNECT's target is a host: the sniffer checks it
             return None
-        hosts = _HOST_FIELD.findall(fields)
+        hosts = HOST_FIELD.findall(fields)
         if len(hosts) != 1:
             return None
         framing = []
-        if _FRAMING_FIELD.search(fields) is not None:  # rare in keep-alive traffic: GETs carry no body
-            framing = [(name.lower(), value) for name, value in _FRAMING_FIELD.findall(fields)]
+        if FRAMING_FIELD.search(fields) is not None:  # rare in keep-alive traffic: GETs carry no body
+            framing = [(name.lower(), value) for name, value in FRAMING_FIELD.findall(fields)]
         if hosts[0] != self._memo[0]:
             result = HttpSniffer(self.max_head).feed(bytes(self._buf[pos:stop]))
             self._memo = (hosts[0], result.domain)

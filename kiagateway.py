@@ -27,6 +27,7 @@ import gevent.socket
 
 import httpstream
 import kiaconfig
+import kiaerrors
 import kiametrics
 import kiastrict
 import kiaupgrade
@@ -46,77 +47,6 @@ IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
 NAMES_KEPT = 16  # per strict connection, names known to route to its entry: a client sending many costs lookups only
 CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
-
-
-# ---------------------------------------------------------------------------
-# Replies for refused connections, one place for every GatewayError.
-
-_HTTP_REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    408: "Request Timeout",
-    421: "Misdirected Request",
-    429: "Too Many Requests",
-    431: "Request Header Fields Too Large",
-    502: "Bad Gateway",
-    504: "Gateway Timeout",
-}
-
-
-# What a refused client is told: a fixed text per status. The cause (backend
-# address, errno, resolver message, the client's own bytes) goes to the log only.
-_HTTP_DETAILS = {
-    400: "the request head is malformed or names no valid host",
-    403: "this client may not use the requested host",
-    408: "the request head did not arrive in time",
-    421: "this gateway has no route for the requested host",
-    429: "too many connections from this client",
-    431: "the request head is too large",
-    502: "the backend for this host cannot be reached",
-    504: "the backend for this host did not answer in time",
-}
-_HTTP_ON_TLS_PORT = "plain HTTP was sent to the TLS port"
-_HOST_CHANGED = "this connection serves another host; send the request on a new connection"
-
-
-def http_response(status: int, detail: str | None = None, head: bool = False) -> bytes:
-    """A short plain-text answer; ``detail`` defaults to the status's fixed text.
-
-    The answer to a HEAD request has no body (RFC 9110 section 9.3.2); its
-    Content-Length still gives the size the body would have had.
-    """
-    body = f"{status} {_HTTP_REASONS[status]}: {detail or _HTTP_DETAILS[status]}\n".encode("ascii", "replace")
-    fields = (
-        f"HTTP/1.1 {status} {_HTTP_REASONS[status]}\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    )
-    return fields.encode("ascii") + (b"" if head else body)
-
-
-def tls_alert(description: int) -> bytes:
-    """A fatal alert record (RFC 8446 section 6): content type 21, legacy version 3.3, level 2."""
-    return bytes((21, 3, 3, 0, 2, 2, description))
-
-
-def error_reply(error: sniff.GatewayError, listener: str, preamble: bytes | bytearray = b"") -> bytes:
-    """The bytes a refused client gets: an HTTP answer, a TLS alert, or nothing.
-
-    ``preamble`` is what the client sent so far: a HEAD request gets no body.
-    """
-    if error.http_status is None:
-        return b""  # a clean close on either listener
-    head = preamble.startswith(b"HEAD ")
-    if isinstance(error, sniff.HttpOnTlsPort):
-        return http_response(error.http_status, _HTTP_ON_TLS_PORT, head)
-    if isinstance(error, sniff.HostChanged):
-        return http_response(error.http_status, _HOST_CHANGED, head)
-    if listener == "http":
-        return http_response(error.http_status, head=head)
-    if error.tls_alert is not None:
-        return tls_alert(error.tls_alert)
-    return b""
 
 
 # ---------------------------------------------------------------------------
@@ -359,10 +289,12 @@ class Gateway:
             backend = table.lookup(preamble.domain)
             if backend is None:
                 name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
-                raise sniff.NoRoute(f"no route for {name}")
+                raise kiaerrors.NoRoute(f"no route for {name}")
             conn.backend = backend
             if backend.allow is not None and not allowed(conn.peer[0], backend.allow_masks):
-                raise sniff.Forbidden(f"client {conn.peer[0]} is outside the allow-list of {preamble.domain}'s route")
+                raise kiaerrors.Forbidden(
+                    f"client {conn.peer[0]} is outside the allow-list of {preamble.domain}'s route"
+                )
             backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout, conn)
             if metrics is not None:
                 metrics.connected(listener, connecting)
@@ -376,15 +308,15 @@ class Gateway:
             try:
                 _sendall(backend_sock, header + buffered, settings.connect_timeout)
             except _ConnectTimedOut:
-                raise sniff.BackendTimeout(
+                raise kiaerrors.BackendTimeout(
                     f"backend {backend} took no data for {settings.connect_timeout:g}s"
                 ) from None
             conn.result.bytes_up = len(buffered)  # the client's bytes: the PROXY header is ours
-        except sniff.GatewayError as exc:
+        except kiaerrors.GatewayError as exc:
             conn.result.outcome = exc.outcome
             conn.reason = exc.reason
-            reply = error_reply(exc, listener, sniffer.buffer)
-            if isinstance(exc, sniff.ClientLimit):
+            reply = kiaerrors.reply(exc, listener, sniffer.buffer)
+            if isinstance(exc, kiaerrors.ClientLimit):
                 self._refuse_over_limit(client, reply, conn)
             else:
                 _answer(client, reply, fin=exc.http_status is None)
@@ -442,7 +374,7 @@ class Gateway:
         reader = proxyproto.ProxyHeaderReader(settings.max_preamble)
         try:
             header = self._read_preamble(client, reader, conn.listener, settings, conn.started)
-        except sniff.PreambleTimeout:
+        except kiaerrors.PreambleTimeout:
             raise proxyproto.BadProxyHeader(
                 f"no complete PROXY header from a trusted proxy within {settings.preamble_timeout:g}s"
             ) from None
@@ -488,7 +420,7 @@ class Gateway:
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
-            raise sniff.PreambleTimeout(
+            raise kiaerrors.PreambleTimeout(
                 f"no complete {'request head' if listener == 'http' else 'ClientHello'} "
                 f"within {settings.preamble_timeout:g}s"
             ) from None
@@ -511,7 +443,7 @@ class Gateway:
         key = client_key(conn.peer[0])
         count = self._per_client.get(key, 0)
         if count >= limit:
-            raise sniff.ClientLimit(f"{count} connections open from {key} (max_connections_per_client = {limit})")
+            raise kiaerrors.ClientLimit(f"{count} connections open from {key} (max_connections_per_client = {limit})")
         self._per_client[key] = count + 1
         conn.counted = key
 
@@ -564,7 +496,7 @@ class Gateway:
             _sendall(sock, header, timeout)
         except _ConnectTimedOut:
             sock.close()
-            raise sniff.BackendTimeout(f"backend {backend} took no data for {timeout:g}s") from None
+            raise kiaerrors.BackendTimeout(f"backend {backend} took no data for {timeout:g}s") from None
         except BaseException:
             sock.close()
             raise
@@ -599,7 +531,7 @@ class Gateway:
             tried.append(address)
             try:
                 sock = self._connect_to(address, domain, timeout)
-            except (sniff.BackendUnreachable, sniff.BackendTimeout) as exc:
+            except (kiaerrors.BackendUnreachable, kiaerrors.BackendTimeout) as exc:
                 if cooldown:
                     cooling[address] = time.monotonic() + cooldown
                 error = exc
@@ -630,11 +562,11 @@ class Gateway:
                         error = exc
                 raise error
         except _ConnectTimedOut:
-            raise sniff.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
+            raise kiaerrors.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
         except socket.gaierror as exc:
-            raise sniff.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
+            raise kiaerrors.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
-            raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
+            raise kiaerrors.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
 
     def _resolve(self, host: str, port: int) -> list:
         """getaddrinfo for a backend name, with one lookup in flight per name that later callers join.
@@ -888,10 +820,10 @@ class _Connection:
         if gateway.config.settings.log_connections:
             gateway.log.connection(fields)
 
-    def refuse(self, error: sniff.GatewayError, rest: bytes) -> bytes:
+    def refuse(self, error: kiaerrors.GatewayError, rest: bytes) -> bytes:
         """A later request of a strict connection is refused: keep why for the log line; the reply's bytes."""
         self.reason = error.reason
-        return error_reply(error, "http", rest)
+        return kiaerrors.reply(error, "http", rest)
 
 
 def _trusted(address: tuple, networks: tuple) -> bool:

@@ -45,7 +45,7 @@ import gevent
 
 import httpstream
 import relay
-import sniff
+from kiaerrors import BadRequest, GatewayError, HostChanged
 from kiasocket import reset_on_close
 from relay import CHUNK, HAVE_SPLICE, PIPE_SIZE
 
@@ -58,8 +58,8 @@ _SWITCHED = {  # the first requests after which a protocol may take over: "other
 }
 
 
-def _host_changed(domain: str | None) -> sniff.HostChanged:
-    return sniff.HostChanged(f"request for {domain or 'no Host'} routes to another entry than this connection's")
+def _host_changed(domain: str | None) -> HostChanged:
+    return HostChanged(f"request for {domain or 'no Host'} routes to another entry than this connection's")
 
 
 class _StrictUp(relay.Direction):
@@ -146,12 +146,12 @@ class _StrictUp(relay.Direction):
                     if event.upgrade in _SWITCHED:
                         switch = event
                     else:
-                        refusal = sniff.BadRequest("Upgrade to a protocol other than websocket after the first request")
+                        refusal = BadRequest("Upgrade to a protocol other than websocket after the first request")
                     limit = event.start
                     break
             else:
                 limit = parser.checked
-        except sniff.GatewayError as exc:
+        except GatewayError as exc:
             limit, refusal = parser.checked, exc
         if self.held:
             data = self.held + data
@@ -295,7 +295,7 @@ class StrictRelay(relay.Relay):
         first: httpstream.Request,
         leftover: bytes,
         allows: Callable[[str | None], bool],
-        refuse: Callable[[sniff.GatewayError, bytes], bytes],
+        refuse: Callable[[GatewayError, bytes], bytes],
         connect: Callable[[str | None], socket.socket],
     ) -> None:
         self.parser = parser
@@ -304,7 +304,7 @@ class StrictRelay(relay.Relay):
         self.allows = allows
         self.refuse = refuse
         self.connect = connect  # blocks: a new backend connection to the entry, PROXY header sent, for this name
-        self.refusal: sniff.GatewayError | None = None
+        self.refusal: GatewayError | None = None
         self.switch: httpstream.Request | None = None  # a later Upgrade or CONNECT held for a new backend connection
         self.reply = b""
         # "websocket" or "connect" until the first response's status is read
@@ -312,7 +312,7 @@ class StrictRelay(relay.Relay):
         self.down_open = True
         super().__init__(client, backend, idle_timeout, on_done, result)
 
-    def refused(self, error: sniff.GatewayError, rest: bytes) -> None:
+    def refused(self, error: GatewayError, rest: bytes) -> None:
         """A request will not be passed on; ``rest`` are the client's bytes from its first byte on."""
         self.refusal = error
         self.result.outcome = error.outcome
@@ -324,7 +324,7 @@ class StrictRelay(relay.Relay):
         if outcome == "idle_timeout" and self.answering is None and self.down.pending is None and not self.down.piped:
             if self.refusal is None and self.switch is not None:
                 reason = "Upgrade or CONNECT after the first request: the backend kept its connection open after a FIN"
-                self.refused(sniff.BadRequest(reason), self.up.held)
+                self.refused(BadRequest(reason), self.up.held)
             if self.refusal is not None:
                 reset_on_close(self.backend)  # the backend is cut: a reset tells it so
                 self.answer()
@@ -343,7 +343,7 @@ class StrictRelay(relay.Relay):
     def _connect_anew(self, domain: str | None) -> None:
         try:
             backend = self.connect(domain)
-        except sniff.GatewayError as exc:  # 502 or 504, as to a first request: the responses owed have gone
+        except GatewayError as exc:  # 502 or 504, as to a first request: the responses owed have gone
             if self.timer is not None:
                 self.refused(exc, self.up.held)
                 self.answer()

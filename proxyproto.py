@@ -26,7 +26,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Union
 
-from sniff import MAX_PREAMBLE, NEED_MORE, GatewayError, _NeedMore
+from kiaerrors import GatewayError
+from sniff import MAX_PREAMBLE, NEED_MORE, NeedMore
 
 __all__ = ["NEED_MORE", "BadProxyHeader", "ProxyHeader", "ProxyHeaderReader", "read_proxy_header"]
 
@@ -53,7 +54,7 @@ class ProxyHeader:
     length: int
 
 
-ProxyResult = Union[ProxyHeader, _NeedMore]
+ProxyResult = Union[ProxyHeader, NeedMore]
 
 # Section 2.1: "PROXY" and one space start every v1 line. The longest valid
 # line, "PROXY UNKNOWN" with two full IPv6 addresses and ports, is 107 bytes

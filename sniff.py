@@ -7,10 +7,10 @@ of three things, never anything else:
 
 - a ``Preamble`` (frozen): the domain, or ``None`` when the client named none;
 - the sentinel ``NEED_MORE``: nothing wrong yet, the answer needs more bytes;
-- it raises a ``GatewayError`` subclass that carries the reply the contract
-  gives for it (``http_status`` on the HTTP listener, ``tls_alert`` on the TLS
-  one). Routing and backend failures belong to the same family, so the
-  connection handler maps error to reply in one place.
+- it raises a ``GatewayError`` subclass (kiaerrors.py) that carries the reply
+  the contract gives for it (``http_status`` on the HTTP listener,
+  ``tls_alert`` on the TLS one). Routing and backend failures belong to the
+  same family, so one function turns any of them into the reply.
 
 Each byte is examined a bounded number of times however the input is split,
 so a client trickling one byte per packet costs linear time. This module opens
@@ -25,24 +25,31 @@ import struct
 from dataclasses import dataclass
 from typing import Union
 
+from kiaerrors import (
+    BadClientHello,
+    BadRequest,
+    GatewayError,
+    HeadTooLarge,
+    HttpOnTlsPort,
+    NotTls,
+    TlsRecordOverflow,
+    UnexpectedTlsMessage,
+)
+
 __all__ = [
     "NEED_MORE",
-    "BackendTimeout",
-    "BackendUnreachable",
     "BadClientHello",
     "BadRequest",
-    "ClientLimit",
-    "Forbidden",
     "GatewayError",
     "HeadTooLarge",
-    "HostChanged",
     "HttpOnTlsPort",
     "HttpSniffer",
-    "NoRoute",
+    "NeedMore",
     "NotTls",
     "Preamble",
-    "PreambleTimeout",
+    "TlsRecordOverflow",
     "TlsSniffer",
+    "UnexpectedTlsMessage",
     "field_line",
     "normalize_domain",
     "sniff_http",
@@ -56,14 +63,16 @@ __all__ = [
 MAX_PREAMBLE = 32768
 
 
-class _NeedMore:
+class NeedMore:
+    """The type of ``NEED_MORE``: the parsers of later bytes (httpstream.py, proxyproto.py) share it."""
+
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "NEED_MORE"
 
 
-NEED_MORE = _NeedMore()
+NEED_MORE = NeedMore()
 
 
 @dataclass(frozen=True)
@@ -73,121 +82,7 @@ class Preamble:
     domain: str | None
 
 
-SniffResult = Union[Preamble, _NeedMore]
-
-
-# TLS alert descriptions, RFC 8446 section 6.
-ALERT_UNEXPECTED_MESSAGE = 10
-ALERT_RECORD_OVERFLOW = 22
-ALERT_HANDSHAKE_FAILURE = 40
-ALERT_ACCESS_DENIED = 49
-ALERT_DECODE_ERROR = 50
-ALERT_INTERNAL_ERROR = 80
-ALERT_UNRECOGNIZED_NAME = 112  # RFC 6066 section 3
-
-
-class GatewayError(Exception):
-    """A connection ends early; the class says how the client is answered.
-
-    ``http_status`` is the reply on the HTTP listener, ``tls_alert`` the fatal
-    alert on the TLS listener (None: close without one), ``outcome`` the word
-    in the connection's log line. ``http_status`` None: a clean close on
-    either listener (a FIN with nothing sent).
-    """
-
-    http_status: int | None = 502
-    tls_alert: int | None = ALERT_INTERNAL_ERROR
-    outcome: str = "error"
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class BadRequest(GatewayError):
-    http_status = 400
-    tls_alert = ALERT_DECODE_ERROR
-    outcome = "bad_request"
-
-
-class HeadTooLarge(GatewayError):
-    http_status = 431
-    tls_alert = ALERT_HANDSHAKE_FAILURE
-    outcome = "too_large"
-
-
-class PreambleTimeout(GatewayError):
-    http_status = 408
-    tls_alert = None  # a client that stalls mid-hello gets a plain close
-    outcome = "preamble_timeout"
-
-
-class NoRoute(GatewayError):
-    http_status = 421
-    tls_alert = ALERT_UNRECOGNIZED_NAME
-    outcome = "no_route"
-
-
-class HostChanged(GatewayError):
-    """A later request of a strict keep-alive connection names a host of another route entry."""
-
-    http_status = 421
-    tls_alert = ALERT_UNRECOGNIZED_NAME
-    outcome = "host_changed"
-
-
-class BackendUnreachable(GatewayError):
-    http_status = 502
-    tls_alert = ALERT_INTERNAL_ERROR
-    outcome = "backend_unreachable"
-
-
-class BackendTimeout(GatewayError):
-    http_status = 504
-    tls_alert = ALERT_INTERNAL_ERROR
-    outcome = "backend_timeout"
-
-
-class Forbidden(GatewayError):
-    """The route's allow-list leaves the client out: refused before any backend connect."""
-
-    http_status = 403
-    tls_alert = ALERT_ACCESS_DENIED
-    outcome = "forbidden"
-
-
-class ClientLimit(GatewayError):
-    """The client has max_connections_per_client open already: 429, or on TLS a clean close."""
-
-    http_status = 429
-    tls_alert = None
-    outcome = "client_limit"
-
-
-class BadClientHello(BadRequest):
-    """TLS framing that is wrong: a decode_error alert, as a TLS server would send."""
-
-
-class UnexpectedTlsMessage(BadClientHello):
-    tls_alert = ALERT_UNEXPECTED_MESSAGE
-
-
-class TlsRecordOverflow(BadClientHello):
-    tls_alert = ALERT_RECORD_OVERFLOW
-
-
-class NotTls(GatewayError):
-    """Not TLS at all on the TLS port: close at once, no alert."""
-
-    http_status = 400
-    tls_alert = None
-    outcome = "not_tls"
-
-
-class HttpOnTlsPort(NotTls):
-    """Plain HTTP sent to the TLS port: the one case the TLS listener answers in HTTP."""
-
-    outcome = "http_on_tls_port"
+SniffResult = Union[Preamble, NeedMore]
 
 
 # --------------------------------------------------------------------------
@@ -469,9 +364,9 @@ _HOST_VALUE_BAD_BYTES = bytes(sorted(_FIELD_VALUE_BAD | {0x7F}))
 # token ":" value without NUL, CR or LF). Anything else takes the slow path,
 # which says what is wrong.
 QUICK_HEAD = 2048  # heads up to this size take the regex; past it the regex costs more than the line parser
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_HEAD = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/1\.[01])\r\n((?:" + _TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n")
-_HOST_FIELD = re.compile(rb"^host:([^\r]*)\r$", re.IGNORECASE | re.MULTILINE)
+TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+HEAD = re.compile(rb"(" + TOKEN + rb") ([\x21-\x7e]+) (HTTP/1\.[01])\r\n((?:" + TOKEN + rb":[^\x00\r\n]*\r\n)*)\r\n")
+HOST_FIELD = re.compile(rb"^host:([^\r]*)\r$", re.IGNORECASE | re.MULTILINE)
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 section 3.1
 # The fields that frame a message (RFC 9112 section 6) or ask for another protocol
 # (RFC 9110 section 7.8; HTTP2-Settings goes with an upgrade to h2c, RFC 7540
@@ -480,7 +375,7 @@ _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*")  # RFC 3986 section 3.1
 FRAMING_NAMES = frozenset(
     (b"content-length", b"transfer-encoding", b"upgrade", b"http2-settings", b"content_length", b"transfer_encoding")
 )
-_FRAMING_FIELD = re.compile(
+FRAMING_FIELD = re.compile(
     rb"^(content[-_]length|transfer[-_]encoding|upgrade|http2-settings):([^\r]*)\r$", re.IGNORECASE | re.MULTILINE
 )
 
@@ -509,14 +404,14 @@ class HttpSniffer:
             return self.result
         end = data.find(b"\r\n\r\n", 0, QUICK_HEAD) if not self.buffer else -1
         if end > 0:  # the common case: a short head whole in the first read, checked in C
-            head = _HEAD.fullmatch(data, 0, end + 4)
+            head = HEAD.fullmatch(data, 0, end + 4)
             if head is not None and head.end() <= self.max_preamble:
                 self.buffer += data
                 self.method, target, self._version, fields = head.groups()
                 self._target(target)
-                self._hosts = [value.strip(b" \t") for value in _HOST_FIELD.findall(fields)]
+                self._hosts = [value.strip(b" \t") for value in HOST_FIELD.findall(fields)]
                 if self.framing:
-                    self.framing_fields = [(k.lower(), v) for k, v in _FRAMING_FIELD.findall(fields)]
+                    self.framing_fields = [(k.lower(), v) for k, v in FRAMING_FIELD.findall(fields)]
                 self.head_end = head.end()
                 self.result = Preamble(self._domain())
                 return self.result

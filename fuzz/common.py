@@ -13,6 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
+import kiaerrors
 import sniff
 
 
@@ -22,7 +23,7 @@ def outcome(sniffer, pieces):
             result = sniffer.feed(piece)
             if result is not sniff.NEED_MORE:
                 break
-    except sniff.GatewayError as exc:
+    except kiaerrors.GatewayError as exc:
         assert isinstance(exc.reason, str)
         return type(exc)
     if result is sniff.NEED_MORE:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Iterable
 
+import kiaerrors
 import sniff
 
 
@@ -134,7 +135,7 @@ def outcome(sniffer, pieces: Iterable[bytes]):
             result = sniffer.feed(piece)
             if result is not sniff.NEED_MORE:
                 return result
-    except sniff.GatewayError as exc:
+    except kiaerrors.GatewayError as exc:
         return type(exc)
     return result
 

@@ -9,8 +9,7 @@ import pytest
 from conftest import TIMEOUT, exchange, free_closed_port, read_all, routes_toml
 from hellos import real_hello
 
-import kiagateway
-import sniff
+import kiaerrors
 
 ALERT_HEADER = b"\x15\x03\x03\x00\x02\x02"  # alert record, TLS 1.2 legacy version, 2 bytes, fatal
 
@@ -201,19 +200,19 @@ def test_client_that_leaves_early_is_logged(patient_gateway):
 @pytest.mark.parametrize(
     "error",
     [
-        sniff.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Connection refused"),
-        sniff.BackendUnreachable("cannot resolve billing-db.internal for a.example: Name or service not known"),
-        sniff.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Too many open files"),
-        sniff.BackendTimeout("connect to billing-db.internal:5432 for a.example timed out after 3s"),
-        sniff.BadRequest("invalid host: invalid character in b'<script>'"),
+        kiaerrors.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Connection refused"),
+        kiaerrors.BackendUnreachable("cannot resolve billing-db.internal for a.example: Name or service not known"),
+        kiaerrors.BackendUnreachable("connect to 10.1.2.3:5432 for a.example: Too many open files"),
+        kiaerrors.BackendTimeout("connect to billing-db.internal:5432 for a.example timed out after 3s"),
+        kiaerrors.BadRequest("invalid host: invalid character in b'<script>'"),
     ],
 )
 def test_error_reply_carries_a_fixed_text_per_status(error):
-    reply = kiagateway.error_reply(error, "http")
-    assert reply == kiagateway.http_response(error.http_status)
+    reply = kiaerrors.reply(error, "http")
+    assert reply == kiaerrors.http_response(error.http_status)
     for inside in (b"10.1.2.3", b"5432", b"billing", b"internal", b"refused", b"files", b"script", b"3s"):
         assert inside not in reply
-    assert reply == kiagateway.error_reply(type(error)("another reason"), "http")  # fixed: the reason is not in it
+    assert reply == kiaerrors.reply(type(error)("another reason"), "http")  # fixed: the reason is not in it
 
 
 def test_502_and_504_bodies_name_nothing_inside(start_gateway, backends, blackhole):
@@ -273,9 +272,9 @@ def test_refused_head_request_gets_no_body(patient_gateway, head, status):
     assert fields.startswith(b"HTTP/1.1 %d " % status)
     assert body == b""
     length = int(next(line for line in fields.split(b"\r\n") if line.startswith(b"Content-Length: "))[16:])
-    assert length == len(kiagateway.http_response(status).partition(b"\r\n\r\n")[2])  # the GET's body size
+    assert length == len(kiaerrors.http_response(status).partition(b"\r\n\r\n")[2])  # the GET's body size
 
 
 def test_http_response_for_head_has_the_fields_without_the_body():
-    full = kiagateway.http_response(502)
-    assert kiagateway.http_response(502, head=True) == full.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    full = kiaerrors.http_response(502)
+    assert kiaerrors.http_response(502, head=True) == full.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"

@@ -13,6 +13,7 @@ import struct
 import pytest
 from hellos import bytewise, outcome
 
+import kiaerrors
 import kiagateway
 from proxyproto import NEED_MORE, BadProxyHeader, ProxyHeader, ProxyHeaderReader, read_proxy_header
 
@@ -185,8 +186,8 @@ def test_v1_longest_line_fits():
 def test_bad_header_is_a_clean_close_on_both_listeners():
     error = BadProxyHeader("x")
     assert error.outcome == "bad_proxy_header"
-    assert kiagateway.error_reply(error, "http") == b""
-    assert kiagateway.error_reply(error, "https") == b""
+    assert kiaerrors.reply(error, "http") == b""
+    assert kiaerrors.reply(error, "https") == b""
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])

@@ -30,6 +30,7 @@ from hellos import (
     vector,
 )
 
+import kiaerrors
 import sniff
 from sniff import (
     NEED_MORE,
@@ -72,22 +73,22 @@ EXAMPLE = Preamble("example.com")
 @pytest.mark.parametrize(
     ("error", "http_status", "tls_alert", "outcome_word"),
     [
-        (sniff.BadRequest, 400, 50, "bad_request"),
-        (sniff.BadClientHello, 400, 50, "bad_request"),
-        (sniff.UnexpectedTlsMessage, 400, 10, "bad_request"),
-        (sniff.TlsRecordOverflow, 400, 22, "bad_request"),
-        (sniff.HeadTooLarge, 431, 40, "too_large"),
-        (sniff.PreambleTimeout, 408, None, "preamble_timeout"),
-        (sniff.NoRoute, 421, 112, "no_route"),
-        (sniff.BackendUnreachable, 502, 80, "backend_unreachable"),
-        (sniff.BackendTimeout, 504, 80, "backend_timeout"),
-        (sniff.NotTls, 400, None, "not_tls"),
-        (sniff.HttpOnTlsPort, 400, None, "http_on_tls_port"),
+        (kiaerrors.BadRequest, 400, 50, "bad_request"),
+        (kiaerrors.BadClientHello, 400, 50, "bad_request"),
+        (kiaerrors.UnexpectedTlsMessage, 400, 10, "bad_request"),
+        (kiaerrors.TlsRecordOverflow, 400, 22, "bad_request"),
+        (kiaerrors.HeadTooLarge, 431, 40, "too_large"),
+        (kiaerrors.PreambleTimeout, 408, None, "preamble_timeout"),
+        (kiaerrors.NoRoute, 421, 112, "no_route"),
+        (kiaerrors.BackendUnreachable, 502, 80, "backend_unreachable"),
+        (kiaerrors.BackendTimeout, 504, 80, "backend_timeout"),
+        (kiaerrors.NotTls, 400, None, "not_tls"),
+        (kiaerrors.HttpOnTlsPort, 400, None, "http_on_tls_port"),
     ],
 )
 def test_error_replies(error, http_status, tls_alert, outcome_word):
     exc = error("why")
-    assert isinstance(exc, sniff.GatewayError)
+    assert isinstance(exc, kiaerrors.GatewayError)
     assert (exc.http_status, exc.tls_alert, exc.outcome, exc.reason) == (http_status, tls_alert, outcome_word, "why")
 
 

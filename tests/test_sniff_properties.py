@@ -13,6 +13,7 @@ from hellos import outcome, real_hello, split_at
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import kiaerrors
 import sniff
 from sniff import NEED_MORE, HttpSniffer, Preamble, TlsSniffer
 
@@ -85,7 +86,7 @@ def is_documented(result) -> bool:
         return True
     if type(result) is Preamble:
         return result.domain is None or sniff.normalize_domain(result.domain) == result.domain
-    return isinstance(result, type) and issubclass(result, sniff.GatewayError)
+    return isinstance(result, type) and issubclass(result, kiaerrors.GatewayError)
 
 
 # --------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def test_exactly_max_preamble_fits_and_one_less_does_not(data):
     sniffer_class, preambles = data.draw(st.sampled_from(PARSERS))
     preamble, expected = data.draw(preambles)
     assert outcome(sniffer_class(len(preamble)), [preamble]) == expected
-    assert outcome(sniffer_class(len(preamble) - 1), [preamble]) is sniff.HeadTooLarge
+    assert outcome(sniffer_class(len(preamble) - 1), [preamble]) is kiaerrors.HeadTooLarge
 
 
 # --------------------------------------------------------------------------

@@ -18,8 +18,8 @@ from hellos import real_hello
 from test_errors import alert, blackhole, status_of  # noqa: F401 - blackhole is a fixture
 
 import kiaconfig
+import kiaerrors
 import kiagateway
-import sniff
 
 ONE, TWO = "127.0.0.1", "127.0.0.2"  # two client addresses on the loopback
 LISTEN = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = ["127.0.0.1:0"]\n'
@@ -212,12 +212,14 @@ def test_client_key_counts_an_ipv6_client_by_its_64():
     assert key("fe80::1%eth0") == key("fe80::2") == "fe80::/64"
 
 
-@pytest.mark.parametrize(("error", "status", "tls"), [(sniff.Forbidden, 403, alert(49)), (sniff.ClientLimit, 429, b"")])
+@pytest.mark.parametrize(
+    ("error", "status", "tls"), [(kiaerrors.Forbidden, 403, alert(49)), (kiaerrors.ClientLimit, 429, b"")]
+)
 def test_refusal_replies_are_fixed(error, status, tls):
-    reply = kiagateway.error_reply(error("client 10.1.2.3 is outside the allow-list"), "http")
-    assert reply == kiagateway.http_response(status) and b"10.1.2.3" not in reply
+    reply = kiaerrors.reply(error("client 10.1.2.3 is outside the allow-list"), "http")
+    assert reply == kiaerrors.http_response(status) and b"10.1.2.3" not in reply
     assert status_of(reply) == status
-    assert kiagateway.error_reply(error("x"), "https") == tls
+    assert kiaerrors.reply(error("x"), "https") == tls
 
 
 def test_allow_list_refuses_other_clients_before_any_connect(start_gateway):
