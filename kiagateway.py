@@ -17,7 +17,6 @@ import itertools
 import os
 import socket
 import struct
-import sys
 import time
 
 import gevent
@@ -47,33 +46,6 @@ IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
 NAMES_KEPT = 16  # per strict connection, names known to route to its entry: a client sending many costs lookups only
 CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
-
-
-# ---------------------------------------------------------------------------
-# PROXY protocol header for backends that ask for the client's address
-# (haproxy.org/download/2.6/doc/proxy-protocol.txt).
-
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
-
-
-def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
-    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``.
-
-    A link-local IPv6 address comes with its scope (``fe80::1%eth0``): the
-    header has no place for it, and it names an interface of this host only.
-    """
-    client_ip, local_ip = client[0].partition("%")[0], local[0].partition("%")[0]
-    v6 = ":" in client_ip
-    if version == "v1":
-        return f"PROXY TCP{6 if v6 else 4} {client_ip} {local_ip} {client[1]} {local[1]}\r\n".encode("ascii")
-    family = socket.AF_INET6 if v6 else socket.AF_INET
-    addresses = (
-        socket.inet_pton(family, client_ip)
-        + socket.inet_pton(family, local_ip)
-        + struct.pack("!HH", client[1], local[1])
-    )
-    # version 2, command PROXY; TCP over IPv6 (0x21) or IPv4 (0x11)
-    return PROXY_V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x21 if v6 else 0x11, len(addresses)) + addresses
 
 
 # ---------------------------------------------------------------------------
@@ -304,7 +276,7 @@ class Gateway:
                     local = client.getsockname() if proxied_to is None else proxied_to
                 except OSError:
                     raise _ClientGone("client_reset") from None
-                header = proxy_header(backend.proxy_protocol, conn.peer, local)
+                header = proxyproto.proxy_header(backend.proxy_protocol, conn.peer, local)
             try:
                 _sendall(backend_sock, header + buffered, settings.connect_timeout)
             except _ConnectTimedOut:
@@ -891,11 +863,7 @@ def _answer(client: socket.socket, reply: bytes, fin: bool = False, linger: bool
         _reset(client)
 
 
-# ---------------------------------------------------------------------------
-# Command line: config with the options over it, --check, main.
+if __name__ == "__main__":  # python -m kiagateway: hand over to the command line, which imports this module itself
+    import runpy
 
-
-if __name__ == "__main__":  # python -m kiagateway: the command line is kiacli's
-    import kiacli
-
-    sys.exit(kiacli.main())
+    runpy.run_module("kiacli", run_name="__main__")

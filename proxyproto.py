@@ -16,20 +16,24 @@ sniff.py's parsers do:
   is a clean close on either listener: the sender is a proxy, not a person.
 
 The answer is the same however the bytes are split, and only a bounded
-number of bytes is ever looked at (107 for v1, ``max_header`` for v2). This
-module opens no socket, imports no gevent and never logs.
+number of bytes is ever looked at (107 for v1, ``max_header`` for v2).
+``proxy_header`` writes the header the other way, for backends that ask for
+the client's address. This module opens no socket, imports no gevent and
+never logs.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
+import struct
 from dataclasses import dataclass
 from typing import Union
 
 from kiaerrors import GatewayError
 from sniff import MAX_PREAMBLE, NEED_MORE, NeedMore
 
-__all__ = ["NEED_MORE", "BadProxyHeader", "ProxyHeader", "ProxyHeaderReader", "read_proxy_header"]
+__all__ = ["NEED_MORE", "BadProxyHeader", "ProxyHeader", "ProxyHeaderReader", "proxy_header", "read_proxy_header"]
 
 
 class BadProxyHeader(GatewayError):
@@ -202,3 +206,23 @@ def _check_tlvs(buf: bytearray, at: int, end: int) -> None:
 def read_proxy_header(data: bytes, max_header: int = MAX_PREAMBLE) -> ProxyResult:
     """One-shot form of ``ProxyHeaderReader``: the answer for these bytes alone."""
     return ProxyHeaderReader(max_header).feed(data)
+
+
+def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
+    """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``.
+
+    A link-local IPv6 address comes with its scope (``fe80::1%eth0``): the
+    header has no place for it, and it names an interface of this host only.
+    """
+    client_ip, local_ip = client[0].partition("%")[0], local[0].partition("%")[0]
+    v6 = ":" in client_ip
+    if version == "v1":
+        return f"PROXY TCP{6 if v6 else 4} {client_ip} {local_ip} {client[1]} {local[1]}\r\n".encode("ascii")
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    addresses = (
+        socket.inet_pton(family, client_ip)
+        + socket.inet_pton(family, local_ip)
+        + struct.pack("!HH", client[1], local[1])
+    )
+    # version 2, command PROXY; TCP over IPv6 (0x21) or IPv4 (0x11)
+    return V2_SIGNATURE + struct.pack("!BBH", 0x21, 0x21 if v6 else 0x11, len(addresses)) + addresses

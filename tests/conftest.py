@@ -33,7 +33,7 @@ TIMEOUT = 10.0  # upper bound for any single wait in a test
 
 def gateway_command() -> list[str]:
     script = shutil.which("kiagateway", path=os.path.dirname(sys.executable)) or shutil.which("kiagateway")
-    return [script] if script else [sys.executable, "-m", "kiagateway"]
+    return [script] if script else [sys.executable, "-m", "kiacli"]
 
 
 @pytest.fixture(scope="session")

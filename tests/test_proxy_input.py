@@ -23,6 +23,7 @@ from conftest import TIMEOUT, Gateway, gateway_command, read_all
 from hellos import real_hello
 
 import kiagateway
+import proxyproto
 from kiaconfig import ConfigError, validate
 
 TRUSTED, UNTRUSTED = "127.0.0.2", "127.0.0.1"
@@ -122,7 +123,7 @@ def send_and_finish(sock: socket.socket, data: bytes) -> bytes:
 
 
 def header(version: str, source: tuple[str, int], destination: tuple[str, int]) -> bytes:
-    return kiagateway.proxy_header(version, source, destination)
+    return proxyproto.proxy_header(version, source, destination)
 
 
 def client_field(address: tuple) -> str:

@@ -14,8 +14,7 @@ import pytest
 from hellos import bytewise, outcome
 
 import kiaerrors
-import kiagateway
-from proxyproto import NEED_MORE, BadProxyHeader, ProxyHeader, ProxyHeaderReader, read_proxy_header
+from proxyproto import NEED_MORE, BadProxyHeader, ProxyHeader, ProxyHeaderReader, proxy_header, read_proxy_header
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 REQUEST = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
@@ -196,5 +195,5 @@ def test_bad_header_is_a_clean_close_on_both_listeners():
 )
 def test_reads_what_the_gateway_sends(version, client, local):
     """The outgoing header and the incoming parser agree: a chain of gateways keeps the client."""
-    header = kiagateway.proxy_header(version, client, local)
+    header = proxy_header(version, client, local)
     assert read_proxy_header(header) == ProxyHeader(client, local, len(header))

@@ -16,7 +16,7 @@ from hellos import outcome, split_at
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kiagateway
+import proxyproto
 from proxyproto import NEED_MORE, BadProxyHeader, ProxyHeader, ProxyHeaderReader
 
 FAST = settings(max_examples=200, deadline=None)
@@ -40,7 +40,7 @@ def headers(draw) -> tuple[bytes, ProxyHeader]:
     if kind == "v1-unknown":
         data = b"PROXY UNKNOWN" + draw(st.sampled_from([b"", b" 1.2.3.4 5.6.7.8 1 2", b" whatever"])) + b"\r\n"
         return data, ProxyHeader(None, None, len(data))
-    data = kiagateway.proxy_header(kind[:2], source, destination)
+    data = proxyproto.proxy_header(kind[:2], source, destination)
     if kind == "v2-tlv":
         tlvs = draw(TLVS)
         data = data[:14] + struct.pack("!H", len(data) - 16 + len(tlvs)) + data[16:] + tlvs

@@ -13,7 +13,7 @@ import pytest
 from conftest import TIMEOUT, exchange, read_all, routes_toml
 from test_relay import HEAD, RawBackend
 
-import kiagateway
+import proxyproto
 
 
 def http_get(address, host: str, target: str = "/whoami", version: str = "HTTP/1.1") -> bytes:
@@ -220,7 +220,7 @@ def test_backend_names_resolve_at_connect_time(start_gateway, backends):
 def test_proxy_header_for_a_link_local_client_has_no_scope(version):
     client = ("fe80::1%eth0", 40000, 0, 2)  # as accept() gives a link-local peer
     local = ("fe80::2%eth0", 80, 0, 2)
-    header = kiagateway.proxy_header(version, client, local)
+    header = proxyproto.proxy_header(version, client, local)
     if version == "v1":
         assert header == b"PROXY TCP6 fe80::1 fe80::2 40000 80\r\n"
     else:
@@ -254,7 +254,7 @@ def test_proxy_header_over_ipv6(start_gateway, version):
         be.check()
     finally:
         be.close()
-    expected = kiagateway.proxy_header(version, client, gw.http)
+    expected = proxyproto.proxy_header(version, client, gw.http)
     assert expected.startswith((b"PROXY TCP6 ::1 ::1 ", b"\r\n\r\n\x00\r\nQUIT\n\x21\x21"))
     assert seen["data"] == expected + HEAD
     assert gw.connection_log(domain="raw.example")["outcome"] == "ok"
