@@ -31,7 +31,7 @@ from conftest import (
 )
 from hellos import real_hello
 
-import kiagateway
+import proxyproto
 
 
 async def probe(address: tuple[str, int], payload: bytes, limit: float) -> tuple[str, bytes, float]:
@@ -211,7 +211,7 @@ def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, bac
             listener = "http" if listener == "https" else "https"
         seed = rng.choice(hellos if i % 2 else heads)
         if proxied:  # documentation addresses (RFC 5737): bytes in a header, never a destination
-            seed = kiagateway.proxy_header(rng.choice(("v1", "v2")), ("192.0.2.1", 40000), ("198.51.100.1", 443)) + seed
+            seed = proxyproto.proxy_header(rng.choice(("v1", "v2")), ("192.0.2.1", 40000), ("198.51.100.1", 443)) + seed
         jobs.append((getattr(gw, listener), mutate(rng, seed, tokens)))
     limit = preamble_timeout + 5.0  # the gateway's deadline, and room for this loaded machine
 
@@ -224,7 +224,7 @@ def test_malformed_preambles_get_an_answer_or_a_close_in_time(start_gateway, bac
     late = [(jobs[i][1][:60], r) for i, r in enumerate(results) if r[0] not in ("eof", "reset")]
     assert not late, late[:5]
     if proxied:  # a normal client behind the proxy
-        header = kiagateway.proxy_header("v1", ("192.0.2.1", 40000), ("198.51.100.1", 80))
+        header = proxyproto.proxy_header("v1", ("192.0.2.1", 40000), ("198.51.100.1", 80))
         reply = base.exchange(gw.http, header + b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 200")
     else:
