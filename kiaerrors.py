@@ -64,6 +64,11 @@ class GatewayError(Exception):
         super().__init__(reason)
         self.reason = reason
 
+    @property
+    def clean_close(self) -> bool:
+        """Does a client with no reply get a FIN, its unread bytes drained so that the close sends no reset?"""
+        return self.http_status is None
+
 
 class BadRequest(GatewayError):
     http_status = 400
@@ -124,6 +129,7 @@ class ClientLimit(GatewayError):
     http_status = 429
     tls_alert = None
     outcome = "client_limit"
+    clean_close = True
 
 
 class BadClientHello(BadRequest):

@@ -1,51 +1,47 @@
-"""kiagateway's data path: accept, read the preamble, route, connect, hand over to the relay.
+"""kiagateway's data path: accept, then each connection's stages until the relay takes over.
 
 It reads only the first bytes of each connection, never decrypts TLS and
 never rewrites HTTP: the bytes it read are forwarded as they came, then the
-relay (relay.py, kiastrict.py in strict mode) moves the rest both ways. A
-client refused before the relay gets the contract's answer from here: an HTTP
-status or a TLS alert with a fixed text, nothing of the inside. The command
-line is kiacli.py, which hands ``Gateway`` to kiaprocess.py to run.
+relay (relay.py, kiastrict.py in strict mode) moves the rest both ways. The
+stages are ``Connection.run``'s: sniff, route, allow, connect, PROXY header,
+relay, or refuse with the contract's answer (kiaerrors.py). The rest lives
+beside it: backends and pools in kiabackends.py, client policy in
+kiaclients.py, socket steps in kiasocket.py. The command line is kiacli.py,
+which hands ``Gateway`` to kiaprocess.py to run.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import ipaddress
 import itertools
-import os
 import socket
-import struct
 import time
 
 import gevent
 import gevent.event
 import gevent.server
-import gevent.socket
 
 import httpstream
 import kiaconfig
 import kiaerrors
 import kiametrics
 import kiastrict
-import kiaupgrade
 import proxyproto
 import relay
 import sniff
-from kiaconfig import Address, Backend, Config, Settings
+from kiabackends import Backends
+from kiaclients import Clients, in_networks
+from kiaconfig import Address, Backend, Config
+from kiaerrors import GatewayError
 from kialog import Log, format_address
+from kiasocket import READ, TimedOut, answer, reset_on_close, sendall, wait
 
 __version__ = "0.3.0"
 
 READ_SIZE = 16384  # one recv while reading the preamble; most heads and hellos fit whole
-REPLY_TIMEOUT = 2.0  # seconds to hand an error reply to a client before giving up on it
-LINGER_SECONDS = 1.0  # after an error reply, read and drop what the client still sends...
-LINGER_BYTES = 65536  # ...up to this much, so that closing does not reset the reply away
 IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
 NAMES_KEPT = 16  # per strict connection, names known to route to its entry: a client sending many costs lookups only
 CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
 
 
 # ---------------------------------------------------------------------------
@@ -57,7 +53,7 @@ class _AcceptPaused(Exception):
 
 
 class _Server(gevent.server.StreamServer):
-    """StreamServer that pauses accepting while the gateway is full and logs accept failures."""
+    """StreamServer that asks the gateway before each accept and hands it each client as a plain socket."""
 
     def __init__(self, listener: socket.socket, name: str, gateway: Gateway) -> None:
         super().__init__(listener, gateway.dispatch)  # called by do_handle below, with the listener's name
@@ -66,11 +62,12 @@ class _Server(gevent.server.StreamServer):
         self.gateway = gateway
 
     def full(self) -> bool:
-        """Asked before each accept; True pauses accepting until ``Gateway._closed`` resumes it."""
-        gateway = self.gateway
-        if gateway.open >= gateway.config.settings.max_connections:
-            gateway.paused = True
-        return gateway.paused
+        """Asked before each accept; True pauses accepting until ``resume`` is called."""
+        return self.gateway.full()
+
+    def resume(self) -> None:
+        if self.started:
+            self.start_accepting()
 
     def do_read(self) -> tuple[socket.socket, tuple] | None:
         """Accept one client as a plain non-blocking socket: the gateway waits on it itself."""
@@ -81,18 +78,12 @@ class _Server(gevent.server.StreamServer):
         except OSError as exc:
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                 return None  # the client left before we accepted it
-            self.gateway.log.error(
-                "accept failed, pausing this listener", address=format_address(self.address), cause=str(exc)
-            )
-            self.gateway.starved = True
+            self.gateway.accept_failed(self.address, exc)
             raise _AcceptPaused() from exc
         client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
         client.setblocking(False)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        gateway = self.gateway
-        gateway.open += 1  # counted here, before the next accept asks full()
-        if gateway.open == 1:
-            gateway.drained.clear()
+        self.gateway.accepted()  # counted here, before the next accept asks full()
         return client, address
 
     def do_handle(self, client: socket.socket, address: tuple) -> None:
@@ -108,39 +99,55 @@ class _Server(gevent.server.StreamServer):
 
 
 class Gateway:
-    """Serves the listeners; ``reload`` swaps the route table without dropping a connection."""
+    """Serves the listeners; ``reload`` swaps the route table without dropping a connection.
 
-    def __init__(self, cfg: Config, log: Log, worker: int = 0) -> None:
+    ``id_prefix`` makes connection ids unique across processes and upgrades;
+    the life cycle (kiaprocess.py) decides it, as it sets up the process.
+    """
+
+    def __init__(self, cfg: Config, log: Log, id_prefix: str = "") -> None:
         self.config = cfg
         self.log = log
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
+        self.backends = Backends(cfg.settings.backend_cooldown)
+        self.clients = Clients(cfg.settings)
         self.servers: list[_Server] = []
         self.open = 0  # connections accepted and not yet closed, relays included
         self.paused = False  # accepting stopped at max_connections
         self.starved = False  # an accept failed (out of descriptors): gevent retries after up to 1 s, a close at once
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
-        # Unique across respawned workers and restarts; an upgrade in place keeps the PID, so it adds its count.
-        upgrades = kiaupgrade.generation()
-        self._id_prefix = f"{os.getpid()}-{upgrades}." if upgrades else f"{os.getpid()}."
+        self.id_prefix = id_prefix
         self._idle: list = []  # connection greenlets parked between connections
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
-        self._lookups: dict[tuple[str, int], gevent.event.AsyncResult] = {}  # backend names being resolved
-        relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
-        self._pools: dict[int, _Pool] = {}  # round-robin state of the pools used, by id() of their Backend
-        self._cooling: dict[Address, float] = {}  # pool addresses that failed -> monotonic time they are tried again
-        self._per_client: dict[str, int] = {}  # open connections by client address, with max_connections_per_client
-        self._lingering: set[str] = set()  # clients with a refusal for their limit lingering (_refuse_over_limit)
         self.metrics: kiametrics.Stats | None = None  # set by the life cycle when metrics_listen is set
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         hub = gevent.get_hub()
-        hub.NOT_ERROR = (*hub.NOT_ERROR, _AcceptPaused)  # logged once by _Server, not as a traceback
+        hub.NOT_ERROR = (*hub.NOT_ERROR, _AcceptPaused)  # logged once by accept_failed, not as a traceback
         for name, sock in listeners:
             server = _Server(sock, name, self)
             server.start()
             self.servers.append(server)
+
+    def next_id(self) -> str:
+        return self.id_prefix + str(next(self._ids))
+
+    def full(self) -> bool:
+        if self.open >= self.config.settings.max_connections:
+            self.paused = True
+        return self.paused
+
+    def accepted(self) -> None:
+        self.open += 1
+        if self.open == 1:
+            self.drained.clear()
+
+    def accept_failed(self, address: tuple, exc: OSError) -> None:
+        """Out of descriptors (or another accept error): log it; the next close resumes accepting at once."""
+        self.log.error("accept failed, pausing this listener", address=format_address(address), cause=str(exc))
+        self.starved = True
 
     def dispatch(self, client: socket.socket, address: tuple, listener: str) -> None:
         """Give the new connection a greenlet: a parked one if there is one, else a new one."""
@@ -164,19 +171,26 @@ class Gateway:
             self._idle.append(gevent.getcurrent())
             connection = hub.switch()
 
+    def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
+        greenlet = gevent.getcurrent()
+        self.handling.add(greenlet)
+        try:
+            Connection(self, client, address, listener).run()
+        finally:
+            self.handling.discard(greenlet)
+
     def reload(self, cfg: Config) -> None:
         self.config = cfg
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
-        self._pools = {}  # the new table's pools are new objects; round-robin starts over on them
-        now = time.monotonic()
-        self._cooling = {address: until for address, until in self._cooling.items() if until > now}
+        self.backends.reload(cfg.settings.backend_cooldown)
+        self.clients.reload(cfg.settings)
         self._resume_if_room()  # a raised max_connections takes effect now, not at the next close
 
     def _resume_if_room(self) -> None:
         if self.paused and self.open < self.config.settings.max_connections:
             self.paused = False
             for server in self.servers:
-                server._start_accepting_if_started()
+                server.resume()
 
     def stop(self, grace: float, **fields: object) -> None:
         """Stop accepting, give open connections ``grace`` seconds, then reset what is left.
@@ -206,7 +220,7 @@ class Gateway:
         for open_relay in list(self.relays):
             open_relay.abort("drain_timeout")
 
-    def _closed(self) -> None:
+    def closed(self) -> None:
         """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""
         self.open -= 1
         if self.paused:
@@ -214,158 +228,103 @@ class Gateway:
         elif self.starved:  # a descriptor is free now: accept again without waiting for gevent's back-off
             self.starved = False
             for server in self.servers:
-                server._start_accepting_if_started()
+                server.resume()
         if not self.open:
             self.drained.set()
 
-    def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
-        greenlet = gevent.getcurrent()
-        self.handling.add(greenlet)
-        try:
-            self._handle(client, address, listener)
-        finally:
-            self.handling.discard(greenlet)
 
-    def _handle(self, client: socket.socket, address: tuple, listener: str) -> None:
-        conn = _Connection(self, listener, address)
-        settings = self.config.settings
-        backend_sock = None
-        strict = None
-        checks_every_request = listener == "http" and settings.http_strict_host
+# ---------------------------------------------------------------------------
+# One connection's stages.
+
+
+class Connection:
+    """One client connection, from accept until the relay takes over or it is refused; then its log line."""
+
+    __slots__ = (
+        "backend",
+        "backend_sock",
+        "client",
+        "counted",
+        "domain",
+        "ended",
+        "gateway",
+        "header",
+        "id",
+        "listener",
+        "peer",
+        "proxied_to",
+        "reason",
+        "relay",
+        "result",
+        "settings",
+        "sniffer",
+        "started",
+        "tried",
+    )
+
+    def __init__(self, gateway: Gateway, client: socket.socket, address: tuple, listener: str) -> None:
+        self.gateway = gateway
+        self.settings = gateway.config.settings  # one connection, one set of settings, whatever a reload does
+        self.id = gateway.next_id()
+        self.client = client
+        self.listener = listener
+        self.peer = address  # the client: a trusted proxy's PROXY header replaces it, for all that follows
+        self.proxied_to: tuple | None = None  # where a trusted proxy's client connected to, from its PROXY header
+        self.started = time.monotonic()
         if listener == "http":  # in strict mode the sniffer also collects the first request's framing
-            sniffer = sniff.HttpSniffer(settings.max_preamble, framing=checks_every_request)
+            self.sniffer = sniff.HttpSniffer(self.settings.max_preamble, framing=self.settings.http_strict_host)
         else:
-            sniffer = sniff.TlsSniffer(settings.max_preamble)
-        proxied_to = None  # where a trusted proxy's client connected to, from its PROXY header
+            self.sniffer = sniff.TlsSniffer(self.settings.max_preamble)
+        self.domain: str | None = None
+        self.backend: Backend | None = None
+        self.backend_sock: socket.socket | None = None
+        self.header = b""  # the PROXY header sent to the backend, if its route asks for one
+        self.tried: list[Address] = []  # every backend address tried; the last one serves
+        self.counted: str | None = None  # the key the client policy counted this connection under
+        self.reason: str | None = None
+        self.result = relay.RelayResult()
+        self.relay: relay.Relay | None = None
+        self.ended = False
+        if gateway.metrics is not None:
+            gateway.metrics.opened(listener)
+
+    def run(self) -> None:
+        """Sniff, route, allow, connect, PROXY header, relay; or refuse. One way out for what does not reach the
+        relay: its sockets closed and its line logged."""
         try:
-            first = sniff.NEED_MORE
-            if settings.trusted_proxies and _trusted(address, settings.trusted_proxies):
-                proxied_to, rest = self._read_proxy_header(client, conn, settings)
-                if rest:
-                    first = sniffer.feed(rest)
-            self._admit(conn)  # the client address is final here, after a trusted PROXY header
-            preamble = self._read_preamble(client, sniffer, listener, settings, conn.started, first)
-            metrics = self.metrics
+            first = self.read_proxy_header() if self.gateway.clients.is_trusted(self.peer[0]) else sniff.NEED_MORE
+            self.counted = self.gateway.clients.admit(self.peer[0])  # the client address is final now
+            preamble = self.read(self.sniffer, first)
+            metrics = self.gateway.metrics
+            connecting = metrics.preamble_read(self.listener, self.started) if metrics is not None else 0.0
+            self.domain = preamble.domain
+            strict = self.frame_first_request()
+            table = self.gateway.routes[self.listener]  # read once: a reload during the connect changes no entry
+            self.backend = self.route(table)
+            self.backend_sock = self.connect()
             if metrics is not None:
-                connecting = metrics.preamble_read(listener, conn.started)
-            buffered = bytes(sniffer.buffer)
-            conn.domain = preamble.domain
-            if checks_every_request:
-                # The first request is framed as every later one will be: ambiguous framing is a 400 now.
-                # Only its head goes with the connect; what follows is checked by the relay.
-                parser = httpstream.RequestStream(settings.max_preamble)
-                first = parser.begin(sniffer)
-                buffered, leftover = buffered[: first.end], buffered[first.end :]
-                strict = (parser, first, leftover)
-            table = self.routes[listener]  # read once: a reload during the connect must not change the entry
-            backend = table.lookup(preamble.domain)
-            if backend is None:
-                name = preamble.domain or ("no SNI" if listener == "https" else "no Host")
-                raise kiaerrors.NoRoute(f"no route for {name}")
-            conn.backend = backend
-            if backend.allow is not None and not allowed(conn.peer[0], backend.allow_masks):
-                raise kiaerrors.Forbidden(
-                    f"client {conn.peer[0]} is outside the allow-list of {preamble.domain}'s route"
-                )
-            backend_sock = self._connect(backend, preamble.domain, settings.connect_timeout, conn)
-            if metrics is not None:
-                metrics.connected(listener, connecting)
-            header = b""  # sent again on the new connection a later Upgrade or CONNECT gets in strict mode
-            if backend.proxy_protocol:
-                try:
-                    local = client.getsockname() if proxied_to is None else proxied_to
-                except OSError:
-                    raise _ClientGone("client_reset") from None
-                header = proxyproto.proxy_header(backend.proxy_protocol, conn.peer, local)
-            try:
-                _sendall(backend_sock, header + buffered, settings.connect_timeout)
-            except _ConnectTimedOut:
-                raise kiaerrors.BackendTimeout(
-                    f"backend {backend} took no data for {settings.connect_timeout:g}s"
-                ) from None
-            conn.result.bytes_up = len(buffered)  # the client's bytes: the PROXY header is ours
-        except kiaerrors.GatewayError as exc:
-            conn.result.outcome = exc.outcome
-            conn.reason = exc.reason
-            reply = kiaerrors.reply(exc, listener, sniffer.buffer)
-            if isinstance(exc, kiaerrors.ClientLimit):
-                self._refuse_over_limit(client, reply, conn)
-            else:
-                _answer(client, reply, fin=exc.http_status is None)
+                metrics.connected(self.listener, connecting)
+            self.send_first_bytes(strict)
+            self.start_relay(strict, table)
+        except GatewayError as exc:
+            self.refuse(exc)
         except _ClientGone as exc:
-            conn.result.outcome = exc.outcome
-        except _Drained:  # thrown in by _cut: the drain is over
-            conn.result.outcome = "drain_timeout"
-            _reset(client, backend_sock)
+            self.result.outcome = exc.outcome
+        except _Drained:  # thrown in by Gateway._cut: the drain is over
+            self.result.outcome = "drain_timeout"
+            self.cut()
         except OSError as exc:  # the backend broke before the relay began
-            conn.result.outcome = "backend_reset"
-            conn.reason = str(exc)
+            self.result.outcome = "backend_reset"
+            self.reason = str(exc)
         except BaseException:
-            conn.result.outcome = "error"
-            _close(client, backend_sock)
-            conn.done(conn.result)
+            self.result.outcome = "error"
             raise
-        else:
-            try:
-                if strict is None:
-                    conn.relay = relay.Relay(client, backend_sock, settings.idle_timeout, conn.done, conn.result)
-                else:
-                    parser, first, leftover = strict
-                    conn.relay = kiastrict.StrictRelay(
-                        client,
-                        backend_sock,
-                        settings.idle_timeout,
-                        conn.done,
-                        conn.result,
-                        parser=parser,
-                        first=first,
-                        leftover=leftover,
-                        allows=_SameEntry(self, table, preamble.domain),
-                        refuse=conn.refuse,
-                        connect=functools.partial(self._connect_again, backend, header, conn),
-                    )
-                self.relays.add(conn.relay)
-            except BaseException:
-                conn.result.outcome = "error"
-                _close(client, backend_sock)
-                conn.done(conn.result)
-                raise
-            return
-        _close(client, backend_sock)
-        conn.done(conn.result)
+        finally:
+            if self.relay is None:
+                self.close()
 
-    def _read_proxy_header(self, client: socket.socket, conn: _Connection, settings: Settings) -> tuple:
-        """Read a trusted proxy's PROXY header; its source becomes ``conn.peer``, the client for all that follows.
-
-        Returns the address the client connected to at the proxy (None: keep this
-        connection's own) and the bytes after the header, which are the preamble's.
-        The header shares the preamble's deadline, counted from accept. Whatever
-        keeps it from coming whole, a late, cut short or bad header, is refused with
-        a clean close: the peer is a proxy, and no answer would mean anything to it.
-        """
-        reader = proxyproto.ProxyHeaderReader(settings.max_preamble)
-        try:
-            header = self._read_preamble(client, reader, conn.listener, settings, conn.started)
-        except kiaerrors.PreambleTimeout:
-            raise proxyproto.BadProxyHeader(
-                f"no complete PROXY header from a trusted proxy within {settings.preamble_timeout:g}s"
-            ) from None
-        except _ClientGone as exc:
-            if exc.outcome == "client_closed" and reader.buffer:
-                raise proxyproto.BadProxyHeader("the trusted proxy closed in the middle of a PROXY header") from None
-            raise
-        if header.source is not None:
-            conn.peer = header.source
-        return header.destination, bytes(reader.buffer[header.length :])
-
-    def _read_preamble(
-        self,
-        client: socket.socket,
-        sniffer: sniff.HttpSniffer | sniff.TlsSniffer | proxyproto.ProxyHeaderReader,
-        listener: str,
-        settings: Settings,
-        accepted: float,
-        result: object = sniff.NEED_MORE,
+    def read(
+        self, sniffer: sniff.HttpSniffer | sniff.TlsSniffer | proxyproto.ProxyHeaderReader, result: object
     ) -> sniff.Preamble | proxyproto.ProxyHeader:
         """Feed ``sniffer`` until it decides, under one deadline counted from accept.
 
@@ -373,16 +332,17 @@ class Gateway:
         are whole in the first read. ``result`` is the answer to the bytes fed
         already (those after a PROXY header), if any.
         """
-        deadline = None
+        client, deadline = self.client, None
         try:
             while result is sniff.NEED_MORE:
                 try:
                     data = client.recv(READ_SIZE)
                 except BlockingIOError:
                     if deadline is None:
-                        deadline = gevent.Timeout(max(0.0, settings.preamble_timeout - (time.monotonic() - accepted)))
+                        left = self.settings.preamble_timeout - (time.monotonic() - self.started)
+                        deadline = gevent.Timeout(max(0.0, left))
                         deadline.start()
-                    _wait(client, _READ)
+                    wait(client, READ)
                     continue
                 except OSError:
                     raise _ClientGone("client_reset") from None
@@ -393,227 +353,196 @@ class Gateway:
             if exc is not deadline:
                 raise
             raise kiaerrors.PreambleTimeout(
-                f"no complete {'request head' if listener == 'http' else 'ClientHello'} "
-                f"within {settings.preamble_timeout:g}s"
+                f"no complete {'request head' if self.listener == 'http' else 'ClientHello'} "
+                f"within {self.settings.preamble_timeout:g}s"
             ) from None
         finally:
             if deadline is not None:
                 deadline.close()
         return result
 
-    def _admit(self, conn: _Connection) -> None:
-        """Count the connection against max_connections_per_client, or raise ClientLimit if its client is at it.
+    def read_proxy_header(self) -> object:
+        """Read a trusted proxy's PROXY header; its source becomes ``peer``, the client for all that follows.
 
-        Call it once the client address is final: right after accept, or for a
-        connection from a trusted proxy once its PROXY header has named the
-        client. ``_Connection.done`` gives the count back, once, however the
-        connection ends. With no limit set it does nothing.
+        Returns the sniffer's answer to the bytes after the header, which are the
+        preamble's. The header shares the preamble's deadline, counted from accept.
+        Whatever keeps it from coming whole, a late, cut short or bad header, is
+        refused with a clean close: the peer is a proxy, and no answer would mean
+        anything to it.
         """
-        limit = self.config.settings.max_connections_per_client
-        if not limit:
-            return
-        key = client_key(conn.peer[0])
-        count = self._per_client.get(key, 0)
-        if count >= limit:
-            raise kiaerrors.ClientLimit(f"{count} connections open from {key} (max_connections_per_client = {limit})")
-        self._per_client[key] = count + 1
-        conn.counted = key
-
-    def _refuse_over_limit(self, client: socket.socket, reply: bytes, conn: _Connection) -> None:
-        """Refuse a client at its limit; one such refusal per client lingers at a time, the others close at once.
-
-        Lingering (``_answer``) keeps the reply from being reset away, but holds a
-        max_connections slot up to LINGER_SECONDS: a client opening idle connections
-        faster than max_connections a second would fill them all. So a client holds
-        at most its limit plus one slot. The slot is not given back early instead:
-        refusals lingering off the count would be bounded by nothing, and each holds
-        a descriptor that check_nofile's budget does not have.
-        """
-        key = client_key(conn.peer[0])
-        if key in self._lingering:
-            _answer(client, reply, fin=True, linger=False)
-            return
-        self._lingering.add(key)
+        reader = proxyproto.ProxyHeaderReader(self.settings.max_preamble)
         try:
-            _answer(client, reply, fin=True)
-        finally:
-            self._lingering.discard(key)
+            header = self.read(reader, sniff.NEED_MORE)
+        except kiaerrors.PreambleTimeout:
+            raise proxyproto.BadProxyHeader(
+                f"no complete PROXY header from a trusted proxy within {self.settings.preamble_timeout:g}s"
+            ) from None
+        except _ClientGone as exc:
+            if exc.outcome == "client_closed" and reader.buffer:
+                raise proxyproto.BadProxyHeader("the trusted proxy closed in the middle of a PROXY header") from None
+            raise
+        if header.source is not None:
+            self.peer = header.source
+        self.proxied_to = header.destination
+        rest = bytes(reader.buffer[header.length :])
+        return self.sniffer.feed(rest) if rest else sniff.NEED_MORE
 
-    def _release(self, key: str) -> None:
-        """One connection fewer from ``key``; a client with none left leaves the table, so it never grows."""
-        count = self._per_client[key] - 1
-        if count:
-            self._per_client[key] = count
+    def frame_first_request(self) -> tuple | None:
+        """Strict mode: frame the first request as every later one will be (ambiguous framing is a 400 now).
+
+        Returns what the strict relay starts from, None when it is not strict:
+        only the first head goes with the connect, what follows is checked by the relay.
+        """
+        if self.listener != "http" or not self.settings.http_strict_host:
+            return None
+        parser = httpstream.RequestStream(self.settings.max_preamble)
+        first = parser.begin(self.sniffer)
+        return parser, first, bytes(self.sniffer.buffer[first.end :])
+
+    def route(self, table: kiaconfig.RouteTable) -> Backend:
+        """The route entry for the domain; NoRoute if none, Forbidden if its allow-list leaves the client out."""
+        backend = table.lookup(self.domain)
+        if backend is None:
+            name = self.domain or ("no SNI" if self.listener == "https" else "no Host")
+            raise kiaerrors.NoRoute(f"no route for {name}")
+        if backend.allow is not None and not in_networks(self.peer[0], backend.allow_masks):
+            raise kiaerrors.Forbidden(f"client {self.peer[0]} is outside the allow-list of {self.domain}'s route")
+        return backend
+
+    def connect(self) -> socket.socket:
+        """A connection to the route's backend, the PROXY header it asks for prepared."""
+        sock = self.gateway.backends.connect(self.backend, self.domain, self.settings.connect_timeout, self.tried)
+        if self.backend.proxy_protocol:
+            try:
+                local = self.client.getsockname() if self.proxied_to is None else self.proxied_to
+            except OSError:
+                sock.close()
+                raise _ClientGone("client_reset") from None
+            self.header = proxyproto.proxy_header(self.backend.proxy_protocol, self.peer, local)
+        return sock
+
+    def send_first_bytes(self, strict: tuple | None) -> None:
+        """Forward what the client sent so far (in strict mode, the first head only), after the PROXY header."""
+        buffered = bytes(self.sniffer.buffer)
+        if strict is not None:
+            buffered = buffered[: strict[1].end]
+        timeout = self.settings.connect_timeout
+        try:
+            sendall(self.backend_sock, self.header + buffered, timeout)
+        except TimedOut:
+            raise kiaerrors.BackendTimeout(f"backend {self.backend} took no data for {timeout:g}s") from None
+        self.result.bytes_up = len(buffered)  # the client's bytes: the PROXY header is ours
+
+    def start_relay(self, strict: tuple | None, table: kiaconfig.RouteTable) -> None:
+        """Hand both sockets over to the relay, which calls ``done`` when it ends."""
+        idle_timeout = self.settings.idle_timeout
+        if strict is None:
+            self.relay = relay.Relay(self.client, self.backend_sock, idle_timeout, self.done, self.result)
         else:
-            del self._per_client[key]
+            parser, first, leftover = strict
+            self.relay = kiastrict.StrictRelay(
+                self.client,
+                self.backend_sock,
+                idle_timeout,
+                self.done,
+                self.result,
+                parser=parser,
+                first=first,
+                leftover=leftover,
+                allows=_SameEntry(self.gateway, table, self.domain),
+                refuse=self.refuse_later,
+                connect=self.connect_again,
+            )
+        self.gateway.relays.add(self.relay)
 
-    def _connect(self, backend: Backend, domain: str | None, timeout: float, conn: _Connection) -> socket.socket:
-        """Connect to the route's address, or to its pool's; ``conn.address`` says which was tried last."""
-        addresses = backend.addresses
-        if len(addresses) == 1:
-            conn.address = addresses[0]
-            return self._connect_to(addresses[0], domain, timeout)
-        return self._connect_pool(backend, domain, timeout, conn)
+    def refuse(self, error: GatewayError) -> None:
+        """Answer a refused client: its reply, or a clean close; one refusal per client at its limit lingers."""
+        self.result.outcome = error.outcome
+        self.reason = error.reason
+        reply = kiaerrors.reply(error, self.listener, self.sniffer.buffer)
+        if not reply and not error.clean_close:
+            return  # nothing to say: the close is all it gets
+        linger = True
+        clients = self.gateway.clients
+        if isinstance(error, kiaerrors.ClientLimit):
+            linger = clients.may_linger(self.peer[0])
+        try:
+            answer(self.client, reply, linger)
+        except _Drained:  # the drain ended while the reply was on its way: cut it
+            reset_on_close(self.client)
+        finally:
+            if linger and isinstance(error, kiaerrors.ClientLimit):
+                clients.lingered(self.peer[0])
 
-    def _connect_again(self, backend: Backend, header: bytes, conn: _Connection, domain: str | None) -> socket.socket:
-        """Strict mode: a new connection to the connection's entry for a later Upgrade or CONNECT, ``header`` sent.
+    def cut(self) -> None:
+        """Make the coming close a reset: the gateway cuts this stream."""
+        reset_on_close(self.client)
+        if self.backend_sock is not None:
+            reset_on_close(self.backend_sock)
+
+    def close(self) -> None:
+        """The connection ends before any relay: close its sockets and log it."""
+        self.client.close()
+        if self.backend_sock is not None:
+            self.backend_sock.close()
+        self.done(self.result)
+
+    def connect_again(self, domain: str | None) -> socket.socket:
+        """Strict mode: a new connection to the connection's entry for a later Upgrade or CONNECT, the PROXY
+        header sent.
 
         The first connect's path (pool order, cooldown, ``connect_timeout``, names
-        resolved now), so ``conn`` names the address that serves from now on.
+        resolved now), so the log line names the addresses of the connect that serves.
         """
-        timeout = self.config.settings.connect_timeout
-        conn.tried = None  # the log line's list is that of the connect that serves
-        sock = self._connect(backend, domain, timeout, conn)
+        timeout = self.settings.connect_timeout
+        self.tried = []
+        sock = self.gateway.backends.connect(self.backend, domain, timeout, self.tried)
         try:
-            _sendall(sock, header, timeout)
-        except _ConnectTimedOut:
+            sendall(sock, self.header, timeout)
+        except TimedOut:
             sock.close()
-            raise kiaerrors.BackendTimeout(f"backend {backend} took no data for {timeout:g}s") from None
+            raise kiaerrors.BackendTimeout(f"backend {self.backend} took no data for {timeout:g}s") from None
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _connect_pool(self, backend: Backend, domain: str | None, timeout: float, conn: _Connection) -> socket.socket:
-        """Try a pool's addresses, each once with its own ``timeout``, until one connects.
+    def refuse_later(self, error: GatewayError, rest: bytes) -> bytes:
+        """A later request of a strict connection is refused: keep why for the log line; the reply's bytes."""
+        self.reason = error.reason
+        return kiaerrors.reply(error, "http", rest)
 
-        The order starts one further round the pool at each connection
-        (round-robin, per route entry and worker); addresses that failed within
-        ``backend_cooldown`` go last, so they are tried only when every other has
-        failed too. All failed: the last attempt's error is the answer.
-        """
-        pool = self._pools.get(id(backend))
-        if pool is None or pool.backend is not backend:  # a new entry, or a dead one's id reused
-            pool = self._pools[id(backend)] = _Pool(backend)
-        addresses = backend.addresses
-        start = pool.next
-        pool.next = (start + 1) % len(addresses)
-        order = addresses[start:] + addresses[:start]
-        cooling = self._cooling
-        if cooling:
-            now = time.monotonic()
-            for address in order:
-                if cooling.get(address, now) < now:  # cooled down: forget it
-                    del cooling[address]
-            order = [a for a in order if a not in cooling] + [a for a in order if a in cooling]
-        cooldown = self.config.settings.backend_cooldown
-        tried = []
-        for address in order:
-            conn.address = address
-            tried.append(address)
-            try:
-                sock = self._connect_to(address, domain, timeout)
-            except (kiaerrors.BackendUnreachable, kiaerrors.BackendTimeout) as exc:
-                if cooldown:
-                    cooling[address] = time.monotonic() + cooldown
-                error = exc
-                continue
-            if cooling:
-                cooling.pop(address, None)  # if it was cooling down: it answers again
-            if len(tried) > 1:
-                conn.tried = tried
-            return sock
-        if len(tried) > 1:
-            conn.tried = tried
-        raise type(error)(f"{error.reason} (the last of {len(tried)} pool addresses tried)")
-
-    def _connect_to(self, address: Address, domain: str | None, timeout: float) -> socket.socket:
-        """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not."""
-        try:
-            if address.ip is not None:  # no resolver round-trip for IP literals
-                family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
-                return _open_connection(family, (address.host, address.port), timeout)
-            # Names resolve at connect time, so DNS changes need no restart; the
-            # lookup and every address tried share the one connect_timeout.
-            with gevent.Timeout(timeout, _ConnectTimedOut):
-                error: OSError = OSError("no address")
-                for family, _, _, _, sockaddr in self._resolve(address.host, address.port):
-                    try:
-                        return _open_connection(family, sockaddr, None)
-                    except OSError as exc:
-                        error = exc
-                raise error
-        except _ConnectTimedOut:
-            raise kiaerrors.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
-        except socket.gaierror as exc:
-            raise kiaerrors.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
-        except OSError as exc:
-            raise kiaerrors.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
-
-    def _resolve(self, host: str, port: int) -> list:
-        """getaddrinfo for a backend name, with one lookup in flight per name that later callers join.
-
-        gevent resolves in a pool of about ten threads, and a lookup that outlives
-        connect_timeout keeps its thread to the end. Without sharing, a burst of
-        connections to one name whose resolver is slow filled the pool, and every
-        other route given by name, even one in /etc/hosts, timed out behind it.
-        Nothing is cached: a lookup that ends is forgotten. Ten slow names at once
-        still fill the pool. gevent's c-ares resolver would need no threads, but it
-        ignores nsswitch.conf and is not in every build, so the system's stays.
-        """
-        key = (host, port)
-        lookup = self._lookups.get(key)
-        if lookup is None:
-            lookup = self._lookups[key] = gevent.event.AsyncResult()
-            gevent.spawn_raw(self._lookup, key, lookup)
-        return lookup.get()
-
-    def _lookup(self, key: tuple[str, int], lookup: gevent.event.AsyncResult) -> None:
-        """One lookup; its result goes to whoever still waits for it, even after the first one gave up."""
-        try:
-            lookup.set(gevent.socket.getaddrinfo(key[0], key[1], 0, socket.SOCK_STREAM))
-        except OSError as exc:  # gaierror included: each waiter turns it into its reply
-            lookup.set_exception(exc)
-        finally:
-            del self._lookups[key]
-
-
-class _Pool:
-    """A pool's state in one worker: where its next connection starts round the addresses."""
-
-    __slots__ = ("backend", "next")
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend  # held, so that its id() is not reused while this is in the table
-        self.next = 0
-
-
-def client_key(host: str) -> str:
-    """The client as the per-client limit counts it: an IPv4 address, or an IPv6 address's /64.
-
-    A dual-stack listener sees an IPv4 client as ``::ffff:a.b.c.d``; another
-    listener on an IPv4 address sees it as ``a.b.c.d``: one client, one count.
-    An IPv6 host is usually given a whole /64 (RFC 7421) and may take any address
-    in it for each connection, so the /64 is what one client holds.
-    """
-    if ":" not in host:
-        return host
-    packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # a link-local scope is not part of it
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
-    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): an IPv4 address in IPv6
-
-
-def allowed(host: str, masks: tuple[tuple[int, int, int], ...]) -> bool:
-    """Is the client at ``host`` in one of the networks (``Backend.allow_masks``)?
-
-    An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) matches
-    IPv4 networks too; a link-local address's scope is not part of it.
-    """
-    if ":" in host:
-        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-        v6: int | None = int.from_bytes(packed, "big")
-        v4 = int.from_bytes(packed[12:], "big") if packed[:12] == _V4_MAPPED else None
-    else:
-        v4, v6 = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big"), None
-    for version, network, mask in masks:
-        number = v4 if version == 4 else v6
-        if number is not None and number & mask == network:
-            return True
-    return False
+    def done(self, result: relay.RelayResult) -> None:
+        """Count the connection closed and log it, once: a relay that failed to start may call again."""
+        if self.ended:
+            return
+        self.ended = True
+        gateway = self.gateway
+        if self.relay is not None:
+            gateway.relays.discard(self.relay)
+            self.relay = None  # the relay holds self.done: without this cycle its objects are freed now, not by the GC
+        gateway.closed()
+        if self.counted is not None:
+            gateway.clients.release(self.counted)
+        if gateway.metrics is not None:
+            gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
+        fields = {
+            "id": self.id,
+            "listener": self.listener,
+            "client": format_address(self.peer),
+            "domain": self.domain,
+            "backend": str(self.tried[-1]) if self.tried else None,
+            "outcome": result.outcome,
+            "bytes_up": result.bytes_up,
+            "bytes_down": result.bytes_down,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
+        }
+        if self.reason:
+            fields["reason"] = self.reason
+        if len(self.tried) > 1:
+            fields["tried"] = [str(address) for address in self.tried]
+        if gateway.config.settings.log_connections:
+            gateway.log.connection(fields)
 
 
 class _SameEntry:
@@ -651,159 +580,8 @@ def _route_entry(table: kiaconfig.RouteTable, domain: str | None) -> tuple[str, 
     return table.match(domain)
 
 
-class _ConnectTimedOut(Exception):
-    """Raised by the connect deadline's timer."""
-
-
 class _Drained(BaseException):
     """Thrown into a connection's greenlet when the drain is over; a BaseException so no handler takes it for I/O."""
-
-
-# Blocking-style I/O on plain non-blocking sockets: try the call, and only when
-# it would block, park this greenlet on a one-off io watcher.
-
-_READ, _WRITE = 1, 2  # libev event masks
-
-
-def _wait(sock: socket.socket, event: int) -> None:
-    hub = gevent.get_hub()
-    watcher = hub.loop.io(sock.fileno(), event)
-    try:
-        hub.wait(watcher)
-    finally:
-        watcher.close()
-
-
-def _sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
-    """Send all of ``data``; if it has to wait, give up after ``timeout`` with _ConnectTimedOut."""
-    view = memoryview(data)
-    deadline = None
-    try:
-        while view:
-            try:
-                view = view[sock.send(view) :]
-            except BlockingIOError:
-                if deadline is None and timeout is not None:
-                    deadline = gevent.Timeout(timeout, _ConnectTimedOut)
-                    deadline.start()
-                _wait(sock, _WRITE)
-    finally:
-        if deadline is not None:
-            deadline.close()
-
-
-_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # non-blocking from birth: one syscall fewer where supported
-
-
-def _open_connection(family: int, sockaddr: tuple, timeout: float | None) -> socket.socket:
-    """Connect; wait (under ``timeout`` if given, else the caller's) only if the connect is still in progress."""
-    sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
-    try:
-        if not _NONBLOCK:
-            sock.setblocking(False)
-        error = sock.connect_ex(sockaddr)
-        if error == errno.EINPROGRESS:
-            try:
-                sock.getpeername()  # a local backend is usually connected already: no need to wait
-                error = 0
-            except OSError:
-                if timeout is None:
-                    _wait(sock, _WRITE)
-                else:
-                    with gevent.Timeout(timeout, _ConnectTimedOut):
-                        _wait(sock, _WRITE)
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            raise OSError(error, os.strerror(error))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
-class _Connection:
-    """What the log line of one connection needs, kept until the connection ends."""
-
-    __slots__ = (
-        "address",
-        "backend",
-        "counted",
-        "domain",
-        "ended",
-        "gateway",
-        "id",
-        "listener",
-        "peer",
-        "reason",
-        "relay",
-        "result",
-        "started",
-        "tried",
-    )
-
-    def __init__(self, gateway: Gateway, listener: str, address: tuple) -> None:
-        self.gateway = gateway
-        self.id = gateway._id_prefix + str(next(gateway._ids))
-        self.listener = listener
-        self.peer = address  # the client: a trusted proxy's PROXY header replaces it, for all that follows
-        self.started = time.monotonic()
-        self.domain: str | None = None
-        self.backend: Backend | None = None
-        self.address: Address | None = None  # the backend address tried last: the one that serves
-        self.tried: list[Address] | None = None  # every address tried, when a pool tried more than one
-        self.counted: str | None = None  # the key _admit counted this connection under
-        self.reason: str | None = None
-        self.result = relay.RelayResult()
-        self.relay: relay.Relay | None = None
-        self.ended = False
-        if gateway.metrics is not None:
-            gateway.metrics.opened(listener)
-
-    def done(self, result: relay.RelayResult) -> None:
-        """Count the connection closed and log it, once: a relay that failed to start may call again."""
-        if self.ended:
-            return
-        self.ended = True
-        gateway = self.gateway
-        if self.relay is not None:
-            gateway.relays.discard(self.relay)
-            self.relay = None  # the relay holds self.done: without this cycle its objects are freed now, not by the GC
-        gateway._closed()
-        if self.counted is not None:
-            gateway._release(self.counted)
-        if gateway.metrics is not None:
-            gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
-        fields = {
-            "id": self.id,
-            "listener": self.listener,
-            "client": format_address(self.peer),
-            "domain": self.domain,
-            "backend": str(self.address) if self.address else None,
-            "outcome": result.outcome,
-            "bytes_up": result.bytes_up,
-            "bytes_down": result.bytes_down,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
-        }
-        if self.reason:
-            fields["reason"] = self.reason
-        if self.tried:
-            fields["tried"] = [str(address) for address in self.tried]
-        if gateway.config.settings.log_connections:
-            gateway.log.connection(fields)
-
-    def refuse(self, error: kiaerrors.GatewayError, rest: bytes) -> bytes:
-        """A later request of a strict connection is refused: keep why for the log line; the reply's bytes."""
-        self.reason = error.reason
-        return kiaerrors.reply(error, "http", rest)
-
-
-def _trusted(address: tuple, networks: tuple) -> bool:
-    """Is the peer in a ``trusted_proxies`` network? An IPv4-mapped IPv6 peer counts as its IPv4 address."""
-    ip = ipaddress.ip_address(address[0])  # "fe80::1%eth0" too: the scope is kept and ignored by `in`
-    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener inherited by socket activation
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
 
 
 class _ClientGone(Exception):
@@ -812,55 +590,6 @@ class _ClientGone(Exception):
     def __init__(self, outcome: str) -> None:
         super().__init__(outcome)
         self.outcome = outcome
-
-
-def _close(*socks: socket.socket | None) -> None:
-    for sock in socks:
-        if sock is not None:
-            sock.close()
-
-
-def _reset(*socks: socket.socket | None) -> None:
-    """Make the coming close send a reset: the gateway cuts these streams."""
-    for sock in socks:
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except OSError:  # already gone: the close is all it gets
-                pass
-
-
-def _answer(client: socket.socket, reply: bytes, fin: bool = False, linger: bool = True) -> None:
-    """Send an error reply, then drain briefly so that closing does not reset it away.
-
-    An empty reply sends nothing, unless ``fin`` asks for a clean close: a FIN
-    alone, and the client's unread bytes drained so the close sends no reset.
-    Without ``linger`` only the bytes already in are drained, with no wait:
-    what comes after the close may still reset the reply away.
-    """
-    if not reply and not fin:
-        return
-    try:
-        with gevent.Timeout(REPLY_TIMEOUT, False):  # a client too slow to take it gets the close alone
-            _sendall(client, reply)
-            client.shutdown(socket.SHUT_WR)
-            drained = 0
-            with gevent.Timeout(LINGER_SECONDS, False):
-                while drained < LINGER_BYTES:
-                    try:
-                        data = client.recv(READ_SIZE)
-                    except BlockingIOError:
-                        if not linger:
-                            break
-                        _wait(client, _READ)
-                        continue
-                    if not data:
-                        break
-                    drained += len(data)
-    except OSError:  # the client is gone: the close is all it gets
-        pass
-    except _Drained:  # the drain ended while the reply was on its way: cut it
-        _reset(client)
 
 
 if __name__ == "__main__":  # python -m kiagateway: hand over to the command line, which imports this module itself

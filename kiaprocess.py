@@ -48,7 +48,7 @@ class Server(Protocol):
     metrics: kiametrics.Stats | None  # what the data path counts in, when metrics_listen is set
 
 
-MakeServer = Callable[[Config, Log, int], Server]
+MakeServer = Callable[[Config, Log, str], Server]  # the config, the log, the prefix of connection ids
 Load = Callable[[], Config]
 
 
@@ -311,6 +311,15 @@ def _monotonic_usec() -> int:
     return (time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()) // 1000
 
 
+def connection_id_prefix() -> str:
+    """What this process's connection ids start with: unique across respawned workers and restarts.
+
+    An upgrade in place keeps the PID, so it adds its count.
+    """
+    upgrades = kiaupgrade.generation()
+    return f"{os.getpid()}-{upgrades}." if upgrades else f"{os.getpid()}."
+
+
 def serve(
     cfg: Config,
     load: Load,
@@ -330,7 +339,8 @@ def serve(
     down its ``lifeline``, so that all workers serve the same table whatever
     happens to the file meanwhile.
     """
-    gateway = make_server(cfg, log, worker)
+    relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
+    gateway = make_server(cfg, log, connection_id_prefix())
     if metrics is not None:
         gateway.metrics = metrics.stats
         metrics.start()

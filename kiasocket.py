@@ -1,15 +1,19 @@
-"""Small socket rules the data path shares, written once: event masks, how a close ends a stream, the reply's linger.
+"""Small socket steps the data path shares, written once: waiting, sending under a deadline, ending a stream.
 
-Its own module because three modules follow the same rules (kiagateway.py
-answering a refused client from its greenlet, relay.py and kiastrict.py from
-the event loop's callbacks), and a rule written in each of them drifts. It
-holds no state and never logs.
+Its own module because several modules follow the same rules (kiagateway.py
+answering a refused client from its greenlet, kiabackends.py connecting,
+relay.py and kiastrict.py from the event loop's callbacks), and a rule written
+in each of them drifts. The sockets are plain non-blocking ones: a call is
+tried first, and only when it would block does the greenlet park on a one-off
+io watcher. It holds no state and never logs.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+
+import gevent
 
 READ, WRITE = 1, 2  # libev event masks
 
@@ -32,5 +36,67 @@ def reset_on_close(sock: socket.socket, reset: bool = True) -> None:
     """
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if reset else _LINGER_OFF)
+    except OSError:
+        pass
+
+
+class TimedOut(Exception):
+    """Raised by the timer of a deadline that a caller of ``sendall`` or ``wait`` set."""
+
+
+def wait(sock: socket.socket, event: int) -> None:
+    """Park this greenlet until ``sock`` is ready for ``event`` (READ or WRITE)."""
+    hub = gevent.get_hub()
+    watcher = hub.loop.io(sock.fileno(), event)
+    try:
+        hub.wait(watcher)
+    finally:
+        watcher.close()
+
+
+def sendall(sock: socket.socket, data: bytes, timeout: float | None = None) -> None:
+    """Send all of ``data``; if it has to wait, give up after ``timeout`` with TimedOut."""
+    view = memoryview(data)
+    deadline = None
+    try:
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                if deadline is None and timeout is not None:
+                    deadline = gevent.Timeout(timeout, TimedOut)
+                    deadline.start()
+                wait(sock, WRITE)
+    finally:
+        if deadline is not None:
+            deadline.close()
+
+
+def answer(client: socket.socket, reply: bytes, linger: bool = True) -> None:
+    """Send a refused client its reply and a FIN, then read and drop what it still sends, so that closing does not
+    reset the reply away.
+
+    An empty reply is a clean close: the FIN alone. Without ``linger`` only the
+    bytes already in are read, with no wait: what comes after the close may
+    still reset the reply away. A client too slow to take the reply within
+    REPLY_SECONDS gets the close alone; one that is gone, its close.
+    """
+    try:
+        with gevent.Timeout(REPLY_SECONDS, False):
+            sendall(client, reply)
+            client.shutdown(socket.SHUT_WR)
+            drained = 0
+            with gevent.Timeout(LINGER_SECONDS, False):
+                while drained < LINGER_BYTES:
+                    try:
+                        data = client.recv(LINGER_BYTES)
+                    except BlockingIOError:
+                        if not linger:
+                            break
+                        wait(client, READ)
+                        continue
+                    if not data:
+                        break
+                    drained += len(data)
     except OSError:
         pass

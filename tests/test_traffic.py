@@ -5,7 +5,6 @@ Clients bind 127.0.0.1 or 127.0.0.2 before they connect, to be two client addres
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import ssl
 import struct
@@ -17,9 +16,7 @@ from conftest import TIMEOUT, _HTTPBackend, _WhoAmI, free_closed_port, read_all
 from hellos import real_hello
 from test_errors import alert, blackhole, status_of  # noqa: F401 - blackhole is a fixture
 
-import kiaconfig
 import kiaerrors
-import kiagateway
 
 ONE, TWO = "127.0.0.1", "127.0.0.2"  # two client addresses on the loopback
 LISTEN = '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = ["127.0.0.1:0"]\n'
@@ -177,39 +174,6 @@ def test_pool_all_failed_answers_as_the_last_attempt(start_gateway, blackhole): 
 
 # ---------------------------------------------------------------------------
 # Allow-lists
-
-
-@pytest.mark.parametrize(
-    ("client", "networks", "expected"),
-    [
-        ("10.1.2.3", ["10.0.0.0/8"], True),
-        ("11.1.2.3", ["10.0.0.0/8"], False),
-        ("::ffff:10.1.2.3", ["10.0.0.0/8"], True),  # an IPv4 client of a dual-stack listener
-        ("::ffff:11.1.2.3", ["10.0.0.0/8"], False),
-        ("::ffff:10.1.2.3", ["::ffff:0:0/96"], True),
-        ("2001:db8::1", ["10.0.0.0/8", "2001:db8::/32"], True),
-        ("2001:db9::1", ["10.0.0.0/8", "2001:db8::/32"], False),
-        ("fe80::1%eth0", ["fe80::/10"], True),  # a link-local client's scope is not part of its address
-        ("10.1.2.3", ["2001:db8::/32"], False),
-    ],
-)
-def test_allowed(client, networks, expected):
-    masks = kiaconfig.network_masks(tuple(ipaddress.ip_network(n) for n in networks))
-    assert kiagateway.allowed(client, masks) is expected
-
-
-def test_client_key_counts_an_ipv4_client_once_on_any_listener():
-    assert kiagateway.client_key("::ffff:192.0.2.1") == kiagateway.client_key("192.0.2.1") == "192.0.2.1"
-    assert kiagateway.client_key("::ffff:1") == "::/64"  # not a mapped IPv4 address
-
-
-def test_client_key_counts_an_ipv6_client_by_its_64():
-    """One IPv6 host is given a whole /64: keyed by full address, it would have no limit at all."""
-    key = kiagateway.client_key
-    assert key("2001:db8:1:2::1") == key("2001:db8:1:2:ffff:ffff:ffff:ffff") == "2001:db8:1:2::/64"
-    assert key("2001:db8:1:3::1") == "2001:db8:1:3::/64"
-    assert key("2001:DB8:0:0:0:0:0:1") == "2001:db8::/64"  # the same address however it is written
-    assert key("fe80::1%eth0") == key("fe80::2") == "fe80::/64"
 
 
 @pytest.mark.parametrize(
