@@ -539,18 +539,42 @@ def override(cfg: Config, values: Mapping[str, Any]) -> Config:
     )
 
 
-def plain_route(pattern: str, backend: Backend) -> dict[str, Any]:
-    """One route as JSON values for scripts; every key is there even when it holds nothing yet.
+@dataclass(frozen=True)
+class RouteRow:
+    """One route as ``--check`` and ``--route`` show it: the text and the JSON are both written from it.
 
-    ``addresses`` is a list and ``allow`` is None (no allow-list: every client)
-    so that scripts need not change when pools and allow-lists come.
+    Built in one place (``route_row``) so that the two outputs cannot disagree
+    on what a route holds: every address of a pool, the allow-list as written
+    networks (normalised, ``"10.0.0.0/8"``).
     """
-    return {
-        "addresses": [str(backend.address)],
-        "proxy_protocol": backend.proxy_protocol,
-        "allow": None,
-        "unicode": unicode_form(pattern),
-    }
+
+    match: str  # exact, wildcard or default
+    pattern: str  # the name lookup compares: the A-label, "*.suffix" or "*"
+    unicode: str | None  # the Unicode form of an xn-- pattern, for people
+    addresses: tuple[str, ...]
+    proxy_protocol: str | None
+    allow: tuple[str, ...] | None  # None: every client
+
+    def plain(self) -> dict[str, Any]:
+        """The row as JSON values for scripts; every key is there even when it holds nothing."""
+        return {
+            "addresses": list(self.addresses),
+            "proxy_protocol": self.proxy_protocol,
+            "allow": None if self.allow is None else list(self.allow),
+            "unicode": self.unicode,
+        }
+
+
+def route_row(pattern: str, backend: Backend) -> RouteRow:
+    """The row of one route entry of a table (``RouteTable.rows`` or ``match`` give the pair)."""
+    return RouteRow(
+        match="default" if pattern == "*" else "wildcard" if pattern.startswith("*.") else "exact",
+        pattern=pattern,
+        unicode=unicode_form(pattern),
+        addresses=tuple(map(str, backend.addresses)),
+        proxy_protocol=backend.proxy_protocol,
+        allow=None if backend.allow is None else tuple(map(str, backend.allow)),
+    )
 
 
 def plain_config(cfg: Config) -> dict[str, Any]:
@@ -565,8 +589,8 @@ def plain_config(cfg: Config) -> dict[str, Any]:
     return {
         "ok": True,
         "source": cfg.source,
-        "http_backends": {pattern: plain_route(pattern, b) for pattern, b in cfg.http_routes.rows()},
-        "https_backends": {pattern: plain_route(pattern, b) for pattern, b in cfg.https_routes.rows()},
+        "http_backends": {pattern: route_row(pattern, b).plain() for pattern, b in cfg.http_routes.rows()},
+        "https_backends": {pattern: route_row(pattern, b).plain() for pattern, b in cfg.https_routes.rows()},
         "gateway": settings,
     }
 
