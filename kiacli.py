@@ -115,6 +115,9 @@ def print_routes(cfg: Config, out: TextIO) -> None:
     ):
         where = ", ".join(map(str, listen)) or "off"
         out.write(f"{name} listener: {where}; {len(table)} route{'s' if len(table) != 1 else ''}\n")
+        if name == "http" and s.http_strict_host:
+            why = "" if "http_strict_host" in cfg.gateway_keys else " (the default while a route has an allow-list)"
+            out.write(f"  strict keep-alive routing: every request's Host is checked{why}\n")
         rows = [kiaconfig.route_row(pattern, backend) for pattern, backend in table.rows()]
         shown = [f"{row.pattern} ({row.unicode})" if row.unicode else row.pattern for row in rows]
         width = max(map(len, shown), default=0)

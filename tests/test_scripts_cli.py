@@ -97,6 +97,7 @@ def test_check_json_through_the_installed_script_is_the_file(table):
     assert gateway["https_listen"] == ["127.0.0.1:8443", "[::1]:8443"]
     assert gateway["idle_timeout"] == 60.0 and gateway["connect_timeout"] == 3.0
     assert (gateway["workers"], gateway["user"], gateway["log_format"]) == (1, "", "text")
+    assert gateway["http_strict_host"] is True  # turned on by the http allow-lists, the file leaving it out
     assert out.stderr == ""
 
 
