@@ -405,3 +405,21 @@ def test_the_warning_for_http_strict_host_false_names_the_allow_listed_routes():
     assert "www.test" not in warning
     cfg = validate({"backends": {"admin.test": ADMIN}, "gateway": {"http_strict_host": False}}, "servers.toml")
     assert any("yet [backends] 'admin.test' has an allow-list: " in w for w in cfg.warnings)
+
+
+def test_route_row_lists_every_address_and_network():
+    cfg = validate({"http_backends": {"*.a.test": {"address": ["10.0.0.1:80", "b.test:80"], "allow": ["::1"]}}})
+    (pattern, backend), *_ = cfg.http_routes.rows()
+    row = kiaconfig.route_row(pattern, backend)
+    assert (row.match, row.pattern, row.addresses, row.allow) == (
+        "wildcard",
+        "*.a.test",
+        ("10.0.0.1:80", "b.test:80"),
+        ("::1/128",),
+    )
+    assert row.plain() == {
+        "addresses": ["10.0.0.1:80", "b.test:80"],
+        "proxy_protocol": None,
+        "allow": ["::1/128"],
+        "unicode": None,
+    }
