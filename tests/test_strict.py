@@ -762,8 +762,10 @@ def test_a_reload_that_adds_an_allow_list_turns_strict_mode_on(start_gateway, sh
     assert [(r["host"], r["target"]) for r in shared_backend.requests()] == [("www.test", "/")]
 
 
-def test_http_strict_host_false_with_an_allow_list_is_warned_at_start_up_and_by_check(start_gateway, shared_backend):
-    """Written false, the 0.2 behaviour stays (the operator's choice), and start-up and --check say what it costs."""
+def test_http_strict_host_false_with_an_allow_list_is_warned_at_start_up_by_check_and_reload(
+    start_gateway, shared_backend
+):
+    """Written false, the 0.2 behaviour stays; start-up, --check and a reload say what it costs."""
     toml = shared_backend_toml(shared_backend.address, extra="http_strict_host = false")
     gw = start_gateway(toml)
     warning = gw.wait_for(lambda line: "http_strict_host = false" in line.get("message", ""))
@@ -786,3 +788,8 @@ def test_http_strict_host_false_with_an_allow_list_is_warned_at_start_up_and_by_
     )
     assert (out.returncode, out.stderr) == (0, "")
     assert "strict keep-alive routing: every request's Host is checked (the default while" in out.stdout
+    gw.config.write_text(toml)  # a reload that brings the line back warns again
+    gw.proc.send_signal(signal.SIGHUP)
+    again = gw.wait_for(lambda line: "http_strict_host = false" in line.get("message", "") and line is not warning)
+    assert again["message"] == warning["message"]
+    gw.wait_for(lambda line: line.get("message") == "config reloaded")
