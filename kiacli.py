@@ -115,21 +115,28 @@ def print_routes(cfg: Config, out: TextIO) -> None:
     ):
         where = ", ".join(map(str, listen)) or "off"
         out.write(f"{name} listener: {where}; {len(table)} route{'s' if len(table) != 1 else ''}\n")
-        rows = []
-        for pattern, backend in table.rows():
-            unicode = kiaconfig.unicode_form(pattern)
-            rows.append((f"{pattern} ({unicode})" if unicode else pattern, backend))
-        width = max((len(pattern) for pattern, _ in rows), default=0)
-        for pattern, backend in rows:
-            notes = []
-            if len(backend.addresses) > 1:
-                notes.append(f"pool of {len(backend.addresses)}, round-robin")
-            if backend.proxy_protocol:
-                notes.append(f"proxy_protocol {backend.proxy_protocol}")
-            if backend.allow is not None:
-                notes.append(f"allow {', '.join(map(str, backend.allow))}")
+        if name == "http" and s.http_strict_host:
+            why = "" if "http_strict_host" in cfg.gateway_keys else " (the default while a route has an allow-list)"
+            out.write(f"  strict keep-alive routing: every request's Host is checked{why}\n")
+        rows = [kiaconfig.route_row(pattern, backend) for pattern, backend in table.rows()]
+        shown = [f"{row.pattern} ({row.unicode})" if row.unicode else row.pattern for row in rows]
+        width = max(map(len, shown), default=0)
+        for pattern, row in zip(shown, rows):
+            notes = route_notes(row)
             extra = f"  ({'; '.join(notes)})" if notes else ""
-            out.write(f"  {pattern.ljust(width)}  ->  {backend}{extra}\n")
+            out.write(f"  {pattern.ljust(width)}  ->  {', '.join(row.addresses)}{extra}\n")
+
+
+def route_notes(row: kiaconfig.RouteRow) -> list[str]:
+    """What a route holds beyond its addresses, for people: the pool, the PROXY header, the allow-list."""
+    notes = []
+    if len(row.addresses) > 1:
+        notes.append(f"pool of {len(row.addresses)}, round-robin")
+    if row.proxy_protocol:
+        notes.append(f"proxy_protocol {row.proxy_protocol}")
+    if row.allow is not None:
+        notes.append(f"allow {', '.join(row.allow)}")
+    return notes
 
 
 def parse_name(text: str) -> str:
@@ -140,56 +147,63 @@ def parse_name(text: str) -> str:
         raise UsageError(f"--route: {text!r} is not a valid domain ({exc})") from None
 
 
+def route_lookup(cfg: Config, name: str) -> dict[str, kiaconfig.RouteRow | str]:
+    """Per listener, the row of the entry a client naming ``name`` gets, or why none: "none" or "off".
+
+    "none": the listener routes no such name (the client is refused); "off":
+    the listener has no listen address. Both ``--route`` outputs are written from it.
+    """
+    found: dict[str, kiaconfig.RouteRow | str] = {}
+    for listener, table, listen in (
+        ("http", cfg.http_routes, cfg.settings.http_listen),
+        ("https", cfg.https_routes, cfg.settings.https_listen),
+    ):
+        match = table.match(name) if listen else None
+        found[listener] = kiaconfig.route_row(*match) if match else "none" if listen else "off"
+    return found
+
+
 def route_report(cfg: Config, name: str) -> dict[str, object]:
-    """What a client naming ``name`` gets on each listener, as JSON values for ``--route``.
+    """What a client naming ``name`` gets on each listener, as JSON values for ``--route --json``.
 
     ``match`` is exact, wildcard or default (``pattern`` says which entry), none
     (the client is refused), or off (the listener has no listen address).
     """
+    found = route_lookup(cfg, name)
     report: dict[str, object] = {
         "ok": True,
         "source": cfg.source,
         "name": name,
         "unicode": kiaconfig.unicode_form(name),
-        "routed": False,
+        "routed": any(isinstance(row, kiaconfig.RouteRow) for row in found.values()),
     }
-    for listener, table, listen in (
-        ("http", cfg.http_routes, cfg.settings.http_listen),
-        ("https", cfg.https_routes, cfg.settings.https_listen),
-    ):
-        found = table.match(name) if listen else None
-        if found is None:
+    for listener, row in found.items():
+        if isinstance(row, kiaconfig.RouteRow):
+            report[listener] = {"match": row.match, "pattern": row.pattern, **row.plain()}
+        else:
             report[listener] = {
-                "match": "none" if listen else "off",
+                "match": row,
                 "pattern": None,
                 "addresses": [],
                 "proxy_protocol": None,
                 "allow": None,
                 "unicode": None,
             }
-            continue
-        pattern, backend = found
-        how = "default" if pattern == "*" else "wildcard" if pattern.startswith("*.") else "exact"
-        report[listener] = {"match": how, "pattern": pattern, **kiaconfig.plain_route(pattern, backend)}
-        report["routed"] = True
     return report
 
 
-def print_route(report: dict, out: TextIO) -> None:
-    """``route_report`` for people: the name, then a line per listener in print_routes' style."""
-    unicode = report["unicode"]
-    out.write(f"{report['name']} ({unicode})\n" if unicode else f"{report['name']}\n")
-    for listener in ("http", "https"):
-        entry = report[listener]
-        if entry["match"] == "off":
+def print_route(cfg: Config, name: str, out: TextIO) -> None:
+    """``--route`` for people: the name, then a line per listener in print_routes' style."""
+    unicode = kiaconfig.unicode_form(name)
+    out.write(f"{name} ({unicode})\n" if unicode else f"{name}\n")
+    for listener, row in route_lookup(cfg, name).items():
+        if row == "off":
             out.write(f"  {listener:<5}  off (no listen address)\n")
-        elif entry["match"] == "none":
+        elif row == "none":
             out.write(f"  {listener:<5}  no route\n")
         else:
-            why = f"{entry['match']} {entry['pattern']}"
-            if entry["proxy_protocol"]:
-                why += f", proxy_protocol {entry['proxy_protocol']}"
-            out.write(f"  {listener:<5}  ->  {', '.join(entry['addresses'])}  ({why})\n")
+            why = "; ".join([f"{row.match} {row.pattern}", *route_notes(row)])
+            out.write(f"  {listener:<5}  ->  {', '.join(row.addresses)}  ({why})\n")
 
 
 def _print_answer(text: str, status: int) -> int:
@@ -258,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             if args["--json"]:
                 out.write(_json(report))
             else:
-                print_route(report, out)
+                print_route(cfg, name, out)
             return _print_answer(out.getvalue(), 0 if report["routed"] else 1)
         if args["--json"]:
             out.write(_json(kiaconfig.plain_config(cfg)))

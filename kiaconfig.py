@@ -152,7 +152,9 @@ class Settings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # must send a PROXY header
     metrics_listen: str = ""  # "ip:port" serving /metrics and /healthz; "" for none (a string: --check --json shows it)
     watch_config: bool = False  # reload when the file or a symlink leading to it changes, as on SIGHUP
-    http_strict_host: bool = False  # check every request of an HTTP keep-alive connection, not just the first
+    # Check every request of an HTTP keep-alive connection, not just the first. Left out of the file, it is
+    # true while an [http_backends] route has an allow-list (validate() decides; Config.gateway_keys tells).
+    http_strict_host: bool = False
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -166,6 +168,7 @@ class Config:
     settings: Settings
     warnings: tuple[str, ...] = ()
     from_command_line: frozenset[str] = frozenset()  # settings given as options: errors name the option
+    gateway_keys: frozenset[str] = frozenset()  # the [gateway] keys the file writes: a default told from a value
 
 
 class ConfigError(Exception):
@@ -275,16 +278,58 @@ def validate(data: Mapping[str, Any], source: str = "<config>") -> Config:
         source,
         errors,
     )
-    settings = _settings(data.get("gateway", {}), source, errors)
+    gateway = data.get("gateway", {})
+    settings = _settings(gateway, source, errors)
     if errors:
         raise ConfigError(errors)
+    written = frozenset(gateway)  # a table, or _settings would have said so
+    settings = _strict_for_allow_lists(
+        settings, written, http, "http_backends" if "http_backends" in data else "backends", source, warnings
+    )
     for name, table, listen in (
         ("http", http, settings.http_listen),
         ("https", https, settings.https_listen),
     ):
         if listen and not len(table):
             warnings.append(f"{source}: the {name} listener has no routes: every connection will be refused")
-    return Config(source, http, https, settings, tuple(warnings))
+    return Config(source, http, https, settings, tuple(warnings), gateway_keys=written)
+
+
+NAMED_AT_MOST = 5  # routes a warning names; a table of thousands would drown the line
+
+
+def allow_listed(table: RouteTable) -> list[str]:
+    """The patterns of the routes that have an allow-list, in lookup order."""
+    return [pattern for pattern, backend in table.rows() if backend.allow is not None]
+
+
+def _strict_for_allow_lists(
+    settings: Settings, written: frozenset[str], http: RouteTable, name: str, source: str, warnings: list[str]
+) -> Settings:
+    """Strict keep-alive routing on while an HTTP route has an allow-list, unless the file says false (warned).
+
+    Without it a client outside a list sends its first request to a route it
+    may use, then, on the same connection, requests for the listed route: they
+    reach the backend unchecked (a shared backend serves both names). So the
+    default follows the allow-lists; ``http_strict_host = false`` written keeps
+    the 0.2 behaviour, and start-up, ``--check`` and reload warn, naming them.
+    """
+    listed = allow_listed(http)
+    if not listed:
+        return settings
+    if "http_strict_host" not in written:
+        return dataclasses.replace(settings, http_strict_host=True)
+    if not settings.http_strict_host:
+        names = ", ".join(repr(pattern) for pattern in listed[:NAMED_AT_MOST])
+        if len(listed) > NAMED_AT_MOST:
+            names += f" and {len(listed) - NAMED_AT_MOST} more"
+        warnings.append(
+            f"{source}: [gateway] http_strict_host = false, yet [{name}] {names} "
+            f"{'has an allow-list' if len(listed) == 1 else 'have allow-lists'}: a client outside a list can "
+            "reach such a route with a later request on a keep-alive connection opened for another route "
+            "(remove the line to check every request, as the default does while an allow-list is there)"
+        )
+    return settings
 
 
 def _did_you_mean(word: str, choices: Any) -> str:
@@ -539,18 +584,42 @@ def override(cfg: Config, values: Mapping[str, Any]) -> Config:
     )
 
 
-def plain_route(pattern: str, backend: Backend) -> dict[str, Any]:
-    """One route as JSON values for scripts; every key is there even when it holds nothing yet.
+@dataclass(frozen=True)
+class RouteRow:
+    """One route as ``--check`` and ``--route`` show it: the text and the JSON are both written from it.
 
-    ``addresses`` is a list and ``allow`` is None (no allow-list: every client)
-    so that scripts need not change when pools and allow-lists come.
+    Built in one place (``route_row``) so that the two outputs cannot disagree
+    on what a route holds: every address of a pool, the allow-list as written
+    networks (normalised, ``"10.0.0.0/8"``).
     """
-    return {
-        "addresses": [str(backend.address)],
-        "proxy_protocol": backend.proxy_protocol,
-        "allow": None,
-        "unicode": unicode_form(pattern),
-    }
+
+    match: str  # exact, wildcard or default
+    pattern: str  # the name lookup compares: the A-label, "*.suffix" or "*"
+    unicode: str | None  # the Unicode form of an xn-- pattern, for people
+    addresses: tuple[str, ...]
+    proxy_protocol: str | None
+    allow: tuple[str, ...] | None  # None: every client
+
+    def plain(self) -> dict[str, Any]:
+        """The row as JSON values for scripts; every key is there even when it holds nothing."""
+        return {
+            "addresses": list(self.addresses),
+            "proxy_protocol": self.proxy_protocol,
+            "allow": None if self.allow is None else list(self.allow),
+            "unicode": self.unicode,
+        }
+
+
+def route_row(pattern: str, backend: Backend) -> RouteRow:
+    """The row of one route entry of a table (``RouteTable.rows`` or ``match`` give the pair)."""
+    return RouteRow(
+        match="default" if pattern == "*" else "wildcard" if pattern.startswith("*.") else "exact",
+        pattern=pattern,
+        unicode=unicode_form(pattern),
+        addresses=tuple(map(str, backend.addresses)),
+        proxy_protocol=backend.proxy_protocol,
+        allow=None if backend.allow is None else tuple(map(str, backend.allow)),
+    )
 
 
 def plain_config(cfg: Config) -> dict[str, Any]:
@@ -565,8 +634,8 @@ def plain_config(cfg: Config) -> dict[str, Any]:
     return {
         "ok": True,
         "source": cfg.source,
-        "http_backends": {pattern: plain_route(pattern, b) for pattern, b in cfg.http_routes.rows()},
-        "https_backends": {pattern: plain_route(pattern, b) for pattern, b in cfg.https_routes.rows()},
+        "http_backends": {pattern: route_row(pattern, b).plain() for pattern, b in cfg.http_routes.rows()},
+        "https_backends": {pattern: route_row(pattern, b).plain() for pattern, b in cfg.https_routes.rows()},
         "gateway": settings,
     }
 

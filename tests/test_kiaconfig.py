@@ -370,3 +370,56 @@ def test_http_strict_host_is_a_boolean_off_by_default():
         "[gateway] http_strict_host: must be true or false" in e
         for e in errors_of({"gateway": {"http_strict_host": 1}})
     )
+
+
+ADMIN = {"address": "10.0.0.1:80", "allow": ["10.0.0.0/8"]}
+
+
+@pytest.mark.parametrize(
+    ("data", "strict", "warned"),
+    [
+        ({"http_backends": {"www.test": "10.0.0.1:80", "admin.test": ADMIN}}, True, False),  # left out: on
+        ({"http_backends": {"*.admin.test": ADMIN}, "gateway": {"http_strict_host": True}}, True, False),
+        ({"http_backends": {"*": ADMIN}, "gateway": {"http_strict_host": False}}, False, True),  # written: warned
+        ({"backends": {"admin.test": ADMIN}}, True, False),  # v0.1.0's table applies to the http listener too
+        ({"https_backends": {"admin.test": ADMIN}}, False, False),  # inside TLS there is no later Host to check
+        ({"http_backends": {"www.test": "10.0.0.1:80"}}, False, False),  # no allow-list: 0.2's default
+    ],
+)
+def test_an_http_allow_list_turns_strict_host_on_unless_false_is_written(data, strict, warned):
+    """Issue 17 item 1: an allow-list is checked on every request only in strict mode."""
+    cfg = validate(data, "servers.toml")
+    assert cfg.settings.http_strict_host is strict
+    assert any("http_strict_host = false" in w for w in cfg.warnings) is warned
+    assert ("http_strict_host" in cfg.gateway_keys) is ("http_strict_host" in data.get("gateway", {}))
+
+
+def test_the_warning_for_http_strict_host_false_names_the_allow_listed_routes():
+    routes = {f"n{i}.test": ADMIN for i in range(8)} | {"www.test": "10.0.0.1:80", "*.admin.test": ADMIN}
+    cfg = validate({"http_backends": routes, "gateway": {"http_strict_host": False}}, "servers.toml")
+    (warning,) = [w for w in cfg.warnings if "http_strict_host" in w]
+    assert warning.startswith(
+        "servers.toml: [gateway] http_strict_host = false, yet [http_backends] "
+        "'n0.test', 'n1.test', 'n2.test', 'n3.test', 'n4.test' and 4 more have allow-lists: "
+    )
+    assert "www.test" not in warning
+    cfg = validate({"backends": {"admin.test": ADMIN}, "gateway": {"http_strict_host": False}}, "servers.toml")
+    assert any("yet [backends] 'admin.test' has an allow-list: " in w for w in cfg.warnings)
+
+
+def test_route_row_lists_every_address_and_network():
+    cfg = validate({"http_backends": {"*.a.test": {"address": ["10.0.0.1:80", "b.test:80"], "allow": ["::1"]}}})
+    (pattern, backend), *_ = cfg.http_routes.rows()
+    row = kiaconfig.route_row(pattern, backend)
+    assert (row.match, row.pattern, row.addresses, row.allow) == (
+        "wildcard",
+        "*.a.test",
+        ("10.0.0.1:80", "b.test:80"),
+        ("::1/128",),
+    )
+    assert row.plain() == {
+        "addresses": ["10.0.0.1:80", "b.test:80"],
+        "proxy_protocol": None,
+        "allow": ["::1/128"],
+        "unicode": None,
+    }

@@ -28,16 +28,26 @@ idle_timeout = 60
 "*.example.org" = "127.0.0.1:8082"
 "*.deep.example.org" = "127.0.0.1:8083"
 "bücher.example" = "127.0.0.1:8084"
+"pool.example" = ["127.0.0.1:8085", "backend.internal:8085", "[::1]:8085"]
+"admin.example" = { address = "127.0.0.1:8081", allow = ["10.0.0.0/8", "2001:DB8::/32", "192.0.2.7"] }
+"*.pool.example" = { address = ["127.0.0.1:8086", "127.0.0.1:8087"], allow = ["192.168.0.0/16"] }
 
 [https_backends]
 "a.example" = { address = "backend.internal:443", proxy_protocol = "v2" }
 "*.example.org" = "[::1]:8443"
-"*" = "127.0.0.1:8999"
+"*" = { address = ["127.0.0.1:8999", "127.0.0.1:8998"], allow = ["127.0.0.0/8", "::1"], proxy_protocol = "v1" }
 """
+DEFAULT = TABLE.splitlines()[-1]  # the https default route: a pool with an allow-list
+DEFAULT_ROUTE = {
+    "addresses": ["127.0.0.1:8999", "127.0.0.1:8998"],
+    "proxy_protocol": "v1",
+    "allow": ["127.0.0.0/8", "::1/128"],
+    "unicode": None,
+}
 
 
-def route(address: str, proxy_protocol: str | None = None, unicode: str | None = None) -> dict:
-    return {"addresses": [address], "proxy_protocol": proxy_protocol, "allow": None, "unicode": unicode}
+def route(*addresses: str, proxy_protocol: str | None = None, allow: list | None = None, unicode=None) -> dict:
+    return {"addresses": list(addresses), "proxy_protocol": proxy_protocol, "allow": allow, "unicode": unicode}
 
 
 @pytest.fixture
@@ -69,14 +79,17 @@ def test_check_json_through_the_installed_script_is_the_file(table):
     assert doc["ok"] is True and doc["source"] == "s.toml"
     assert doc["http_backends"] == {
         "a.example": route("127.0.0.1:8081"),
+        "admin.example": route("127.0.0.1:8081", allow=["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]),
+        "pool.example": route("127.0.0.1:8085", "backend.internal:8085", "[::1]:8085"),
         "xn--bcher-kva.example": route("127.0.0.1:8084", unicode="bücher.example"),
         "*.deep.example.org": route("127.0.0.1:8083"),
         "*.example.org": route("127.0.0.1:8082"),
+        "*.pool.example": route("127.0.0.1:8086", "127.0.0.1:8087", allow=["192.168.0.0/16"]),
     }
     assert doc["https_backends"] == {
-        "a.example": route("backend.internal:443", "v2"),
+        "a.example": route("backend.internal:443", proxy_protocol="v2"),
         "*.example.org": route("[::1]:8443"),
-        "*": route("127.0.0.1:8999"),
+        "*": DEFAULT_ROUTE,
     }
     gateway = doc["gateway"]
     assert set(gateway) == {f.name for f in dataclasses.fields(kiaconfig.Settings)}  # every setting
@@ -84,6 +97,7 @@ def test_check_json_through_the_installed_script_is_the_file(table):
     assert gateway["https_listen"] == ["127.0.0.1:8443", "[::1]:8443"]
     assert gateway["idle_timeout"] == 60.0 and gateway["connect_timeout"] == 3.0
     assert (gateway["workers"], gateway["user"], gateway["log_format"]) == (1, "", "text")
+    assert gateway["http_strict_host"] is True  # turned on by the http allow-lists, the file leaving it out
     assert out.stderr == ""
 
 
@@ -141,7 +155,7 @@ def test_route_through_the_installed_script(table):
 
 
 def test_route_no_route_on_either_listener_exits_1(table):
-    table.write_text(TABLE.replace('"*" = "127.0.0.1:8999"', ""))
+    table.write_text(TABLE.replace(DEFAULT, ""))
     out = run("--route=nowhere.example", "s.toml", cwd=table.parent)
     assert out.returncode == 1
     assert out.stdout == "nowhere.example\n  http   no route\n  https  no route\n"
@@ -159,7 +173,7 @@ def route_json(capfd, *args: str) -> tuple[int, dict]:
         (
             "a.example",
             {"match": "exact", "pattern": "a.example", **route("127.0.0.1:8081")},
-            {"match": "exact", "pattern": "a.example", **route("backend.internal:443", "v2")},
+            {"match": "exact", "pattern": "a.example", **route("backend.internal:443", proxy_protocol="v2")},
         ),
         (
             "x.deep.example.org",  # the longest suffix wins
@@ -172,9 +186,27 @@ def route_json(capfd, *args: str) -> tuple[int, dict]:
             {"match": "wildcard", "pattern": "*.example.org", **route("[::1]:8443")},
         ),
         (
+            "x.pool.example",  # a wildcard route with a pool and an allow-list
+            {
+                "match": "wildcard",
+                "pattern": "*.pool.example",
+                **route("127.0.0.1:8086", "127.0.0.1:8087", allow=["192.168.0.0/16"]),
+            },
+            {"match": "default", "pattern": "*", **DEFAULT_ROUTE},
+        ),
+        (
+            "pool.example",
+            {
+                "match": "exact",
+                "pattern": "pool.example",
+                **route("127.0.0.1:8085", "backend.internal:8085", "[::1]:8085"),
+            },
+            {"match": "default", "pattern": "*", **DEFAULT_ROUTE},
+        ),
+        (
             "example.org",
             {"match": "none", "pattern": None, "addresses": [], "proxy_protocol": None, "allow": None, "unicode": None},
-            {"match": "default", "pattern": "*", **route("127.0.0.1:8999")},
+            {"match": "default", "pattern": "*", **DEFAULT_ROUTE},
         ),
     ],
 )
@@ -192,17 +224,63 @@ def test_route_json_says_how_each_listener_matched(capfd, table, name, http, htt
     }
 
 
+def text_parts(tail: str) -> tuple[list[str], list[str] | None]:
+    """The addresses and the allow-list of a text line's ``addr, addr  (note; note)``, read as people read it."""
+    addresses, _, notes = tail.partition("  (")
+    allow = None
+    for note in notes.removesuffix(")").split("; "):
+        if note.startswith("allow "):
+            allow = note.removeprefix("allow ").split(", ")
+    return addresses.split(", "), allow
+
+
+def test_text_and_json_list_the_same_addresses_and_networks_for_every_route(capfd, table):
+    """--check, --check --json, --route and --route --json agree on every route: pools, allow-lists,
+    wildcards and a default (issue 17: the JSON showed a pool's first address and never an allow-list)."""
+    _, text, _ = main(capfd, "--check", str(table))
+    _, out, _ = main(capfd, "--check", "--json", str(table))
+    doc = json.loads(out)
+    from_json = {
+        (listener, pattern): (entry["addresses"], entry["allow"])
+        for listener in ("http", "https")
+        for pattern, entry in doc[f"{listener}_backends"].items()
+    }
+    from_text = {}
+    listener = None
+    for line in text.splitlines():
+        if line.startswith(("http listener:", "https listener:")):
+            listener = line.split()[0]
+        elif "  ->  " in line:
+            pattern, _, tail = line.strip().partition("  ->  ")
+            from_text[(listener, pattern.split()[0])] = text_parts(tail)  # "xn--... (bücher.example)"
+    assert from_text == from_json
+    assert {"*.pool.example", "*"} <= {p for (_, p), (a, allow) in from_json.items() if len(a) > 1 and allow}
+    for (listener, pattern), (addresses, allow) in from_json.items():
+        name = f"probe{pattern[1:]}" if pattern.startswith("*.") else "nothing.invalid" if pattern == "*" else pattern
+        _, out, _ = main(capfd, "--route", name, "--json", str(table))
+        entry = json.loads(out)[listener]
+        assert (entry["pattern"], entry["addresses"], entry["allow"]) == (pattern, addresses, allow)
+        _, out, _ = main(capfd, "--route", name, str(table))
+        line = next(line for line in out.splitlines() if line.split()[0] == listener)
+        assert text_parts(line.partition("  ->  ")[2]) == (addresses, allow), line
+
+
 def test_route_text_per_listener_differences(capfd, table):
     status, out, _ = main(capfd, "--route", "a.example", str(table))
     assert status == 0
     assert out == (
         "a.example\n"
         "  http   ->  127.0.0.1:8081  (exact a.example)\n"
-        "  https  ->  backend.internal:443  (exact a.example, proxy_protocol v2)\n"
+        "  https  ->  backend.internal:443  (exact a.example; proxy_protocol v2)\n"
     )
     status, out, _ = main(capfd, "--route", "example.org", str(table))
     assert status == 0
-    assert out == "example.org\n  http   no route\n  https  ->  127.0.0.1:8999  (default *)\n"
+    assert out == (
+        "example.org\n"
+        "  http   no route\n"
+        "  https  ->  127.0.0.1:8999, 127.0.0.1:8998"
+        "  (default *; pool of 2, round-robin; proxy_protocol v1; allow 127.0.0.0/8, ::1/128)\n"
+    )
 
 
 def test_route_unicode_name_is_looked_up_by_its_a_label(capfd, table):
@@ -232,7 +310,7 @@ def test_route_listener_without_a_listen_address_routes_nothing(capfd, table):
 def test_route_json_no_route_exits_1(capfd, table):
     status, doc = route_json(capfd, "--route=nowhere.test", "--https-listen=127.0.0.1:0", str(table))
     assert status == 0 and doc["https"]["match"] == "default"  # the default route catches it
-    table.write_text(TABLE.replace('"*" = "127.0.0.1:8999"', ""))
+    table.write_text(TABLE.replace(DEFAULT, ""))
     status, doc = route_json(capfd, "--route=nowhere.test", str(table))
     assert status == 1
     assert (doc["ok"], doc["routed"], doc["http"]["match"], doc["https"]["match"]) == (True, False, "none", "none")

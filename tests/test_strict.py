@@ -8,14 +8,17 @@ pipelines, however it splits its bytes, whatever its bodies look like.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 
 import pytest
-from conftest import TIMEOUT, read_all
+from conftest import TIMEOUT, gateway_command, read_all
 from test_errors import blackhole  # noqa: F401 - a fixture
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
@@ -692,3 +695,101 @@ def test_a_connect_target_must_agree_with_host(strict, method):
     data = talk(gw.http, [get("a.example", "/1") + connect])
     assert [status for status, _ in responses(data)] == [200, 400]
     assert [r["target"] for r in one.requests()] == ["/1"] and two.requests() == []
+
+
+# --- allow-lists turn strict mode on (issue 17 item 1) -------------------------
+
+OUTSIDE = "10.0.0.0/8"  # an allow-list that excludes every test client (127.0.0.1)
+
+
+def shared_backend_toml(address: str, allow: bool = True, extra: str = "") -> str:
+    """The issue's reproduction: one backend serves www.test for anyone and admin.test for a network only."""
+    admin = f'{{ address = "{address}", allow = ["{OUTSIDE}"] }}' if allow else f'"{address}"'
+    return (
+        f'[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\n{extra}\n'
+        f'[http_backends]\n"www.test" = "{address}"\n"admin.test" = {admin}\n'
+    )
+
+
+@pytest.fixture
+def shared_backend():
+    backend = RecordingBackend("shared")
+    yield backend
+    backend.close()
+
+
+def curl_www_then_admin(address: tuple[str, int]) -> list[str]:
+    """The issue's curl: www.test, then --next admin.test's /admin/secret, on one keep-alive connection.
+
+    Each transfer prints its status and how many connections it opened (0: it reused the first).
+    """
+    host, port = address
+    transfers = [("www.test", "/"), ("admin.test", "/admin/secret")]
+    command = ["curl"]
+    for index, (name, target) in enumerate(transfers):
+        command += ["--next"] if index else []
+        command += ["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n"]
+        command += ["-H", f"Host: {name}", f"http://{host}:{port}{target}"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT * 2)
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl not installed")
+def test_an_allow_list_holds_for_every_request_of_a_keep_alive_connection(start_gateway, shared_backend):
+    """Left at its default, http_strict_host is on while an HTTP route has an allow-list: a client outside
+    admin.test's list never gets a request to the backend by sending it after one for www.test."""
+    gw = start_gateway(shared_backend_toml(shared_backend.address))
+    www, admin = curl_www_then_admin(gw.http)
+    assert www == "200 1"
+    assert admin == "421 0"  # refused on the same connection: strict mode's answer for another entry
+    assert [(r["host"], r["target"]) for r in shared_backend.requests()] == [("www.test", "/")]
+    line = gw.connection_log(domain="www.test")
+    assert line["outcome"] == "host_changed" and "admin.test" in line["reason"], line
+    assert not [seen for seen in gw.seen if "http_strict_host" in seen.get("message", "")]  # no warning
+
+
+def test_a_reload_that_adds_an_allow_list_turns_strict_mode_on(start_gateway, shared_backend):
+    gw = start_gateway(shared_backend_toml(shared_backend.address, allow=False))
+    gw.config.write_text(shared_backend_toml(shared_backend.address))
+    gw.proc.send_signal(signal.SIGHUP)
+    gw.wait_for(lambda line: line.get("message") == "config reloaded")
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(get("www.test"))
+        assert read_response(sock)[0] == 200
+        sock.sendall(get("admin.test", "/admin/secret"))
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith((b"HTTP/1.1 421 ", b"HTTP/1.1 403 "))
+    assert [(r["host"], r["target"]) for r in shared_backend.requests()] == [("www.test", "/")]
+
+
+def test_http_strict_host_false_with_an_allow_list_is_warned_at_start_up_by_check_and_reload(
+    start_gateway, shared_backend
+):
+    """Written false, the 0.2 behaviour stays; start-up, --check and a reload say what it costs."""
+    toml = shared_backend_toml(shared_backend.address, extra="http_strict_host = false")
+    gw = start_gateway(toml)
+    warning = gw.wait_for(lambda line: "http_strict_host = false" in line.get("message", ""))
+    assert warning["level"] == "warning" and "'admin.test' has an allow-list" in warning["message"], warning
+    assert "www.test" not in warning["message"]
+    out = subprocess.run(
+        [*gateway_command(), "--check", str(gw.config)], capture_output=True, text=True, timeout=TIMEOUT * 2
+    )
+    assert out.returncode == 0
+    assert "http_strict_host = false, yet [http_backends] 'admin.test' has an allow-list" in out.stderr
+    assert "has an allow-list" not in out.stdout and "strict keep-alive" not in out.stdout  # off, as written
+    gw.config.write_text(shared_backend_toml(shared_backend.address))  # the line removed: the default, no warning
+    out = subprocess.run(
+        [*gateway_command(), "--check", "--json", str(gw.config)], capture_output=True, text=True, timeout=TIMEOUT * 2
+    )
+    assert (out.returncode, out.stderr) == (0, "")
+    assert json.loads(out.stdout)["gateway"]["http_strict_host"] is True
+    out = subprocess.run(
+        [*gateway_command(), "--check", str(gw.config)], capture_output=True, text=True, timeout=TIMEOUT * 2
+    )
+    assert (out.returncode, out.stderr) == (0, "")
+    assert "strict keep-alive routing: every request's Host is checked (the default while" in out.stdout
+    gw.config.write_text(toml)  # a reload that brings the line back warns again
+    gw.proc.send_signal(signal.SIGHUP)
+    again = gw.wait_for(lambda line: "http_strict_host = false" in line.get("message", "") and line is not warning)
+    assert again["message"] == warning["message"]
+    gw.wait_for(lambda line: line.get("message") == "config reloaded")
