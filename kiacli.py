@@ -46,12 +46,13 @@ import json
 import os
 import re
 import sys
-from typing import TextIO
 
 import docopt
 
 import kiaconfig
+import kiapreflight
 import kiaprocess
+import kiareport
 import kiaupgrade
 import sniff
 from kiaconfig import Config, ConfigError
@@ -97,46 +98,10 @@ def load_config(path: str, overrides: dict[str, object], sockets_given: bool = F
     ``sockets_given``: systemd passes the listeners, the listen lists may be empty.
     """
     cfg = kiaconfig.override(kiaconfig.load(path), overrides)
-    errors = kiaconfig.check_serving(cfg, sockets_given)
+    errors = kiapreflight.check_serving(cfg, sockets_given)
     if errors:
         raise ConfigError(errors)
     return cfg
-
-
-def print_routes(cfg: Config, out: TextIO) -> None:
-    """The route table as lookup sees it; a name with ``xn--`` labels shows its Unicode form beside it."""
-    s = cfg.settings
-    out.write(f"{cfg.source}: OK\n")
-    if s.trusted_proxies:
-        out.write(f"trusted proxies (a PROXY header required): {', '.join(map(str, s.trusted_proxies))}\n")
-    for name, table, listen in (
-        ("http", cfg.http_routes, s.http_listen),
-        ("https", cfg.https_routes, s.https_listen),
-    ):
-        where = ", ".join(map(str, listen)) or "off"
-        out.write(f"{name} listener: {where}; {len(table)} route{'s' if len(table) != 1 else ''}\n")
-        if name == "http" and s.http_strict_host:
-            why = "" if "http_strict_host" in cfg.gateway_keys else " (the default while a route has an allow-list)"
-            out.write(f"  strict keep-alive routing: every request's Host is checked{why}\n")
-        rows = [kiaconfig.route_row(pattern, backend) for pattern, backend in table.rows()]
-        shown = [f"{row.pattern} ({row.unicode})" if row.unicode else row.pattern for row in rows]
-        width = max(map(len, shown), default=0)
-        for pattern, row in zip(shown, rows):
-            notes = route_notes(row)
-            extra = f"  ({'; '.join(notes)})" if notes else ""
-            out.write(f"  {pattern.ljust(width)}  ->  {', '.join(row.addresses)}{extra}\n")
-
-
-def route_notes(row: kiaconfig.RouteRow) -> list[str]:
-    """What a route holds beyond its addresses, for people: the pool, the PROXY header, the allow-list."""
-    notes = []
-    if len(row.addresses) > 1:
-        notes.append(f"pool of {len(row.addresses)}, round-robin")
-    if row.proxy_protocol:
-        notes.append(f"proxy_protocol {row.proxy_protocol}")
-    if row.allow is not None:
-        notes.append(f"allow {', '.join(row.allow)}")
-    return notes
 
 
 def parse_name(text: str) -> str:
@@ -145,65 +110,6 @@ def parse_name(text: str) -> str:
         return sniff.normalize_domain(kiaconfig.to_ascii(text))
     except ValueError as exc:
         raise UsageError(f"--route: {text!r} is not a valid domain ({exc})") from None
-
-
-def route_lookup(cfg: Config, name: str) -> dict[str, kiaconfig.RouteRow | str]:
-    """Per listener, the row of the entry a client naming ``name`` gets, or why none: "none" or "off".
-
-    "none": the listener routes no such name (the client is refused); "off":
-    the listener has no listen address. Both ``--route`` outputs are written from it.
-    """
-    found: dict[str, kiaconfig.RouteRow | str] = {}
-    for listener, table, listen in (
-        ("http", cfg.http_routes, cfg.settings.http_listen),
-        ("https", cfg.https_routes, cfg.settings.https_listen),
-    ):
-        match = table.match(name) if listen else None
-        found[listener] = kiaconfig.route_row(*match) if match else "none" if listen else "off"
-    return found
-
-
-def route_report(cfg: Config, name: str) -> dict[str, object]:
-    """What a client naming ``name`` gets on each listener, as JSON values for ``--route --json``.
-
-    ``match`` is exact, wildcard or default (``pattern`` says which entry), none
-    (the client is refused), or off (the listener has no listen address).
-    """
-    found = route_lookup(cfg, name)
-    report: dict[str, object] = {
-        "ok": True,
-        "source": cfg.source,
-        "name": name,
-        "unicode": kiaconfig.unicode_form(name),
-        "routed": any(isinstance(row, kiaconfig.RouteRow) for row in found.values()),
-    }
-    for listener, row in found.items():
-        if isinstance(row, kiaconfig.RouteRow):
-            report[listener] = {"match": row.match, "pattern": row.pattern, **row.plain()}
-        else:
-            report[listener] = {
-                "match": row,
-                "pattern": None,
-                "addresses": [],
-                "proxy_protocol": None,
-                "allow": None,
-                "unicode": None,
-            }
-    return report
-
-
-def print_route(cfg: Config, name: str, out: TextIO) -> None:
-    """``--route`` for people: the name, then a line per listener in print_routes' style."""
-    unicode = kiaconfig.unicode_form(name)
-    out.write(f"{name} ({unicode})\n" if unicode else f"{name}\n")
-    for listener, row in route_lookup(cfg, name).items():
-        if row == "off":
-            out.write(f"  {listener:<5}  off (no listen address)\n")
-        elif row == "none":
-            out.write(f"  {listener:<5}  no route\n")
-        else:
-            why = "; ".join([f"{row.match} {row.pattern}", *route_notes(row)])
-            out.write(f"  {listener:<5}  ->  {', '.join(row.addresses)}  ({why})\n")
 
 
 def _print_answer(text: str, status: int) -> int:
@@ -268,16 +174,16 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(warning)
         out = io.StringIO()
         if name is not None:
-            report = route_report(cfg, name)
+            report = kiareport.route_report(cfg, name)
             if args["--json"]:
                 out.write(_json(report))
             else:
-                print_route(cfg, name, out)
+                kiareport.print_route(cfg, name, out)
             return _print_answer(out.getvalue(), 0 if report["routed"] else 1)
         if args["--json"]:
-            out.write(_json(kiaconfig.plain_config(cfg)))
+            out.write(_json(kiareport.plain_config(cfg)))
         else:
-            print_routes(cfg, out)
+            kiareport.print_routes(cfg, out)
         return _print_answer(out.getvalue(), 0)
     log = Log(cfg.settings.log_format)
     log.setup()  # stderr opened again now: once run() drops privileges, it may no longer be ours to open

@@ -19,6 +19,8 @@ from test_kiaprocess import wait_stopped
 import kiaconfig
 import kiagateway
 import kiametrics
+import kiapreflight
+import kiareport
 from kiaconfig import validate
 
 ASK = b"GET /whoami HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"
@@ -279,11 +281,11 @@ def test_metrics_listen_is_checked():
         validate({"gateway": {"metrics_listen": "localhost:9880"}}, "s.toml")
     assert info.value.errors[0].startswith("s.toml: [gateway] metrics_listen: ")
     cfg = validate({"gateway": {"http_listen": ["0.0.0.0:80"], "metrics_listen": "127.0.0.1:80"}}, "s.toml")
-    assert kiaconfig.check_serving(cfg) == [
+    assert kiapreflight.check_serving(cfg) == [
         "s.toml: [gateway] metrics_listen: 127.0.0.1:80 overlaps 0.0.0.0:80 of [gateway] http_listen:"
         " the metrics need a port of their own"
     ]
-    assert "metrics_listen" in kiaconfig.plain_config(cfg)["gateway"]
+    assert "metrics_listen" in kiareport.plain_config(cfg)["gateway"]
 
 
 def test_histogram_buckets_are_le_and_sums_add_up(monkeypatch):
