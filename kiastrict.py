@@ -118,9 +118,8 @@ class _StrictUp(relay._Direction):
     def _splice_body(self) -> bool:
         """Splice body bytes, no more than the body holds: the next head must come through Python."""
         if self.pipe is None:
-            try:
-                self.pipe = PIPES.get()
-            except OSError:  # out of descriptors: copy this round instead
+            self.pipe = PIPES.get()
+            if self.pipe is None:  # none to be had (the pool's cap, the pipe quota, no descriptor): copy this round
                 return self._read_and_check()
         want = min(PIPE_SIZE, self.parser.body_left)
         try:

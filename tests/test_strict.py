@@ -8,9 +8,12 @@ pipelines, however it splits its bytes, whatever its bodies look like.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -347,6 +350,48 @@ def test_large_upload_passes_and_the_next_head_is_still_checked(strict, mode):
     assert first["body"] == body and second["target"] == "/next"
     line = gw.connection_log(outcome="host_changed")
     assert line["bytes_up"] == len(post("a.example", body) + get("a.example", "/next"))
+
+
+def test_a_large_upload_with_no_pipe_free_is_copied(strict):
+    """No pipe to be had (KIAGATEWAY_MAX_PIPES=0: the pool's cap, or a container's pipe quota): the body is copied.
+
+    A 1 MiB POST from curl, and one from http.client followed by another request on
+    the same keep-alive connection: each body reaches the backend intact, each client
+    its answer, each connection logs ok, and the gateway prints no traceback.
+    """
+    gw, one, _ = strict(env={"KIAGATEWAY_MAX_PIPES": "0"})
+    bodies = [os.urandom(1 << 20), os.urandom(1 << 20)]
+    url = f"http://{gw.http[0]}:{gw.http[1]}/curl"
+    command = ["curl", "-sS", "--max-time", str(TIMEOUT), "-H", "Host: a.example", "-H", "Expect:"]
+    curl = subprocess.run(
+        [*command, "--data-binary", "@-", url],
+        input=bodies[0],
+        capture_output=True,
+        timeout=TIMEOUT * 2,
+    )
+    assert curl.returncode == 0, curl.stderr
+    assert curl.stdout == f"one POST /curl {len(bodies[0])}".encode()
+    client = http.client.HTTPConnection(*gw.http, timeout=TIMEOUT)
+    try:
+        client.request("POST", "/kept", body=bodies[1], headers={"Host": "a.example"})
+        answer = client.getresponse()
+        assert (answer.status, answer.read()) == (200, f"one POST /kept {len(bodies[1])}".encode())
+        client.request("GET", "/next", headers={"Host": "a.example"})
+        answer = client.getresponse()
+        assert (answer.status, answer.read()) == (200, b"one GET /next 0")
+    finally:
+        client.close()
+    received = [(r["target"], hashlib.sha256(r["body"]).hexdigest()) for r in one.requests()]
+    assert received == [
+        ("/curl", hashlib.sha256(bodies[0]).hexdigest()),
+        ("/kept", hashlib.sha256(bodies[1]).hexdigest()),
+        ("/next", hashlib.sha256(b"").hexdigest()),
+    ]
+    assert gw.stop() == 0
+    lines = [line for line in gw.seen if line.get("message") == "connection"]
+    assert [line["outcome"] for line in lines] == ["ok", "ok"]
+    assert all(line["bytes_up"] > len(bodies[0]) for line in lines), lines
+    assert not [line for line in gw.seen if line.get("message") == "NOT JSON" or line.get("outcome") == "error"]
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
