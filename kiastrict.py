@@ -124,8 +124,8 @@ class _StrictUp(relay._Direction):
         want = min(PIPE_SIZE, self.parser.body_left)
         try:
             n = relay._splice(self.src_fd, self.pipe[1], want, flags=relay._SPLICE_FLAGS)
-        except BlockingIOError:
-            return False
+        except BlockingIOError:  # readable, yet nothing to splice: TCP urgent data (see relay.py), recv steps over it
+            return self._read_and_check()
         except OSError:
             self.relay.abort("client_reset")
             return False

@@ -20,6 +20,7 @@ import time
 import pytest
 from conftest import TIMEOUT, read_all
 from test_errors import blackhole  # noqa: F401 - a fixture
+from test_relay import cpu_seconds
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
 
@@ -737,3 +738,27 @@ def test_a_connect_target_must_agree_with_host(strict, method):
     data = talk(gw.http, [get("a.example", "/1") + connect])
     assert [status for status, _ in responses(data)] == [200, 400]
     assert [r["target"] for r in one.requests()] == ["/1"] and two.requests() == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to read the gateway's CPU time")
+def test_urgent_data_in_a_body_neither_spins_nor_loses_bytes(strict):
+    """An MSG_OOB byte in a body being spliced: copied past as relay.py does, the bytes after it arrive, no busy loop.
+
+    Splicing stops for good at urgent data; a plain recv steps over the urgent byte,
+    which is not part of the stream.
+    """
+    gw, one, _ = strict()
+    before, after = os.urandom(1 << 20), os.urandom(256 << 10)
+    body = before + after
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(post("a.example", body)[: -len(body)] + before)
+        cpu = cpu_seconds(gw.proc.pid)
+        sock.send(b"!", socket.MSG_OOB)
+        sock.sendall(after)
+        sock.settimeout(3.0)  # a stuck direction answers nothing
+        status, answer = read_response(sock)
+        spent = cpu_seconds(gw.proc.pid) - cpu
+    assert spent < 1.0, f"the gateway used {spent:.2f}s of CPU for 256 KiB"
+    assert (status, answer) == (200, f"one POST /up {len(body)}".encode())
+    assert hashlib.sha256(one.requests()[0]["body"]).digest() == hashlib.sha256(body).digest()
+    assert gw.connection_log(domain="a.example")["outcome"] == "ok"
