@@ -46,6 +46,8 @@ IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
 NAMES_KEPT = 16  # per strict connection, names known to route to its entry: a client sending many costs lookups only
 CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead of FIN
+# The gateway's own shortage, not the backend's: no descriptor (per process, system-wide), no buffer, no memory.
+_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 # ---------------------------------------------------------------------------
@@ -59,6 +61,7 @@ _HTTP_REASONS = {
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     502: "Bad Gateway",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
 
@@ -73,6 +76,7 @@ _HTTP_DETAILS = {
     429: "too many connections from this client",
     431: "the request head is too large",
     502: "the backend for this host cannot be reached",
+    503: "the gateway cannot take this request now; try again later",
     504: "the backend for this host did not answer in time",
 }
 _HTTP_ON_TLS_PORT = "plain HTTP was sent to the TLS port"
@@ -599,6 +603,10 @@ class Gateway:
             tried.append(address)
             try:
                 sock = self._connect_to(address, domain, timeout)
+            except sniff.LocalShortage:  # the next address would fail the same way, and neither is at fault
+                if len(tried) > 1:
+                    conn.tried = tried
+                raise
             except (sniff.BackendUnreachable, sniff.BackendTimeout) as exc:
                 if cooldown:
                     cooling[address] = time.monotonic() + cooldown
@@ -614,7 +622,8 @@ class Gateway:
         raise type(error)(f"{error.reason} (the last of {len(tried)} pool addresses tried)")
 
     def _connect_to(self, address: Address, domain: str | None, timeout: float) -> socket.socket:
-        """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not."""
+        """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not,
+        LocalShortage if the gateway itself lacks a descriptor, a buffer or memory for it."""
         try:
             if address.ip is not None:  # no resolver round-trip for IP literals
                 family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
@@ -627,13 +636,22 @@ class Gateway:
                     try:
                         return _open_connection(family, sockaddr, None)
                     except OSError as exc:
+                        if exc.errno in _SHORTAGE:
+                            raise
                         error = exc
                 raise error
         except _ConnectTimedOut:
             raise sniff.BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
         except socket.gaierror as exc:
+            if exc.errno == socket.EAI_MEMORY:
+                raise sniff.LocalShortage(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
             raise sniff.BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
+            if exc.errno in _SHORTAGE:
+                raise sniff.LocalShortage(
+                    f"connect to {address} for {domain}: {errno.errorcode[exc.errno]} ({exc.strerror}): "
+                    "the gateway's own shortage, not the backend's"
+                ) from None
             raise sniff.BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
 
     def _resolve(self, host: str, port: int) -> list:

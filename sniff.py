@@ -38,6 +38,7 @@ __all__ = [
     "HostChanged",
     "HttpOnTlsPort",
     "HttpSniffer",
+    "LocalShortage",
     "NoRoute",
     "NotTls",
     "Preamble",
@@ -146,6 +147,18 @@ class BackendTimeout(GatewayError):
     http_status = 504
     tls_alert = ALERT_INTERNAL_ERROR
     outcome = "backend_timeout"
+
+
+class LocalShortage(GatewayError):
+    """The gateway itself is short of descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+
+    Not the backend's fault: no pool address cools down for it and the next is
+    not tried (it would fail the same way); the client may try again later.
+    """
+
+    http_status = 503
+    tls_alert = ALERT_INTERNAL_ERROR
+    outcome = "local_error"
 
 
 class Forbidden(GatewayError):

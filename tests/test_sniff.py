@@ -81,6 +81,7 @@ EXAMPLE = Preamble("example.com")
         (sniff.NoRoute, 421, 112, "no_route"),
         (sniff.BackendUnreachable, 502, 80, "backend_unreachable"),
         (sniff.BackendTimeout, 504, 80, "backend_timeout"),
+        (sniff.LocalShortage, 503, 80, "local_error"),
         (sniff.NotTls, 400, None, "not_tls"),
         (sniff.HttpOnTlsPort, 400, None, "http_on_tls_port"),
     ],

@@ -21,6 +21,7 @@ import pytest
 from conftest import TIMEOUT, read_all
 from test_errors import blackhole  # noqa: F401 - a fixture
 from test_relay import cpu_seconds
+from test_traffic import fill_descriptors
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
 
@@ -583,6 +584,36 @@ def test_a_later_upgrade_whose_new_connect_is_refused_gets_502_after_the_respons
         line = gw.connection_log(outcome="backend_unreachable", domain="a.example")
         assert one.address in line["reason"] and one.address.encode() not in data
     finally:
+        one.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the gateway's descriptors in /proc")
+def test_a_later_upgrade_whose_new_connect_finds_no_descriptor_gets_503(start_gateway):
+    """The new connect of a later Upgrade is answered as a first request's: the gateway's shortage is a 503."""
+    one = RecordingBackend("one")
+    limit = 40
+    held = []
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            f'preamble_timeout = 60.0\n[http_backends]\n"a.example" = "{one.address}"\n',
+            max_fds=limit,
+        )
+        pid = gw.proc.pid
+        sock = socket.create_connection(gw.http, timeout=TIMEOUT)
+        held.append(sock)
+        sock.sendall(get("a.example", "/1"))
+        assert read_response(sock)[0] == 200
+        held += fill_descriptors(gw.http, pid, limit, 0, get("a.example", "/2"))
+        sock.sendall(get("a.example", "/close") + get("a.example", "/ws", WEBSOCKET))
+        data = read_all(sock)
+        assert [status for status, _ in responses(data)] == [200, 503], data[-200:]
+        line = gw.connection_log(outcome="local_error", domain="a.example")
+        assert "EMFILE" in line["reason"] and b"EMFILE" not in data
+        assert targets(one)[0] == ["/1", "/close"]
+    finally:
+        for other in held:
+            other.close()
         one.close()
 
 
