@@ -133,11 +133,18 @@ PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
     """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``.
 
-    A link-local IPv6 address comes with its scope (``fe80::1%eth0``): the
-    header has no place for it, and it names an interface of this host only.
+    Both are final addresses (``client_address``): an IPv4 client is TCP4 /
+    AF_INET. The header holds one family; should the two differ (an IPv4 client
+    named by a proxy that it reached over IPv6), the IPv4 one is written in its
+    IPv6 form, as HAProxy does. A link-local IPv6 address comes with its scope
+    (``fe80::1%eth0``): the header has no place for it, and it names an
+    interface of this host only.
     """
     client_ip, local_ip = client[0].partition("%")[0], local[0].partition("%")[0]
     v6 = ":" in client_ip
+    if v6 != (":" in local_ip):
+        v6 = True
+        client_ip, local_ip = (ip if ":" in ip else "::ffff:" + ip for ip in (client_ip, local_ip))
     if version == "v1":
         return f"PROXY TCP{6 if v6 else 4} {client_ip} {local_ip} {client[1]} {local[1]}\r\n".encode("ascii")
     family = socket.AF_INET6 if v6 else socket.AF_INET
@@ -329,6 +336,7 @@ class Gateway:
             self.handling.discard(greenlet)
 
     def _handle(self, client: socket.socket, address: tuple, listener: str) -> None:
+        address = client_address(address)  # the accepted address is final here, unless a trusted proxy names another
         conn = _Connection(self, listener, address)
         settings = self.config.settings
         backend_sock = None
@@ -342,6 +350,7 @@ class Gateway:
         try:
             first = sniff.NEED_MORE
             if settings.trusted_proxies and _trusted(address, settings.trusted_proxies):
+                conn.proxy = address  # logged as proxy=, whatever its header says: a too-broad list shows
                 proxied_to, rest = self._read_proxy_header(client, conn, settings)
                 if rest:
                     first = sniffer.feed(rest)
@@ -373,7 +382,7 @@ class Gateway:
             header = b""  # sent again on the new connection a later Upgrade or CONNECT gets in strict mode
             if backend.proxy_protocol:
                 try:
-                    local = client.getsockname() if proxied_to is None else proxied_to
+                    local = client_address(client.getsockname()) if proxied_to is None else proxied_to
                 except OSError:
                     raise _ClientGone("client_reset") from None
                 header = proxy_header(backend.proxy_protocol, conn.peer, local)
@@ -439,6 +448,7 @@ class Gateway:
 
         Returns the address the client connected to at the proxy (None: keep this
         connection's own) and the bytes after the header, which are the preamble's.
+        Both addresses are final (``client_address``).
         The header shares the preamble's deadline, counted from accept. Whatever
         keeps it from coming whole, a late, cut short or bad header, is refused with
         a clean close: the peer is a proxy, and no answer would mean anything to it.
@@ -454,9 +464,10 @@ class Gateway:
             if exc.outcome == "client_closed" and reader.buffer:
                 raise proxyproto.BadProxyHeader("the trusted proxy closed in the middle of a PROXY header") from None
             raise
-        if header.source is not None:
-            conn.peer = header.source
-        return header.destination, bytes(reader.buffer[header.length :])
+        if header.source is None:
+            return None, bytes(reader.buffer[header.length :])
+        conn.peer = client_address(header.source)  # final: a mapped IPv4 client is its IPv4 address from here on
+        return client_address(header.destination), bytes(reader.buffer[header.length :])
 
     def _read_preamble(
         self,
@@ -692,42 +703,51 @@ class _Pool:
         self.next = 0
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): an IPv4 address in IPv6
+
+
+def client_address(address: tuple) -> tuple:
+    """The address as the gateway uses it: an IPv4-mapped IPv6 one (``::ffff:a.b.c.d``) as ``(a.b.c.d, port)``.
+
+    A dual-stack listener sees an IPv4 client so, and a PROXY header may name
+    one so: it is the IPv4 client everywhere (logs, allow-lists, per-client
+    limits, the PROXY header sent on), so that one client gets one answer on
+    every listener. Applied once where the client address becomes final (after
+    accept, after a trusted PROXY header), not in each of those. Any other
+    address is returned as it is.
+    """
+    host = address[0]
+    if host.startswith("::ffff:"):  # every mapped address's text begins so (inet_ntop, ipaddress)
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        if packed[:12] == _V4_MAPPED:
+            return socket.inet_ntop(socket.AF_INET, packed[12:]), address[1]
+    return address
+
+
 def client_key(host: str) -> str:
     """The client as the per-client limit counts it: an IPv4 address, or an IPv6 address's /64.
 
-    A dual-stack listener sees an IPv4 client as ``::ffff:a.b.c.d``; another
-    listener on an IPv4 address sees it as ``a.b.c.d``: one client, one count.
-    An IPv6 host is usually given a whole /64 (RFC 7421) and may take any address
-    in it for each connection, so the /64 is what one client holds.
+    ``host`` is final (``client_address``): an IPv4 client has one key on every
+    listener. An IPv6 host is usually given a whole /64 (RFC 7421) and may take
+    any address in it for each connection, so the /64 is what one client holds.
     """
     if ":" not in host:
         return host
     packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # a link-local scope is not part of it
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
-
-
-_V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2): an IPv4 address in IPv6
 
 
 def allowed(host: str, masks: tuple[tuple[int, int, int], ...]) -> bool:
     """Is the client at ``host`` in one of the networks (``Backend.allow_masks``)?
 
-    An IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) matches
-    IPv4 networks too; a link-local address's scope is not part of it.
+    ``host`` is final (``client_address``): an IPv4 client matches IPv4 networks
+    only, ``::/0`` none of them. A link-local address's scope is not part of it.
     """
     if ":" in host:
-        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-        v6: int | None = int.from_bytes(packed, "big")
-        v4 = int.from_bytes(packed[12:], "big") if packed[:12] == _V4_MAPPED else None
+        version, number = 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, host.partition("%")[0]), "big")
     else:
-        v4, v6 = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big"), None
-    for version, network, mask in masks:
-        number = v4 if version == 4 else v6
-        if number is not None and number & mask == network:
-            return True
-    return False
+        version, number = 4, int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+    return any(net_version == version and number & mask == network for net_version, network, mask in masks)
 
 
 class _SameEntry:
@@ -849,6 +869,7 @@ class _Connection:
         "id",
         "listener",
         "peer",
+        "proxy",
         "reason",
         "relay",
         "result",
@@ -861,6 +882,7 @@ class _Connection:
         self.id = gateway._id_prefix + str(next(gateway._ids))
         self.listener = listener
         self.peer = address  # the client: a trusted proxy's PROXY header replaces it, for all that follows
+        self.proxy: tuple | None = None  # the trusted proxy's own address, when the connection came from one
         self.started = time.monotonic()
         self.domain: str | None = None
         self.backend: Backend | None = None
@@ -888,10 +910,10 @@ class _Connection:
             gateway._release(self.counted)
         if gateway.metrics is not None:
             gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
-        fields = {
-            "id": self.id,
-            "listener": self.listener,
-            "client": format_address(self.peer),
+        fields = {"id": self.id, "listener": self.listener, "client": format_address(self.peer)}
+        if self.proxy is not None:
+            fields["proxy"] = format_address(self.proxy)
+        fields |= {
             "domain": self.domain,
             "backend": str(self.address) if self.address else None,
             "outcome": result.outcome,
@@ -913,10 +935,8 @@ class _Connection:
 
 
 def _trusted(address: tuple, networks: tuple) -> bool:
-    """Is the peer in a ``trusted_proxies`` network? An IPv4-mapped IPv6 peer counts as its IPv4 address."""
+    """Is the peer (a final address, ``client_address``) in a ``trusted_proxies`` network?"""
     ip = ipaddress.ip_address(address[0])  # "fe80::1%eth0" too: the scope is kept and ignored by `in`
-    if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack listener inherited by socket activation
-        ip = ip.ipv4_mapped
     return any(ip in network for network in networks)
 
 

@@ -5,7 +5,6 @@ Clients bind 127.0.0.1 or 127.0.0.2 before they connect, to be two client addres
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import ssl
@@ -282,7 +281,12 @@ def test_out_of_descriptors_is_a_local_error_and_cools_no_pool_address_down(star
         ("11.1.2.3", ["10.0.0.0/8"], False),
         ("::ffff:10.1.2.3", ["10.0.0.0/8"], True),  # an IPv4 client of a dual-stack listener
         ("::ffff:11.1.2.3", ["10.0.0.0/8"], False),
-        ("::ffff:10.1.2.3", ["::ffff:0:0/96"], True),
+        ("::ffff:10.1.2.3", ["::ffff:0:0/96"], True),  # a mapped network is its IPv4 network: 0.0.0.0/0
+        ("::ffff:10.1.2.3", ["::ffff:10.0.0.0/104"], True),
+        ("10.1.2.3", ["::ffff:10.0.0.0/104"], True),
+        ("11.1.2.3", ["::ffff:10.0.0.0/104"], False),
+        ("10.1.2.3", ["::/0"], False),  # an IPv4 client matches IPv4 networks only, on any listener
+        ("::ffff:10.1.2.3", ["::/0"], False),
         ("2001:db8::1", ["10.0.0.0/8", "2001:db8::/32"], True),
         ("2001:db9::1", ["10.0.0.0/8", "2001:db8::/32"], False),
         ("fe80::1%eth0", ["fe80::/10"], True),  # a link-local client's scope is not part of its address
@@ -290,12 +294,41 @@ def test_out_of_descriptors_is_a_local_error_and_cools_no_pool_address_down(star
     ],
 )
 def test_allowed(client, networks, expected):
-    masks = kiaconfig.network_masks(tuple(ipaddress.ip_network(n) for n in networks))
-    assert kiagateway.allowed(client, masks) is expected
+    """The path of a connection: the config's networks, the client address made final, then the match."""
+    allow = kiaconfig.validate({"http_backends": {"a.test": {"address": "127.0.0.1:1", "allow": networks}}})
+    masks = allow.http_routes.lookup("a.test").allow_masks
+    assert kiagateway.allowed(kiagateway.client_address((client, 1))[0], masks) is expected
+
+
+def test_mapped_networks_are_their_ipv4_networks_in_the_config():
+    cfg = kiaconfig.validate(
+        {
+            "gateway": {"trusted_proxies": ["::ffff:10.0.0.0/104", "::ffff:192.0.2.1", "::fffe:0:0/95", "::/0"]},
+            "http_backends": {"a.test": {"address": "127.0.0.1:1", "allow": ["::ffff:0:0/96", "2001:db8::/32"]}},
+        }
+    )
+    assert [str(n) for n in cfg.settings.trusted_proxies] == ["10.0.0.0/8", "192.0.2.1/32", "::fffe:0:0/95", "::/0"]
+    assert [str(n) for n in cfg.http_routes.lookup("a.test").allow] == ["0.0.0.0/0", "2001:db8::/32"]
+
+
+@pytest.mark.parametrize(
+    ("address", "final"),
+    [
+        (("::ffff:192.0.2.1", 5, 0, 0), ("192.0.2.1", 5)),  # a dual-stack socket's IPv4 peer
+        (("::ffff:c000:201", 5), ("192.0.2.1", 5)),  # as ipaddress writes it (a PROXY v2 header)
+        (("192.0.2.1", 5), ("192.0.2.1", 5)),
+        (("::ffff:1:2:3", 5, 0, 0), ("::ffff:1:2:3", 5, 0, 0)),  # ffff in the wrong place: not mapped
+        (("2001:db8::1", 5, 0, 0), ("2001:db8::1", 5, 0, 0)),
+        (("fe80::1%eth0", 5, 0, 2), ("fe80::1%eth0", 5, 0, 2)),
+    ],
+)
+def test_client_address_makes_a_mapped_address_its_ipv4_address(address, final):
+    assert kiagateway.client_address(address) == final
 
 
 def test_client_key_counts_an_ipv4_client_once_on_any_listener():
-    assert kiagateway.client_key("::ffff:192.0.2.1") == kiagateway.client_key("192.0.2.1") == "192.0.2.1"
+    final = kiagateway.client_address(("::ffff:192.0.2.1", 1, 0, 0))[0]
+    assert kiagateway.client_key(final) == kiagateway.client_key("192.0.2.1") == "192.0.2.1"
     assert kiagateway.client_key("::ffff:1") == "::/64"  # not a mapped IPv4 address
 
 
@@ -354,6 +387,44 @@ def test_allow_list_over_ipv6(start_gateway, backends):
     assert served_by(get(gw.http, "six.example", source="::1")) == "alpha"
     assert status_of(get(gw.http, "doc.example", source="::1")) == 403
     assert gw.connection_log(outcome="forbidden")["client"].startswith("[::1]:")
+
+
+def test_a_dual_stack_listeners_ipv4_client_gets_the_ipv4_listeners_answers(start_gateway, backends):
+    """One IPv4 client, one answer: on a dual-stack socket (IPV6_V6ONLY off, handed over by socket activation,
+    bound to ::ffff:127.0.0.1 to stay on loopback) it is 127.0.0.1 as on an IPv4 listener, for the log, the
+    allow-lists (::/0 admits it on neither, ::ffff:127.0.0.0/104 on both) and the PROXY header sent on."""
+    from conftest import gateway_command
+    from test_kiaupgrade import FirstClient, activator
+    from test_proxy_input import Recorder
+
+    recorder = Recorder()
+    ports = [free_closed_port(), free_closed_port()]
+    command = [activator(), f"--listen=[::ffff:127.0.0.1]:{ports[0]}", f"--listen=127.0.0.1:{ports[1]}"]
+    first = FirstClient(("127.0.0.1", ports[0]))  # socket activation starts the gateway at the first connect
+    try:
+        gw = start_gateway(
+            f'[http_backends]\n"ten.example" = {{ address = "{recorder.address}", proxy_protocol = "v1", '
+            'allow = ["::ffff:127.0.0.0/104"] }\n'
+            f'"v6.example" = {{ address = "{backends["alpha"].address}", allow = ["::/0"] }}\n',
+            command=[*command, "--fdname=http:http", *gateway_command()],
+        )
+        first.thread.join(TIMEOUT)
+        for port in ports:
+            with connect_from(ONE, ("127.0.0.1", port)) as sock:
+                client = sock.getsockname()
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: ten.example\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert read_all(sock) == b""
+            header = f"PROXY TCP4 127.0.0.1 127.0.0.1 {client[1]} {port}\r\n".encode()
+            assert recorder.next() == header + b"GET / HTTP/1.1\r\nHost: ten.example\r\n\r\n"
+            line = gw.connection_log(client=f"127.0.0.1:{client[1]}")
+            assert line["outcome"] == "ok" and "proxy" not in line, line
+            assert status_of(get(("127.0.0.1", port), "v6.example")) == 403
+        forbidden = connection_lines(gw, 2, outcome="forbidden")
+        assert all(line["client"].startswith("127.0.0.1:") for line in forbidden), forbidden
+    finally:
+        first.thread.join(TIMEOUT)
+        recorder.close()
 
 
 # ---------------------------------------------------------------------------
