@@ -2,9 +2,11 @@
 
 Its own module because it is the one part of the data path that keeps state
 across connections (where each pool's turn is, which addresses failed
-lately, which lookups are in flight), and the one that says why a connect
-failed (``BackendUnreachable``, ``BackendTimeout``). It never logs: the
-caller's log line names the addresses tried.
+lately, which lookups are in flight), and the one that decides whose fault a
+failed connect is: the backend's (``BackendUnreachable``, ``BackendTimeout``,
+and a pool address cools down) or the gateway's own shortage of descriptors,
+buffers or memory (``LocalShortage``: no cooldown, no next address). It never
+logs: the caller's log line names the addresses tried.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import gevent.event
 import gevent.socket
 
 from kiaconfig import Address, Backend
-from kiaerrors import BackendTimeout, BackendUnreachable
+from kiaerrors import BackendTimeout, BackendUnreachable, LocalShortage
 from kiasocket import WRITE, TimedOut, wait
 
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # non-blocking from birth: one syscall fewer where supported
+# The gateway's own shortage, not the backend's: no descriptor (per process, system-wide), no buffer, no memory.
+_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 class Backends:
@@ -57,7 +61,9 @@ class Backends:
         The order starts one further round the pool at each connection
         (round-robin, per route entry and worker); addresses that failed within
         ``backend_cooldown`` go last, so they are tried only when every other has
-        failed too. All failed: the last attempt's error is the answer.
+        failed too. All failed: the last attempt's error is the answer. The
+        gateway's own shortage ends the attempts at once: the next address would
+        fail the same way, and neither is at fault.
         """
         pool = self._pools.get(id(backend))
         if pool is None or pool.backend is not backend:  # a new entry, or a dead one's id reused
@@ -88,7 +94,8 @@ class Backends:
         raise type(error)(f"{error.reason} (the last of {len(order)} pool addresses tried)")
 
     def _connect_to(self, address: Address, domain: str | None, timeout: float) -> socket.socket:
-        """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not."""
+        """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not,
+        LocalShortage if the gateway itself lacks a descriptor, a buffer or memory for it."""
         try:
             if address.ip is not None:  # no resolver round-trip for IP literals
                 family = socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET
@@ -101,13 +108,22 @@ class Backends:
                     try:
                         return open_connection(family, sockaddr, None)
                     except OSError as exc:
+                        if exc.errno in _SHORTAGE:
+                            raise
                         error = exc
                 raise error
         except TimedOut:
             raise BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
         except socket.gaierror as exc:
+            if exc.errno == socket.EAI_MEMORY:
+                raise LocalShortage(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
             raise BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
+            if exc.errno in _SHORTAGE:
+                raise LocalShortage(
+                    f"connect to {address} for {domain}: {errno.errorcode[exc.errno]} ({exc.strerror}): "
+                    "the gateway's own shortage, not the backend's"
+                ) from None
             raise BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
 
     def _resolve(self, host: str, port: int) -> list:

@@ -1,10 +1,11 @@
 """Client policy: whose PROXY header is believed, who may use a route, how many connections a client may hold.
 
 Its own module because these rules judge the client, not the bytes it sends
-or the backend it reaches, and they share one way of reading an address: an
-IPv4-mapped IPv6 address (a dual-stack socket's IPv4 client) is its IPv4
-address, and a link-local address's scope is not part of it. Both network
-lists (``trusted_proxies`` and the routes' ``allow``) are matched by
+or the backend it reaches, and they share one way of reading an address
+(``client_address``): an IPv4-mapped IPv6 address (a dual-stack socket's IPv4
+client, or one a PROXY header names so) is its IPv4 address everywhere, and a
+link-local address's scope is not part of it. Both network lists
+(``trusted_proxies`` and the routes' ``allow``) are matched by
 ``in_networks``. It never logs and opens no socket.
 """
 
@@ -20,38 +21,47 @@ _V4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 section 2.5.5.2)
 Masks = tuple[tuple[int, int, int], ...]  # (IP version, network, netmask) as integers: kiaconfig.network_masks
 
 
-def in_networks(host: str, masks: Masks) -> bool:
-    """Is the address ``host`` in one of the networks?
+def client_address(address: tuple) -> tuple:
+    """The address as the gateway uses it: an IPv4-mapped IPv6 one (``::ffff:a.b.c.d``) as ``(a.b.c.d, port)``.
 
-    An IPv4-mapped IPv6 address matches IPv4 networks too; a link-local
-    address's scope (``fe80::1%eth0``) is not part of it.
+    A dual-stack listener sees an IPv4 client so, and a PROXY header may name
+    one so: it is the IPv4 client everywhere (logs, allow-lists, per-client
+    limits, the PROXY header sent on), so that one client gets one answer on
+    every listener. Applied once where the client address becomes final (after
+    accept, after a trusted PROXY header), not in each of those. Any other
+    address is returned as it is.
+    """
+    host = address[0]
+    if host.startswith("::ffff:"):  # every mapped address's text begins so (inet_ntop, ipaddress)
+        packed = socket.inet_pton(socket.AF_INET6, host)
+        if packed[:12] == _V4_MAPPED:
+            return socket.inet_ntop(socket.AF_INET, packed[12:]), address[1]
+    return address
+
+
+def in_networks(host: str, masks: Masks) -> bool:
+    """Is the address ``host`` (final: ``client_address``) in one of the networks?
+
+    An IPv4 client matches IPv4 networks only, ``::/0`` none of them. A
+    link-local address's scope (``fe80::1%eth0``) is not part of it.
     """
     if ":" in host:
-        packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
-        v6: int | None = int.from_bytes(packed, "big")
-        v4 = int.from_bytes(packed[12:], "big") if packed[:12] == _V4_MAPPED else None
+        version, number = 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, host.partition("%")[0]), "big")
     else:
-        v4, v6 = int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big"), None
-    for version, network, mask in masks:
-        number = v4 if version == 4 else v6
-        if number is not None and number & mask == network:
-            return True
-    return False
+        version, number = 4, int.from_bytes(socket.inet_pton(socket.AF_INET, host), "big")
+    return any(net_version == version and number & mask == network for net_version, network, mask in masks)
 
 
 def client_key(host: str) -> str:
     """The client as the per-client limit counts it: an IPv4 address, or an IPv6 address's /64.
 
-    A dual-stack listener sees an IPv4 client as ``::ffff:a.b.c.d``; another
-    listener on an IPv4 address sees it as ``a.b.c.d``: one client, one count.
-    An IPv6 host is usually given a whole /64 (RFC 7421) and may take any address
-    in it for each connection, so the /64 is what one client holds.
+    ``host`` is final (``client_address``): an IPv4 client has one key on every
+    listener. An IPv6 host is usually given a whole /64 (RFC 7421) and may take
+    any address in it for each connection, so the /64 is what one client holds.
     """
     if ":" not in host:
         return host
     packed = socket.inet_pton(socket.AF_INET6, host.partition("%")[0])  # a link-local scope is not part of it
-    if packed[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, packed[12:])
     return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 

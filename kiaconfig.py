@@ -74,6 +74,17 @@ class Backend:
         return ", ".join(map(str, self.addresses))
 
 
+def _unmapped(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IPv4-mapped network (``::ffff:10.0.0.0/104``) as the IPv4 network it means (``10.0.0.0/8``).
+
+    The gateway sees an IPv4 client as its IPv4 address on every listener, so a
+    client network is matched in its IPv4 form.
+    """
+    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
+        return ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+    return network
+
+
 def network_masks(
     networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
 ) -> tuple[tuple[int, int, int], ...]:
@@ -437,7 +448,7 @@ def _allow(value: Any, where: str, errors: list[str]) -> tuple[ipaddress.IPv4Net
             errors.append(f'{where}[{index}]: expected a string like "10.0.0.0/8", got {type(item).__name__}')
             continue
         try:
-            networks.append(ipaddress.ip_network(item))
+            networks.append(_unmapped(ipaddress.ip_network(item)))
         except ValueError as exc:
             hint = ""
             if "host bits set" in str(exc):
@@ -532,7 +543,7 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
         if not isinstance(item, str):
             raise ValueError(f'must be a list of networks like "10.0.0.0/8", and {item!r} is no string')
         try:
-            networks.append(ipaddress.ip_network(item))
+            networks.append(_unmapped(ipaddress.ip_network(item)))
         except ValueError:
             try:
                 hint = f" (did you mean {str(ipaddress.ip_network(item, strict=False))!r}?)"

@@ -24,6 +24,7 @@ __all__ = [
     "HeadTooLarge",
     "HostChanged",
     "HttpOnTlsPort",
+    "LocalShortage",
     "NoRoute",
     "NotTls",
     "PreambleTimeout",
@@ -115,6 +116,18 @@ class BackendTimeout(GatewayError):
     outcome = "backend_timeout"
 
 
+class LocalShortage(GatewayError):
+    """The gateway itself is short of descriptors, buffers or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+
+    Not the backend's fault: no pool address cools down for it and the next is
+    not tried (it would fail the same way); the client may try again later.
+    """
+
+    http_status = 503
+    tls_alert = ALERT_INTERNAL_ERROR
+    outcome = "local_error"
+
+
 class Forbidden(GatewayError):
     """The route's allow-list leaves the client out: refused before any backend connect."""
 
@@ -184,7 +197,7 @@ _HTTP_DETAILS = {
     429: "too many connections from this client",
     431: "the request head is too large",
     502: "the backend for this host cannot be reached",
-    503: "the gateway cannot take this request now; try again shortly",
+    503: "the gateway cannot take this request now; try again later",
     504: "the backend for this host did not answer in time",
 }
 

@@ -30,7 +30,7 @@ import proxyproto
 import relay
 import sniff
 from kiabackends import Backends
-from kiaclients import Clients, in_networks
+from kiaclients import Clients, client_address, in_networks
 from kiaconfig import Address, Backend, Config
 from kiaerrors import GatewayError
 from kialog import Log, format_address
@@ -253,6 +253,7 @@ class Connection:
         "listener",
         "peer",
         "proxied_to",
+        "proxy",
         "reason",
         "relay",
         "result",
@@ -268,7 +269,8 @@ class Connection:
         self.id = gateway.next_id()
         self.client = client
         self.listener = listener
-        self.peer = address  # the client: a trusted proxy's PROXY header replaces it, for all that follows
+        self.peer = client_address(address)  # the client: a trusted proxy's PROXY header replaces it
+        self.proxy: tuple | None = None  # the trusted proxy's own address, when the connection came from one
         self.proxied_to: tuple | None = None  # where a trusted proxy's client connected to, from its PROXY header
         self.started = time.monotonic()
         if listener == "http":  # in strict mode the sniffer also collects the first request's framing
@@ -370,6 +372,7 @@ class Connection:
         refused with a clean close: the peer is a proxy, and no answer would mean
         anything to it.
         """
+        self.proxy = self.peer  # logged as proxy=, whatever its header says: a too-broad list shows
         reader = proxyproto.ProxyHeaderReader(self.settings.max_preamble)
         try:
             header = self.read(reader, sniff.NEED_MORE)
@@ -381,9 +384,9 @@ class Connection:
             if exc.outcome == "client_closed" and reader.buffer:
                 raise proxyproto.BadProxyHeader("the trusted proxy closed in the middle of a PROXY header") from None
             raise
-        if header.source is not None:
-            self.peer = header.source
-        self.proxied_to = header.destination
+        if header.source is not None:  # final: a mapped IPv4 client is its IPv4 address from here on
+            self.peer = client_address(header.source)
+            self.proxied_to = client_address(header.destination)
         rest = bytes(reader.buffer[header.length :])
         return self.sniffer.feed(rest) if rest else sniff.NEED_MORE
 
@@ -414,7 +417,7 @@ class Connection:
         sock = self.gateway.backends.connect(self.backend, self.domain, self.settings.connect_timeout, self.tried)
         if self.backend.proxy_protocol:
             try:
-                local = self.client.getsockname() if self.proxied_to is None else self.proxied_to
+                local = client_address(self.client.getsockname()) if self.proxied_to is None else self.proxied_to
             except OSError:
                 sock.close()
                 raise _ClientGone("client_reset") from None
@@ -526,10 +529,10 @@ class Connection:
             gateway.clients.release(self.counted)
         if gateway.metrics is not None:
             gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
-        fields = {
-            "id": self.id,
-            "listener": self.listener,
-            "client": format_address(self.peer),
+        fields = {"id": self.id, "listener": self.listener, "client": format_address(self.peer)}
+        if self.proxy is not None:
+            fields["proxy"] = format_address(self.proxy)
+        fields |= {
             "domain": self.domain,
             "backend": str(self.tried[-1]) if self.tried else None,
             "outcome": result.outcome,

@@ -118,7 +118,8 @@ class Log:
         else:
             line = (
                 f"{self._time()} info connection id={f['id']} listener={f['listener']} client={f['client']}"
-                f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
+                + (f" proxy={f['proxy']}" if "proxy" in f else "")  # the trusted proxy the connection came from
+                + f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
                 f" bytes_up={f['bytes_up']} bytes_down={f['bytes_down']} duration_ms={f['duration_ms']}"
             )
             if "tried" in f:  # a pool's addresses, when more than one was tried

@@ -211,11 +211,18 @@ def read_proxy_header(data: bytes, max_header: int = MAX_PREAMBLE) -> ProxyResul
 def proxy_header(version: str, client: tuple, local: tuple) -> bytes:
     """PROXY v1 or v2 header for a TCP connection from ``client`` to ``local``.
 
-    A link-local IPv6 address comes with its scope (``fe80::1%eth0``): the
-    header has no place for it, and it names an interface of this host only.
+    Both are final addresses (kiaclients.client_address): an IPv4 client is
+    TCP4 / AF_INET. The header holds one family; should the two differ (an IPv4
+    client named by a proxy that it reached over IPv6), the IPv4 one is written
+    in its IPv6 form, as HAProxy does. A link-local IPv6 address comes with its
+    scope (``fe80::1%eth0``): the header has no place for it, and it names an
+    interface of this host only.
     """
     client_ip, local_ip = client[0].partition("%")[0], local[0].partition("%")[0]
     v6 = ":" in client_ip
+    if v6 != (":" in local_ip):
+        v6 = True
+        client_ip, local_ip = (ip if ":" in ip else "::ffff:" + ip for ip in (client_ip, local_ip))
     if version == "v1":
         return f"PROXY TCP{6 if v6 else 4} {client_ip} {local_ip} {client[1]} {local[1]}\r\n".encode("ascii")
     family = socket.AF_INET6 if v6 else socket.AF_INET

@@ -507,6 +507,24 @@ def test_a_pools_tried_addresses_are_in_both_formats():
     assert json.loads(line)["tried"] == ["127.0.0.1:6", "127.0.0.1:7"]
 
 
+def test_a_trusted_proxys_address_is_in_both_formats_after_the_client():
+    proxied = {"id": 1, "listener": "http", "client": "10.1.1.1:4000", "proxy": "127.0.0.1:5555", **CONNECTION}
+    proxied["client"] = "10.1.1.1:4000"
+    r, w = os.pipe()
+    reader = Reader(r)
+    for fmt in ("text", "json"):
+        log = Log(fmt, fd=w)
+        log.connection(proxied)
+        log.connection(CONNECTION)  # not from a trusted proxy: no such field
+        log.close()
+    text, plain, line, plain_line = reader.finish(w)
+    os.close(r)
+    assert " client=10.1.1.1:4000 proxy=127.0.0.1:5555 domain=a.example " in text
+    assert "proxy" not in plain
+    assert list(json.loads(line))[3:7] == ["id", "listener", "client", "proxy"]
+    assert json.loads(line)["proxy"] == "127.0.0.1:5555" and "proxy" not in json.loads(plain_line)
+
+
 class Lines:
     """Reads an fd (a pipe's read end, a pty's master) in a thread, line by line, until EOF or ``close``."""
 

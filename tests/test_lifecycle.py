@@ -107,14 +107,15 @@ def test_out_of_descriptors_is_survived_without_a_traceback(start_gateway, backe
                 answers.append(sock.recv(65536))
             except (socket.timeout, ConnectionResetError):
                 answers.append(b"")
-        # Each got its answer, a 502 (the cause in the log only), or (not accepted yet) nothing; never a traceback.
-        assert all(a.startswith((b"HTTP/1.1 200", b"HTTP/1.1 502")) or not a for a in answers), answers
+        # Each got its answer, a 503 (the gateway's own shortage; the cause in the log only), or (not accepted
+        # yet) nothing; never a traceback.
+        assert all(a.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")) or not a for a in answers), answers
         assert not any(b"Too many open files" in a for a in answers)
-        assert any(a.startswith(b"HTTP/1.1 502") for a in answers) or any(
+        assert any(a.startswith(b"HTTP/1.1 503") for a in answers) or any(
             line.get("message") == "accept failed, pausing this listener" for line in gw.seen
         )
-        if any(a.startswith(b"HTTP/1.1 502") for a in answers):
-            assert "Too many open files" in gw.connection_log(outcome="backend_unreachable")["reason"]
+        if any(a.startswith(b"HTTP/1.1 503") for a in answers):
+            assert "Too many open files" in gw.connection_log(outcome="local_error")["reason"]
     finally:
         for sock in held:
             sock.close()

@@ -141,11 +141,13 @@ def test_header_source_is_the_client_for_log_and_backend(gw, recorder, listener,
         (("2001:db8::7", next(_ports)), ("2001:db8::1", 8443)),
     ):
         sock = connect_from(TRUSTED, getattr(gw, listener))
+        proxy = sock.getsockname()
         assert send_and_finish(sock, header(version, source, destination) + PREAMBLES[listener]) == b""
         # The backend's header names the original client and where it connected to at the proxy.
         assert recorder.next() == header("v2", source, destination) + PREAMBLES[listener]
         line = gw.connection_log(client=client_field(source))
         assert (line["outcome"], line["listener"], line["domain"]) == ("ok", listener, "raw.example")
+        assert line["proxy"] == client_field(proxy)  # the proxy that named the client
         assert line["bytes_up"] == len(PREAMBLES[listener])  # the incoming header is not the client's
 
 
@@ -251,7 +253,92 @@ def test_untrusted_peer_without_header_is_served_as_before(gw, recorder):
     client = sock.getsockname()
     assert send_and_finish(sock, REQUEST) == b""
     assert recorder.next() == header("v2", client, gw.http) + REQUEST
-    assert gw.connection_log(client=client_field(client))["outcome"] == "ok"
+    line = gw.connection_log(client=client_field(client))
+    assert line["outcome"] == "ok" and "proxy" not in line
+
+
+# --------------------------------------------------------------------------
+# An IPv4-mapped client is its IPv4 address everywhere
+
+MAPPED, PLAIN = "::ffff:10.1.1.1", "10.1.1.1"  # one client, in the form an IPv6 header or socket gives it
+
+
+def proxy_to(listener: tuple[str, int]) -> socket.socket:
+    """A connection from the listener's own loopback address (trusted), of its family."""
+    family = socket.AF_INET6 if ":" in listener[0] else socket.AF_INET
+    sock = socket.socket(family)
+    sock.settimeout(TIMEOUT)
+    sock.bind((listener[0], 0))
+    sock.connect(listener)
+    return sock
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_mapped_client_named_by_a_proxy_is_its_ipv4_address_on_every_listener(start_gateway, backends, version):
+    """``::ffff:10.1.1.1`` from a trusted proxy, on an IPv4 and an IPv6 listener alike: logged as 10.1.1.1 with
+    the proxy, admitted by 10.0.0.0/8 and refused by ::/0, counted as 10.1.1.1, passed on as TCP4 / AF_INET."""
+    recorder = Recorder()
+    try:
+        gw = start_gateway(f"""
+[gateway]
+http_listen = ["127.0.0.1:0", "[::1]:0"]
+https_listen = []
+trusted_proxies = ["127.0.0.1/32", "::1/128"]
+max_connections_per_client = 1
+
+[http_backends]
+"ten.example" = {{ address = "{recorder.address}", proxy_protocol = "{version}", allow = ["10.0.0.0/8"] }}
+"who.example" = {{ address = "{backends["alpha"].address}", allow = ["10.0.0.0/8"] }}
+"v6.example" = {{ address = "{backends["alpha"].address}", allow = ["::/0"] }}
+""")
+        to = ("::ffff:10.0.0.1", 8080)  # where the client connected at the proxy, mapped too
+        for listener in gw.listening["http"]:
+            port = next(_ports)
+            sock = proxy_to(listener)
+            proxy = client_field(sock.getsockname())
+            request = REQUEST.replace(b"raw.example", b"ten.example")
+            assert send_and_finish(sock, header(version, (MAPPED, port), to) + request) == b""
+            sent = recorder.next()
+            if version == "v1":
+                assert sent == f"PROXY TCP4 {PLAIN} 10.0.0.1 {port} 8080\r\n".encode() + request
+            else:  # TCP over IPv4 (0x11), 12 bytes of addresses and ports
+                fields = struct.pack("!BBH", 0x21, 0x11, 12) + socket.inet_aton(PLAIN) + socket.inet_aton("10.0.0.1")
+                assert sent == SIG + fields + struct.pack("!HH", port, 8080) + request
+            line = gw.connection_log(client=f"{PLAIN}:{port}")
+            assert (line["outcome"], line["proxy"]) == ("ok", proxy)
+
+            port = next(_ports)
+            sock = proxy_to(listener)
+            request = REQUEST.replace(b"raw.example", b"v6.example")
+            assert send_and_finish(sock, header(version, (MAPPED, port), to) + request).startswith(b"HTTP/1.1 403 ")
+            assert gw.connection_log(client=f"{PLAIN}:{port}")["outcome"] == "forbidden"
+
+        # One count for the client in either form, on either listener.
+        held = proxy_to(gw.listening["http"][0])
+        held.sendall(header(version, (MAPPED, next(_ports)), to) + b"GET /whoami HTTP/1.1\r\nHost: who.example\r\n\r\n")
+        assert held.recv(65536).startswith(b"HTTP/1.1 200 ")  # relayed: counted
+        with held:
+            for listener, claimed in zip(gw.listening["http"], (PLAIN, MAPPED)):
+                port = next(_ports)
+                sock = proxy_to(listener)
+                plain_to = ("10.0.0.1", 8080) if claimed == PLAIN else to
+                request = REQUEST.replace(b"raw.example", b"who.example")
+                assert send_and_finish(sock, header(version, (claimed, port), plain_to) + request).startswith(
+                    b"HTTP/1.1 429 "
+                )
+                line = gw.connection_log(client=f"{PLAIN}:{port}")
+                assert line["outcome"] == "client_limit" and PLAIN in line["reason"]
+    finally:
+        recorder.close()
+
+
+def test_a_header_sent_on_for_an_ipv4_client_and_an_ipv6_destination_is_tcp6_as_haproxy_writes_it():
+    """One family per header: an IPv4 client named by a proxy it reached over IPv6 goes in its IPv6 form."""
+    v1 = proxyproto.proxy_header("v1", ("10.1.1.1", 5), ("2001:db8::1", 80))
+    assert v1 == b"PROXY TCP6 ::ffff:10.1.1.1 2001:db8::1 5 80\r\n"
+    v2 = proxyproto.proxy_header("v2", ("10.1.1.1", 5), ("2001:db8::1", 80))
+    addresses = socket.inet_pton(socket.AF_INET6, "::ffff:10.1.1.1") + socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    assert v2 == SIG + struct.pack("!BBH", 0x21, 0x21, 36) + addresses + struct.pack("!HH", 5, 80)
 
 
 # --------------------------------------------------------------------------

@@ -82,6 +82,7 @@ EXAMPLE = Preamble("example.com")
         (kiaerrors.NoRoute, 421, 112, "no_route"),
         (kiaerrors.BackendUnreachable, 502, 80, "backend_unreachable"),
         (kiaerrors.BackendTimeout, 504, 80, "backend_timeout"),
+        (kiaerrors.LocalShortage, 503, 80, "local_error"),
         (kiaerrors.NotTls, 400, None, "not_tls"),
         (kiaerrors.HttpOnTlsPort, 400, None, "http_on_tls_port"),
     ],

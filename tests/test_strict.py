@@ -8,6 +8,8 @@ pipelines, however it splits its bytes, whatever its bodies look like.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -20,6 +22,8 @@ import time
 import pytest
 from conftest import TIMEOUT, gateway_command, read_all
 from test_errors import blackhole  # noqa: F401 - a fixture
+from test_relay import cpu_seconds
+from test_traffic import fill_descriptors
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits
 
@@ -352,6 +356,48 @@ def test_large_upload_passes_and_the_next_head_is_still_checked(strict, mode):
     assert line["bytes_up"] == len(post("a.example", body) + get("a.example", "/next"))
 
 
+def test_a_large_upload_with_no_pipe_free_is_copied(strict):
+    """No pipe to be had (KIAGATEWAY_MAX_PIPES=0: the pool's cap, or a container's pipe quota): the body is copied.
+
+    A 1 MiB POST from curl, and one from http.client followed by another request on
+    the same keep-alive connection: each body reaches the backend intact, each client
+    its answer, each connection logs ok, and the gateway prints no traceback.
+    """
+    gw, one, _ = strict(env={"KIAGATEWAY_MAX_PIPES": "0"})
+    bodies = [os.urandom(1 << 20), os.urandom(1 << 20)]
+    url = f"http://{gw.http[0]}:{gw.http[1]}/curl"
+    command = ["curl", "-sS", "--max-time", str(TIMEOUT), "-H", "Host: a.example", "-H", "Expect:"]
+    curl = subprocess.run(
+        [*command, "--data-binary", "@-", url],
+        input=bodies[0],
+        capture_output=True,
+        timeout=TIMEOUT * 2,
+    )
+    assert curl.returncode == 0, curl.stderr
+    assert curl.stdout == f"one POST /curl {len(bodies[0])}".encode()
+    client = http.client.HTTPConnection(*gw.http, timeout=TIMEOUT)
+    try:
+        client.request("POST", "/kept", body=bodies[1], headers={"Host": "a.example"})
+        answer = client.getresponse()
+        assert (answer.status, answer.read()) == (200, f"one POST /kept {len(bodies[1])}".encode())
+        client.request("GET", "/next", headers={"Host": "a.example"})
+        answer = client.getresponse()
+        assert (answer.status, answer.read()) == (200, b"one GET /next 0")
+    finally:
+        client.close()
+    received = [(r["target"], hashlib.sha256(r["body"]).hexdigest()) for r in one.requests()]
+    assert received == [
+        ("/curl", hashlib.sha256(bodies[0]).hexdigest()),
+        ("/kept", hashlib.sha256(bodies[1]).hexdigest()),
+        ("/next", hashlib.sha256(b"").hexdigest()),
+    ]
+    assert gw.stop() == 0
+    lines = [line for line in gw.seen if line.get("message") == "connection"]
+    assert [line["outcome"] for line in lines] == ["ok", "ok"]
+    assert all(line["bytes_up"] > len(bodies[0]) for line in lines), lines
+    assert not [line for line in gw.seen if line.get("message") == "NOT JSON" or line.get("outcome") == "error"]
+
+
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
     head = read_head(sock)
     length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
@@ -540,6 +586,36 @@ def test_a_later_upgrade_whose_new_connect_is_refused_gets_502_after_the_respons
         line = gw.connection_log(outcome="backend_unreachable", domain="a.example")
         assert one.address in line["reason"] and one.address.encode() not in data
     finally:
+        one.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the gateway's descriptors in /proc")
+def test_a_later_upgrade_whose_new_connect_finds_no_descriptor_gets_503(start_gateway):
+    """The new connect of a later Upgrade is answered as a first request's: the gateway's shortage is a 503."""
+    one = RecordingBackend("one")
+    limit = 40
+    held = []
+    try:
+        gw = start_gateway(
+            '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\nhttp_strict_host = true\n'
+            f'preamble_timeout = 60.0\n[http_backends]\n"a.example" = "{one.address}"\n',
+            max_fds=limit,
+        )
+        pid = gw.proc.pid
+        sock = socket.create_connection(gw.http, timeout=TIMEOUT)
+        held.append(sock)
+        sock.sendall(get("a.example", "/1"))
+        assert read_response(sock)[0] == 200
+        held += fill_descriptors(gw.http, pid, limit, 0, get("a.example", "/2"))
+        sock.sendall(get("a.example", "/close") + get("a.example", "/ws", WEBSOCKET))
+        data = read_all(sock)
+        assert [status for status, _ in responses(data)] == [200, 503], data[-200:]
+        line = gw.connection_log(outcome="local_error", domain="a.example")
+        assert "EMFILE" in line["reason"] and b"EMFILE" not in data
+        assert targets(one)[0] == ["/1", "/close"]
+    finally:
+        for other in held:
+            other.close()
         one.close()
 
 
@@ -793,3 +869,27 @@ def test_http_strict_host_false_with_an_allow_list_is_warned_at_start_up_by_chec
     again = gw.wait_for(lambda line: "http_strict_host = false" in line.get("message", "") and line is not warning)
     assert again["message"] == warning["message"]
     gw.wait_for(lambda line: line.get("message") == "config reloaded")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to read the gateway's CPU time")
+def test_urgent_data_in_a_body_neither_spins_nor_loses_bytes(strict):
+    """An MSG_OOB byte in a body being spliced: copied past as relay.py does, the bytes after it arrive, no busy loop.
+
+    Splicing stops for good at urgent data; a plain recv steps over the urgent byte,
+    which is not part of the stream.
+    """
+    gw, one, _ = strict()
+    before, after = os.urandom(1 << 20), os.urandom(256 << 10)
+    body = before + after
+    with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
+        sock.sendall(post("a.example", body)[: -len(body)] + before)
+        cpu = cpu_seconds(gw.proc.pid)
+        sock.send(b"!", socket.MSG_OOB)
+        sock.sendall(after)
+        sock.settimeout(3.0)  # a stuck direction answers nothing
+        status, answer = read_response(sock)
+        spent = cpu_seconds(gw.proc.pid) - cpu
+    assert spent < 1.0, f"the gateway used {spent:.2f}s of CPU for 256 KiB"
+    assert (status, answer) == (200, f"one POST /up {len(body)}".encode())
+    assert hashlib.sha256(one.requests()[0]["body"]).digest() == hashlib.sha256(body).digest()
+    assert gw.connection_log(domain="a.example")["outcome"] == "ok"

@@ -5,6 +5,7 @@ Clients bind 127.0.0.1 or 127.0.0.2 before they connect, to be two client addres
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
@@ -172,6 +173,101 @@ def test_pool_all_failed_answers_as_the_last_attempt(start_gateway, blackhole): 
     assert gw.connection_log(listener="https")["tried"] == [refused, blackhole]
 
 
+def free_descriptors(pid: int, limit: int) -> int:
+    """Descriptors the process may still open under its RLIMIT_NOFILE of ``limit`` (every number is below it)."""
+    return limit - len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def poll_free(pid: int, limit: int, wanted: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while free_descriptors(pid, limit) != wanted:
+        assert time.monotonic() < deadline, f"{free_descriptors(pid, limit)} descriptors free, not {wanted}"
+        time.sleep(0.01)
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One Content-Length framed response of a keep-alive connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def fill_descriptors(address: tuple[str, int], pid: int, limit: int, leave: int, request: bytes) -> list:
+    """Connections that leave the gateway ``leave`` descriptors: relays (two each), then a client that sends nothing.
+
+    Each step waits until the gateway holds what it took, so the count is exact.
+    """
+    held: list[socket.socket] = []
+    free = free_descriptors(pid, limit)
+    try:
+        while free > leave:
+            sock = socket.create_connection(address, timeout=TIMEOUT)
+            held.append(sock)
+            if free - leave >= 2:  # a keep-alive relay holds two: client and backend
+                sock.sendall(request)
+                assert read_response(sock).startswith(b"HTTP/1.1 200")
+                free -= 2
+            else:  # accepted, reading its preamble: one
+                free -= 1
+            poll_free(pid, limit, free)
+    except BaseException:
+        for sock in held:
+            sock.close()
+        raise
+    return held
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts the gateway's descriptors in /proc")
+def test_out_of_descriptors_is_a_local_error_and_cools_no_pool_address_down(start_gateway, backends, client_context):
+    """The gateway's own shortage: 503 / alert 80, outcome local_error, no failover, and no address cooled down.
+
+    Relays hold the descriptor limit but one: the next client is accepted and its
+    connect finds no descriptor. Once the relays are gone, both pool addresses serve
+    again in turn at once, well within backend_cooldown.
+    """
+    b = backends
+    limit = 48
+    gw = start_gateway(
+        f"{LISTEN}backend_cooldown = 60.0\npreamble_timeout = 60.0\n"
+        f'[http_backends]\n"a.example" = ["{b["alpha"].address}", "{b["beta"].address}"]\n'
+        f'[https_backends]\n"a.example" = ["{b["alpha-tls"].address}", "{b["beta-tls"].address}"]\n',
+        max_fds=limit,
+    )
+    pid = gw.proc.pid
+    held = fill_descriptors(gw.http, pid, limit, 1, b"GET /whoami HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    try:
+        answer = get(gw.http, "a.example")
+        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable"), answer[:80]
+        assert b"open files" not in answer and b"EMFILE" not in answer  # the cause goes to the log only
+        line = gw.connection_log(outcome="local_error", listener="http")
+        assert "EMFILE" in line["reason"] and "tried" not in line, line  # no failover: the next fails alike
+        poll_free(pid, limit, 1)
+        with connect_from(ONE, gw.https) as sock:
+            sock.sendall(real_hello("a.example"))
+            assert read_all(sock) == alert(80)
+        line = gw.connection_log(outcome="local_error", listener="https")
+        assert "EMFILE" in line["reason"] and "tried" not in line, line
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + TIMEOUT
+    while not get(gw.http, "a.example").startswith(b"HTTP/1.1 200"):  # the held relays end as their FINs arrive
+        assert time.monotonic() < deadline, "not serving again after the descriptors were freed"
+    names = [served_by(get(gw.http, "a.example")) for _ in range(4)]
+    assert sorted(names) == ["alpha", "alpha", "beta", "beta"], names  # neither address was put in cooldown
+    tls = [tls_get(gw.https, "a.example", client_context) for _ in range(2)]
+    assert sorted(tls) == ["alpha", "beta"], tls
+
+
 # ---------------------------------------------------------------------------
 # Allow-lists
 
@@ -224,6 +320,44 @@ def test_allow_list_over_ipv6(start_gateway, backends):
     assert served_by(get(gw.http, "six.example", source="::1")) == "alpha"
     assert status_of(get(gw.http, "doc.example", source="::1")) == 403
     assert gw.connection_log(outcome="forbidden")["client"].startswith("[::1]:")
+
+
+def test_a_dual_stack_listeners_ipv4_client_gets_the_ipv4_listeners_answers(start_gateway, backends):
+    """One IPv4 client, one answer: on a dual-stack socket (IPV6_V6ONLY off, handed over by socket activation,
+    bound to ::ffff:127.0.0.1 to stay on loopback) it is 127.0.0.1 as on an IPv4 listener, for the log, the
+    allow-lists (::/0 admits it on neither, ::ffff:127.0.0.0/104 on both) and the PROXY header sent on."""
+    from conftest import gateway_command
+    from test_kiaupgrade import FirstClient, activator
+    from test_proxy_input import Recorder
+
+    recorder = Recorder()
+    ports = [free_closed_port(), free_closed_port()]
+    command = [activator(), f"--listen=[::ffff:127.0.0.1]:{ports[0]}", f"--listen=127.0.0.1:{ports[1]}"]
+    first = FirstClient(("127.0.0.1", ports[0]))  # socket activation starts the gateway at the first connect
+    try:
+        gw = start_gateway(
+            f'[http_backends]\n"ten.example" = {{ address = "{recorder.address}", proxy_protocol = "v1", '
+            'allow = ["::ffff:127.0.0.0/104"] }\n'
+            f'"v6.example" = {{ address = "{backends["alpha"].address}", allow = ["::/0"] }}\n',
+            command=[*command, "--fdname=http:http", *gateway_command()],
+        )
+        first.thread.join(TIMEOUT)
+        for port in ports:
+            with connect_from(ONE, ("127.0.0.1", port)) as sock:
+                client = sock.getsockname()
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: ten.example\r\n\r\n")
+                sock.shutdown(socket.SHUT_WR)
+                assert read_all(sock) == b""
+            header = f"PROXY TCP4 127.0.0.1 127.0.0.1 {client[1]} {port}\r\n".encode()
+            assert recorder.next() == header + b"GET / HTTP/1.1\r\nHost: ten.example\r\n\r\n"
+            line = gw.connection_log(client=f"127.0.0.1:{client[1]}")
+            assert line["outcome"] == "ok" and "proxy" not in line, line
+            assert status_of(get(("127.0.0.1", port), "v6.example")) == 403
+        forbidden = connection_lines(gw, 2, outcome="forbidden")
+        assert all(line["client"].startswith("127.0.0.1:") for line in forbidden), forbidden
+    finally:
+        first.thread.join(TIMEOUT)
+        recorder.close()
 
 
 # ---------------------------------------------------------------------------
