@@ -80,6 +80,14 @@ def bind_listener(address: Address) -> socket.socket:
     return sock
 
 
+def _bind_for_upgrade(metrics_listen: str) -> socket.socket:
+    """Bind the metrics_listen of the program an upgrade runs, in the old one: ConfigError (abort) if it cannot."""
+    try:
+        return bind_listener(kiaconfig.parse_address(metrics_listen, listen=True))
+    except (FatalError, ValueError) as exc:
+        raise ConfigError([f"metrics_listen: {exc}"]) from None
+
+
 def drop_privileges(user: str) -> None:
     """Become ``user`` for good. What is imported lazily is imported first, while it is still readable."""
     import pwd
@@ -164,15 +172,22 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         inherited = kiaupgrade.inherited_listeners()
     except kiaupgrade.ActivationError as exc:
         raise FatalError(str(exc)) from None
+    handed_metrics = None  # metrics_listen's socket, from the program that upgraded into this one
     if inherited is not None:
-        listeners = inherited
+        listeners = [(name, sock) for name, sock in inherited if name != kiaupgrade.METRICS]
+        handed_metrics = next((sock for name, sock in inherited if name == kiaupgrade.METRICS), None)
     else:
         listeners = [("http", bind_listener(a)) for a in s.http_listen]
         listeners += [("https", bind_listener(a)) for a in s.https_listen]
     if not listeners:
         said = "LISTEN_FDS passed none" if inherited is not None else "http_listen and https_listen are both empty"
         raise FatalError(f"no listeners: {said}")
-    metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True)) if s.metrics_listen else None
+    if handed_metrics is not None and not s.metrics_listen:  # not in the config read now: not ours to serve
+        handed_metrics.close()
+        handed_metrics = None
+    metrics_sock = handed_metrics
+    if metrics_sock is None and s.metrics_listen:
+        metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True))
     if s.user:
         drop_privileges(s.user)
     workers = kiaconfig.resolve_workers(s.workers)
@@ -198,6 +213,8 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         listeners,
         lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}"),
         systemd,
+        (s.metrics_listen, metrics_sock) if metrics_sock is not None else None,
+        _bind_for_upgrade,
     )
     if workers == 1:
         exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
@@ -372,14 +389,16 @@ def serve(
             True  # ready() and starts() wait on the loop for their children: a SIGUSR2 meanwhile waits for nothing
         )
         if not upgrade.ready() or stopping.is_set() or not upgrade.starts() or stopping.is_set():
+            upgrade.cancel()
             upgrading = False
             return
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         child = gevent.os.fork_gevent()
         if child:
             upgrade.hand_over([child, *_still_running(upgrade.previous)])
+        upgrade.cancel()  # the new program's metrics socket, if bound for it: only the new program holds it now
         upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
-        if metrics is not None:  # the new program binds metrics_listen again: let go of it
+        if metrics is not None:  # the new program has metrics_listen's socket: let go of our copy
             metrics.close()
             metrics = None
         os.environ.pop("NOTIFY_SOCKET", None)  # the new program speaks for the service now
