@@ -635,3 +635,37 @@ def test_an_unchanged_metrics_address_answers_all_through_the_upgrade(start_gate
         probes.stop()
     assert probes.failures == []
     assert gw.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_upgrade_aborted_for_an_interpreter_out_of_reach_names_the_directory_and_the_cause(
+    start_gateway, backends, searchable_dir
+):
+    """A Python under a 0700 home (pyenv's, say) that the gateway's user cannot reach once it has dropped to it."""
+    import pwd
+    import sys
+    import sysconfig
+
+    home = searchable_dir / "home"  # root's, mode 0700: nobody may not search it
+    home.mkdir(mode=0o700)
+    venv = home / "venv"  # this test's virtualenv seen from inside that home: its python and its site-packages
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", venv / "pyvenv.cfg")
+    site = venv / Path(sysconfig.get_path("purelib")).relative_to(sys.prefix)
+    site.parent.mkdir(parents=True)
+    site.symlink_to(sysconfig.get_path("purelib"))
+    python = venv / "bin" / "python"
+    gw = start_gateway(
+        routes_toml(backends, extra_gateway='user = "nobody"'),
+        under=searchable_dir,
+        command=[str(python), "-m", "kiagateway"],
+    )
+    assert pwd.getpwuid(os.stat(f"/proc/{gw.proc.pid}").st_uid).pw_name == "nobody"
+    gw.proc.send_signal(signal.SIGUSR2)
+    aborted = gw.wait_for(lambda line: line.get("message", "").startswith("upgrade aborted"))["message"]
+    assert f"cannot run the interpreter {python}: permission denied on {home}" in aborted
+    assert "mode 0700, owner root" in aborted and "user nobody" in aborted
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.proc.poll() is None
+    assert gw.stop() == 0
