@@ -636,6 +636,8 @@ def supervise(
     log.info("ready", workers=count)
     stopping = False
     watch = kiareload.Poll(cfg.source) if cfg.settings.watch_config else None  # no event loop here: os.stat polls
+    loading: kiareload.Loader | None = None  # a reload's loader child, read as its answer comes: the loop goes on
+    load_again = False  # a SIGHUP came while it read: the file may have changed since it began
     while children or (respawn and not stopping) or (previous and stopping):
         due = [*respawn.values(), *([watch.due()] if watch and not stopping else [])]
         due += [previous_until] if previous and stopping else []
@@ -644,6 +646,7 @@ def supervise(
         readers, writers = ([], []) if metrics is None else metrics.wanted()
         if metrics is not None:
             timeout = metrics.timeout(timeout)
+        readers += [loading.fd] if loading is not None else []
         received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
         if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
             _file_changed(log, cfg.source)
@@ -653,30 +656,42 @@ def supervise(
                 sending[fd].write()
         if metrics is not None:
             metrics.handle(readable, writable)
+        if loading is not None and loading.fd in readable and loading.read():
+            systemd = upgrade is not None and upgrade.systemd
+            reloaded = _reload(loading.result, log, cfg, systemd)
+            loading = kiareload.Loader(load) if load_again and not stopping else None
+            load_again = False
+            if metrics is not None:
+                metrics.reloaded(reloaded is not None)
+            if reloaded is not None:
+                cfg, ignored = reloaded  # replacement workers start with it too
+                body = kiareload.pack(cfg, ignored)
+                for child in children.values():
+                    child.hand(_LENGTH.pack(len(body)) + body)
+                _reloaded(log, cfg, ignored, True, workers=len(children))
         for signum in received:
             if signum == signal.SIGCHLD:
                 for child in _reap(children, respawn, log, stopping):
                     if metrics is not None:
                         metrics.gone(child.worker, restarting=not stopping)
-            elif signum == signal.SIGHUP:
-                systemd = upgrade is not None and upgrade.systemd
-                reloaded = _reload(lambda: kiareload.load_in_child(load, cooperative=False), log, cfg, systemd)
-                if metrics is not None:
-                    metrics.reloaded(reloaded is not None)
-                if reloaded is not None:
-                    cfg, ignored = reloaded  # replacement workers start with it too
-                    body = kiareload.pack(cfg, ignored)
-                    for child in children.values():
-                        child.hand(_LENGTH.pack(len(body)) + body)
-                    _reloaded(log, cfg, ignored, True, workers=len(children))
+            elif signum == signal.SIGHUP:  # read off the loop, which answers /healthz meanwhile: kiareload.Loader
+                if loading is not None:
+                    load_again = True
+                elif not stopping:
+                    loading = kiareload.Loader(load)
             elif signum == signal.SIGUSR2:
                 if upgrade is not None and not stopping and upgrade.ready() and upgrade.starts(cooperative=False):
                     _stop_for_upgrade(children, log)
+                    if metrics is not None:
+                        metrics.finish()  # the scrapes it has taken; the new program takes those still queued
                     # The new supervisor inherits the listeners and these workers, and waits for them at its stop.
                     upgrade.hand_over([*children, *_still_running(previous)])
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True
                 respawn.clear()
+                if loading is not None:  # the reload is moot: its child ends on a broken pipe, SIGCHLD collects it
+                    loading.close()
+                    loading = None
                 for _, sock in listeners:
                     sock.close()
                 sd_notify("STOPPING=1")
