@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import pickle
+import selectors
 import socket
 import struct
 import time
@@ -55,6 +56,7 @@ SNAPSHOT_WAIT = 1.0  # seconds a scrape waits for the workers; Prometheus' defau
 # always accepting: one more evicts the oldest of them (one that sent part of a request first), so that clients
 # that connect and send little can never hold /healthz off (DESIGN.md: answered within 1 s whatever they do).
 MAX_WAITING = 16
+FINISH_WAIT = 0.5  # seconds the supervisor gives the scrapers it has taken before it execs an upgrade
 ACCEPT_BATCH = 8  # scrapers the supervisor accepts per turn of its loop: then it reads those it has (a probe's)
 RENDER_EVERY = 1.0  # seconds a rendered /metrics text is served again: a scrape flood costs one render a second
 
@@ -432,6 +434,7 @@ class Scrapes:
         self.scrapers: dict[int, _Scraper] = {}  # by file descriptor
         self._waiting = _Waiting()  # the scrapers still without a whole request
         self._rendered = _Rendered()
+        self.finishing = False  # the supervisor execs once the scrapers taken are answered: ask no worker
         self.round = 0
         self.round_deadline: float | None = None  # a round is waiting for snapshots until then
 
@@ -474,6 +477,33 @@ class Scrapes:
 
     def drain(self) -> None:
         self.healthy = False
+
+    def finish(self, within: float = FINISH_WAIT) -> None:
+        """Before the supervisor execs: answer the scrapers already accepted, within ``within`` seconds.
+
+        Those still in the listener's queue are the new program's; those taken
+        would otherwise be closed unanswered by the exec. No worker is asked:
+        /metrics gets what they said last.
+        """
+        self.finishing = True
+        deadline = time.monotonic() + within
+        with selectors.DefaultSelector() as selector:  # any descriptor number, unlike select()
+            while self.scrapers and time.monotonic() < deadline:
+                if self.round_deadline is not None:
+                    self._finish_round()
+                for key in list(selector.get_map().values()):
+                    selector.unregister(key.fileobj)
+                for fd, scraper in self.scrapers.items():
+                    if scraper.out:
+                        selector.register(fd, selectors.EVENT_WRITE)
+                    elif scraper.round is None:
+                        selector.register(fd, selectors.EVENT_READ)
+                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                    scraper = self.scrapers.get(key.fd)
+                    if scraper is not None and scraper.out:
+                        self._send(scraper)
+                    elif scraper is not None:
+                        self._read_request(scraper)
 
     def close(self) -> None:
         for sock in [self.listener, *(c.sock for c in self.channels.values())]:
@@ -572,7 +602,7 @@ class Scrapes:
             if scraper.round == 0:
                 scraper.round = self.round
         request = _ROUND.pack(self.round)
-        for channel in self.channels.values():
+        for channel in self.channels.values() if not self.finishing else ():
             if not channel.asked:
                 try:
                     channel.asked = channel.sock.send(request) == len(request)  # an empty socket takes 8 bytes

@@ -553,9 +553,7 @@ def metrics_upgrade_toml(backends: dict, workers: int, port: int) -> str:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_upgrade_to_a_metrics_address_someone_holds_is_aborted_and_nothing_is_refused(
-    start_gateway, backends, workers
-):
+def test_upgrade_to_a_metrics_address_someone_holds_is_aborted_and_nothing_is_refused(start_gateway, backends, workers):
     """The new program could not bind metrics_listen: the old one tries it first, says so, and serves on."""
     pytest.importorskip("prometheus_client")
     first = free_port()
