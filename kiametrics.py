@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import bisect
 import pickle
+import selectors
 import socket
 import struct
 import time
 import traceback
+from typing import Callable
 
 import gevent
 import gevent.server
@@ -47,9 +49,16 @@ _SUM = len(BUCKETS) + 1  # a histogram is a list: a count per bucket (the last o
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # the text format DESIGN.md promises
 MAX_HEAD = 8192  # bytes of request head a scraper may send; Prometheus and probes send a few hundred
-REQUEST_TIMEOUT = 5.0  # seconds a scraper gets from connect to its answer taken
+HEAD_TIMEOUT = 2.0  # seconds from accept to a whole request head: one packet from Prometheus or a probe
+REQUEST_TIMEOUT = 5.0  # seconds a scraper gets from its whole request to its answer taken
 SNAPSHOT_WAIT = 1.0  # seconds a scrape waits for the workers; Prometheus' default scrape timeout is 10 s
-MAX_SCRAPERS = 16  # scrapers served at once: Prometheus, a probe or two, and room for retries
+# Connections still without a whole request: Prometheus, a probe or two, and room for retries. The port is
+# always accepting: one more evicts the oldest of them (one that sent part of a request first), so that clients
+# that connect and send little can never hold /healthz off (DESIGN.md: answered within 1 s whatever they do).
+MAX_WAITING = 16
+FINISH_WAIT = 0.5  # seconds the supervisor gives the scrapers it has taken before it execs an upgrade
+ACCEPT_BATCH = 8  # scrapers the supervisor accepts per turn of its loop: then it reads those it has (a probe's)
+RENDER_EVERY = 1.0  # seconds a rendered /metrics text is served again: a scrape flood costs one render a second
 
 _LENGTH = struct.Struct("!I")  # the length of a pickled snapshot that follows on a worker's socketpair
 _ROUND = struct.Struct("!Q")  # a snapshot request: the scrape round it answers, so a late answer is known
@@ -206,7 +215,12 @@ def respond(kind: str, healthy: bool, text: bytes = b"") -> bytes:
 
 
 class Exporter:
-    """/metrics and /healthz served by the only process, on the gevent hub beside the gateway."""
+    """/metrics and /healthz served by the only process, on the gevent hub beside the gateway.
+
+    It accepts whatever comes (gevent spawns a greenlet per connection) and
+    bounds what waits instead: past MAX_WAITING connections without a whole
+    request, the oldest is closed (see _Waiting).
+    """
 
     def __init__(self, sock: socket.socket, version: str, log: Log) -> None:
         import prometheus_client.exposition  # noqa: F401 - now, so that a broken install shows at start-up
@@ -216,7 +230,9 @@ class Exporter:
         self.version = version
         self.log = log
         self.healthy = True
-        self._server = gevent.server.StreamServer(sock, self._handle, spawn=MAX_SCRAPERS)
+        self._waiting = _Waiting()
+        self._rendered = _Rendered()
+        self._server = gevent.server.StreamServer(sock, self._handle)
 
     def start(self) -> None:
         self._server.start()
@@ -232,21 +248,84 @@ class Exporter:
         self._server.close()
 
     def _handle(self, client: gevent.socket.socket, address: tuple) -> None:
+        for evicted in self._waiting.add(client):
+            evicted.close()  # its greenlet, waiting in recv, ends with an OSError
         try:
-            with gevent.Timeout(REQUEST_TIMEOUT, False):
-                head = bytearray()
+            head = bytearray()
+            with gevent.Timeout(HEAD_TIMEOUT, False):
                 while b"\r\n\r\n" not in head and len(head) <= MAX_HEAD:
                     data = client.recv(MAX_HEAD)
                     if not data:
                         return
                     head += data
-                kind = classify(bytes(head)) if len(head) <= MAX_HEAD else "bad"
-                text = _render_logged(self.log, self.stats, self.reloads, 0, self.version) if kind == "metrics" else b""
+                    self._waiting.heard(client)
+            if not self._waiting.remove(client) or (b"\r\n\r\n" not in head and len(head) <= MAX_HEAD):
+                return  # evicted, or too slow: closed with no answer
+            kind = classify(bytes(head)) if len(head) <= MAX_HEAD else "bad"
+            text = self._rendered.get(self._render) if kind == "metrics" else b""
+            with gevent.Timeout(REQUEST_TIMEOUT, False):
                 client.sendall(respond(kind, self.healthy, text))
-        except OSError:  # the scraper left: nothing to answer
+        except OSError:  # the scraper left, or was evicted: nothing to answer
             pass
         finally:
+            self._waiting.remove(client)
             client.close()
+
+    def _render(self) -> bytes:
+        return _render_logged(self.log, self.stats, self.reloads, 0, self.version)
+
+
+class _Waiting:
+    """The connections still without a whole request, oldest first, and who to evict when there are too many.
+
+    The one to go is the oldest that has sent part of a request (a client that
+    trickles or stalls), else the oldest: a probe that has just connected and
+    sends its request in one packet is the youngest, and is answered.
+    """
+
+    def __init__(self) -> None:
+        self._partial: dict[object, bool] = {}  # connection -> sent some of its request; in accept order
+
+    def add(self, conn: object) -> list:
+        """Count ``conn`` in; return those to close for it (the oldest past MAX_WAITING), already counted out."""
+        self._partial[conn] = False
+        evicted = []
+        while len(self._partial) > MAX_WAITING:
+            victim = next((c for c, partial in self._partial.items() if partial), next(iter(self._partial)))
+            del self._partial[victim]
+            evicted.append(victim)
+        return evicted
+
+    def heard(self, conn: object) -> None:
+        if conn in self._partial:
+            self._partial[conn] = True
+
+    def remove(self, conn: object) -> bool:
+        """Count ``conn`` out: its request is whole, or it is closed. False if it was not counted (evicted)."""
+        return self._partial.pop(conn, None) is not None
+
+    def __len__(self) -> int:
+        return len(self._partial)
+
+
+class _Rendered:
+    """The /metrics text rendered last and when: served again for RENDER_EVERY seconds, so a flood renders little."""
+
+    def __init__(self) -> None:
+        self.text = b""
+        self.at = 0.0
+
+    def fresh(self) -> bytes:
+        """The text rendered less than RENDER_EVERY seconds ago, or b\"\" if there is none."""
+        return self.text if self.text and time.monotonic() - self.at < RENDER_EVERY else b""
+
+    def keep(self, text: bytes) -> bytes:
+        if text:  # a failed render (b"") is tried again at the next scrape
+            self.text, self.at = text, time.monotonic()
+        return text
+
+    def get(self, render: Callable[[], bytes]) -> bytes:
+        return self.fresh() or self.keep(render())
 
 
 def _render_logged(log: Log, stats: Stats, reloads: dict[str, int], restarts: int, version: str) -> bytes:
@@ -329,7 +408,7 @@ class _Scraper:
         self.head = bytearray()
         self.out = b""  # the answer still to send
         self.round: int | None = None  # waiting for metrics: the round that answers it, 0 for the next one
-        self.deadline = time.monotonic() + REQUEST_TIMEOUT
+        self.deadline = time.monotonic() + HEAD_TIMEOUT  # then REQUEST_TIMEOUT from the whole request
 
 
 class Scrapes:
@@ -353,6 +432,9 @@ class Scrapes:
         self.channels: dict[int, _Channel] = {}  # by worker number
         self._theirs: dict[int, socket.socket] = {}  # the worker's ends, between prepare and the fork
         self.scrapers: dict[int, _Scraper] = {}  # by file descriptor
+        self._waiting = _Waiting()  # the scrapers still without a whole request
+        self._rendered = _Rendered()
+        self.finishing = False  # the supervisor execs once the scrapers taken are answered: ask no worker
         self.round = 0
         self.round_deadline: float | None = None  # a round is waiting for snapshots until then
 
@@ -396,6 +478,33 @@ class Scrapes:
     def drain(self) -> None:
         self.healthy = False
 
+    def finish(self, within: float = FINISH_WAIT) -> None:
+        """Before the supervisor execs: answer the scrapers already accepted, within ``within`` seconds.
+
+        Those still in the listener's queue are the new program's; those taken
+        would otherwise be closed unanswered by the exec. No worker is asked:
+        /metrics gets what they said last.
+        """
+        self.finishing = True
+        deadline = time.monotonic() + within
+        with selectors.DefaultSelector() as selector:  # any descriptor number, unlike select()
+            while self.scrapers and time.monotonic() < deadline:
+                if self.round_deadline is not None:
+                    self._finish_round()
+                for key in list(selector.get_map().values()):
+                    selector.unregister(key.fileobj)
+                for fd, scraper in self.scrapers.items():
+                    if scraper.out:
+                        selector.register(fd, selectors.EVENT_WRITE)
+                    elif scraper.round is None:
+                        selector.register(fd, selectors.EVENT_READ)
+                for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                    scraper = self.scrapers.get(key.fd)
+                    if scraper is not None and scraper.out:
+                        self._send(scraper)
+                    elif scraper is not None:
+                        self._read_request(scraper)
+
     def close(self) -> None:
         for sock in [self.listener, *(c.sock for c in self.channels.values())]:
             sock.close()
@@ -408,8 +517,7 @@ class Scrapes:
         """The descriptors to wait on: (readable, writable)."""
         readers = [channel.sock.fileno() for channel in self.channels.values() if not channel.ended]
         readers += [fd for fd, scraper in self.scrapers.items() if scraper.round is None and not scraper.out]
-        if len(self.scrapers) < MAX_SCRAPERS:
-            readers.append(self.listener.fileno())
+        readers.append(self.listener.fileno())  # always: too many waiting scrapers evict the oldest (_Waiting)
         return readers, [fd for fd, scraper in self.scrapers.items() if scraper.out]
 
     def timeout(self, timeout: float | None) -> float | None:
@@ -442,7 +550,8 @@ class Scrapes:
             self._drop(scraper)
 
     def _accept(self) -> None:
-        while len(self.scrapers) < MAX_SCRAPERS:
+        """Take up to ACCEPT_BATCH new scrapers; read each at once: a request whole already is answered now."""
+        for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self.listener.accept()
             except (BlockingIOError, ConnectionAbortedError):
@@ -451,7 +560,11 @@ class Scrapes:
                 self.log.error("metrics: accept failed", cause=str(exc))
                 return
             sock.setblocking(False)
-            self.scrapers[sock.fileno()] = _Scraper(sock)
+            scraper = _Scraper(sock)
+            self.scrapers[sock.fileno()] = scraper
+            for evicted in self._waiting.add(scraper):
+                self._drop(evicted)
+            self._read_request(scraper)
 
     def _read_request(self, scraper: _Scraper) -> None:
         try:
@@ -464,12 +577,18 @@ class Scrapes:
             self._drop(scraper)
             return
         scraper.head += data
+        self._waiting.heard(scraper)
+        if len(scraper.head) <= MAX_HEAD and b"\r\n\r\n" not in scraper.head:
+            return
+        self._waiting.remove(scraper)
+        scraper.deadline = time.monotonic() + REQUEST_TIMEOUT
         if len(scraper.head) > MAX_HEAD:
             self._answer(scraper, respond("bad", self.healthy))
-        elif b"\r\n\r\n" in scraper.head:
+        else:
             kind = classify(bytes(scraper.head))
-            if kind != "metrics":
-                self._answer(scraper, respond(kind, self.healthy))
+            text = self._rendered.fresh() if kind == "metrics" else b""
+            if kind != "metrics" or text:
+                self._answer(scraper, respond(kind, self.healthy, text))
             else:
                 scraper.round = 0
                 if self.round_deadline is None:
@@ -483,7 +602,7 @@ class Scrapes:
             if scraper.round == 0:
                 scraper.round = self.round
         request = _ROUND.pack(self.round)
-        for channel in self.channels.values():
+        for channel in self.channels.values() if not self.finishing else ():
             if not channel.asked:
                 try:
                     channel.asked = channel.sock.send(request) == len(request)  # an empty socket takes 8 bytes
@@ -527,7 +646,7 @@ class Scrapes:
         for channel in self.channels.values():
             if channel.last is not None:
                 total.add(channel.last)
-        text = _render_logged(self.log, total, self.reloads, self.restarts, self.version)
+        text = self._rendered.keep(_render_logged(self.log, total, self.reloads, self.restarts, self.version))
         for scraper in list(self.scrapers.values()):
             if scraper.round == self.round:
                 scraper.round = None
@@ -550,5 +669,6 @@ class Scrapes:
             self._drop(scraper)
 
     def _drop(self, scraper: _Scraper) -> None:
+        self._waiting.remove(scraper)
         self.scrapers.pop(scraper.sock.fileno(), None)
         scraper.sock.close()

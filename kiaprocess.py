@@ -80,6 +80,14 @@ def bind_listener(address: Address) -> socket.socket:
     return sock
 
 
+def _bind_for_upgrade(metrics_listen: str) -> socket.socket:
+    """Bind the metrics_listen of the program an upgrade runs, in the old one: ConfigError (abort) if it cannot."""
+    try:
+        return bind_listener(kiaconfig.parse_address(metrics_listen, listen=True))
+    except (FatalError, ValueError) as exc:
+        raise ConfigError([f"metrics_listen: {exc}"]) from None
+
+
 def drop_privileges(user: str) -> None:
     """Become ``user`` for good. What is imported lazily is imported first, while it is still readable."""
     import pwd
@@ -164,15 +172,22 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         inherited = kiaupgrade.inherited_listeners()
     except kiaupgrade.ActivationError as exc:
         raise FatalError(str(exc)) from None
+    handed_metrics = None  # metrics_listen's socket, from the program that upgraded into this one
     if inherited is not None:
-        listeners = inherited
+        listeners = [(name, sock) for name, sock in inherited if name != kiaupgrade.METRICS]
+        handed_metrics = next((sock for name, sock in inherited if name == kiaupgrade.METRICS), None)
     else:
         listeners = [("http", bind_listener(a)) for a in s.http_listen]
         listeners += [("https", bind_listener(a)) for a in s.https_listen]
     if not listeners:
         said = "LISTEN_FDS passed none" if inherited is not None else "http_listen and https_listen are both empty"
         raise FatalError(f"no listeners: {said}")
-    metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True)) if s.metrics_listen else None
+    if handed_metrics is not None and not s.metrics_listen:  # not in the config read now: not ours to serve
+        handed_metrics.close()
+        handed_metrics = None
+    metrics_sock = handed_metrics
+    if metrics_sock is None and s.metrics_listen:
+        metrics_sock = bind_listener(kiaconfig.parse_address(s.metrics_listen, listen=True))
     if s.user:
         drop_privileges(s.user)
     workers = kiaconfig.resolve_workers(s.workers)
@@ -198,6 +213,8 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         listeners,
         lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}"),
         systemd,
+        (s.metrics_listen, metrics_sock) if metrics_sock is not None else None,
+        _bind_for_upgrade,
     )
     if workers == 1:
         exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
@@ -382,14 +399,16 @@ def serve(
             True  # ready() and starts() wait on the loop for their children: a SIGUSR2 meanwhile waits for nothing
         )
         if not upgrade.ready() or stopping.is_set() or not upgrade.starts() or stopping.is_set():
+            upgrade.cancel()
             upgrading = False
             return
         log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         child = gevent.os.fork_gevent()
         if child:
             upgrade.hand_over([child, *_still_running(upgrade.previous)])
+        upgrade.cancel()  # the new program's metrics socket, if bound for it: only the new program holds it now
         upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
-        if metrics is not None:  # the new program binds metrics_listen again: let go of it
+        if metrics is not None:  # the new program has metrics_listen's socket: let go of our copy
             metrics.close()
             metrics = None
         os.environ.pop("NOTIFY_SOCKET", None)  # the new program speaks for the service now
@@ -627,6 +646,8 @@ def supervise(
     log.info("ready", workers=count)
     stopping = False
     watch = kiareload.Poll(cfg.source) if cfg.settings.watch_config else None  # no event loop here: os.stat polls
+    loading: kiareload.Loader | None = None  # a reload's loader child, read as its answer comes: the loop goes on
+    load_again = False  # a SIGHUP came while it read: the file may have changed since it began
     while children or (respawn and not stopping) or (previous and stopping):
         due = [*respawn.values(), *([watch.due()] if watch and not stopping else [])]
         due += [previous_until] if previous and stopping else []
@@ -635,6 +656,7 @@ def supervise(
         readers, writers = ([], []) if metrics is None else metrics.wanted()
         if metrics is not None:
             timeout = metrics.timeout(timeout)
+        readers += [loading.fd] if loading is not None else []
         received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
         if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
             _file_changed(log, cfg.source)
@@ -644,30 +666,42 @@ def supervise(
                 sending[fd].write()
         if metrics is not None:
             metrics.handle(readable, writable)
+        if loading is not None and loading.fd in readable and loading.read():
+            systemd = upgrade is not None and upgrade.systemd
+            reloaded = _reload(loading.result, log, cfg, systemd)
+            loading = kiareload.Loader(load) if load_again and not stopping else None
+            load_again = False
+            if metrics is not None:
+                metrics.reloaded(reloaded is not None)
+            if reloaded is not None:
+                cfg, ignored = reloaded  # replacement workers start with it too
+                body = kiareload.pack(cfg, ignored)
+                for child in children.values():
+                    child.hand(_LENGTH.pack(len(body)) + body)
+                _reloaded(log, cfg, ignored, True, workers=len(children))
         for signum in received:
             if signum == signal.SIGCHLD:
                 for child in _reap(children, respawn, log, stopping):
                     if metrics is not None:
                         metrics.gone(child.worker, restarting=not stopping)
-            elif signum == signal.SIGHUP:
-                systemd = upgrade is not None and upgrade.systemd
-                reloaded = _reload(lambda: kiareload.load_in_child(load, cooperative=False), log, cfg, systemd)
-                if metrics is not None:
-                    metrics.reloaded(reloaded is not None)
-                if reloaded is not None:
-                    cfg, ignored = reloaded  # replacement workers start with it too
-                    body = kiareload.pack(cfg, ignored)
-                    for child in children.values():
-                        child.hand(_LENGTH.pack(len(body)) + body)
-                    _reloaded(log, cfg, ignored, True, workers=len(children))
+            elif signum == signal.SIGHUP:  # read off the loop, which answers /healthz meanwhile: kiareload.Loader
+                if loading is not None:
+                    load_again = True
+                elif not stopping:
+                    loading = kiareload.Loader(load)
             elif signum == signal.SIGUSR2:
                 if upgrade is not None and not stopping and upgrade.ready() and upgrade.starts(cooperative=False):
                     _stop_for_upgrade(children, log)
+                    if metrics is not None:
+                        metrics.finish()  # the scrapes it has taken; the new program takes those still queued
                     # The new supervisor inherits the listeners and these workers, and waits for them at its stop.
                     upgrade.hand_over([*children, *_still_running(previous)])
             elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
                 stopping = True
                 respawn.clear()
+                if loading is not None:  # the reload is moot: its child ends on a broken pipe, SIGCHLD collects it
+                    loading.close()
+                    loading = None
                 for _, sock in listeners:
                     sock.close()
                 sd_notify("STOPPING=1")

@@ -105,8 +105,62 @@ def load_in_child(load: Callable[[], Config], cooperative: bool = True) -> Confi
     The child runs at a lower priority, so that on a busy machine the kernel
     gives a core to the processes serving connections first. ``cooperative``
     (a process with a gevent loop) waits for the answer on the loop; otherwise
-    (the supervisor) it blocks.
+    it blocks (the supervisor's upgrade; its reloads use ``Loader``).
     """
+    pid, read_end = _start_loader(load)
+    try:
+        if cooperative:
+            gevent.os.make_nonblocking(read_end)
+        read = gevent.os.nb_read if cooperative else os.read
+        data = bytearray()
+        while chunk := read(read_end, _READ_CHUNK):
+            data += chunk
+    finally:
+        os.close(read_end)
+        if cooperative:
+            gevent.spawn(_reap, pid)
+        # else the supervisor, whose SIGCHLD handling collects every child that ends
+    return _answer(data, cooperative)
+
+
+class Loader:
+    """``load()`` in a loader child, read without blocking: for the supervisor's poll loop, which has no event loop.
+
+    The supervisor answers /healthz in that loop: waiting there for a big
+    table's validation (2 s with 100,000 routes) would hold every probe. It
+    polls ``fd``, calls ``read`` when it is readable and ``result`` once that
+    says the answer is whole; its SIGCHLD handling collects the child.
+    """
+
+    def __init__(self, load: Callable[[], Config]) -> None:
+        self.pid, self.fd = _start_loader(load)
+        os.set_blocking(self.fd, False)
+        self.data = bytearray()
+
+    def read(self) -> bool:
+        """Take what the pipe holds; True once the loader has ended (end of file): ``result`` may be asked."""
+        while True:
+            try:
+                chunk = os.read(self.fd, _READ_CHUNK)
+            except BlockingIOError:
+                return False
+            if not chunk:
+                self.close()
+                return True
+            self.data += chunk
+
+    def result(self) -> Config:
+        """The config read, or ConfigError as ``load`` raised it (or for an answer cut short)."""
+        return _answer(self.data, cooperative=False)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _start_loader(load: Callable[[], Config]) -> tuple[int, int]:
+    """Fork the loader child (see load_in_child); return its PID and the read end of the pipe its answer comes by."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: no event loop, no log; its answer goes down the pipe, then it ends
@@ -137,18 +191,11 @@ def load_in_child(load: Callable[[], Config], cooperative: bool = True) -> Confi
         finally:
             os._exit(code)
     os.close(write_end)
-    try:
-        if cooperative:
-            gevent.os.make_nonblocking(read_end)
-        read = gevent.os.nb_read if cooperative else os.read
-        data = bytearray()
-        while chunk := read(read_end, _READ_CHUNK):
-            data += chunk
-    finally:
-        os.close(read_end)
-        if cooperative:
-            gevent.spawn(_reap, pid)
-        # else the supervisor, whose SIGCHLD handling collects every child that ends
+    return pid, read_end
+
+
+def _answer(data: bytearray, cooperative: bool) -> Config:
+    """The Config of a loader's whole answer; ConfigError for its errors or an answer cut short."""
     if len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] != len(data) - _LENGTH.size:
         raise ConfigError(["reading the config failed: the loader process ended before its whole answer"])
     body = memoryview(data)[_LENGTH.size :]

@@ -12,20 +12,24 @@ what every Unix Python has: OpenBSD is a target.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterable
 from typing import Callable, NoReturn, Protocol
 
 import kiareload
-from kiaconfig import Config, ConfigError
+from kiaconfig import Config, ConfigError, parse_address
 
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
 LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
+METRICS = "metrics"  # the name of metrics_listen's socket, which only an upgrade in place hands over
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
 SYSTEMD_SOCKETS = "KIAGATEWAY_SYSTEMD_SOCKETS"  # set by an upgrade whose sockets came from systemd: they still do
 DRAINING = "KIAGATEWAY_DRAINING"  # set likewise: the PIDs of its processes still draining, comma-separated
@@ -45,6 +49,9 @@ class ActivationError(Exception):
 def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
     """The listening sockets handed to this process, with their names; None when none were.
 
+    Besides ``http`` and ``https``, an upgrade in place hands over ``metrics``
+    (metrics_listen's socket), so that the new program never binds it anew.
+
     The variables are removed whatever they hold, as sd_listen_fds(1) does,
     so that no child takes them for its own; descriptors meant for another
     process (``LISTEN_PID`` not ours) are left alone.
@@ -58,11 +65,12 @@ def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
     if not count.isdigit():
         raise ActivationError(f"LISTEN_FDS must be a number of descriptors, got {count!r}")
     given = names.split(":") if names else []
+    known = (*LISTENER_NAMES, METRICS) if UPGRADED_FROM in os.environ else LISTENER_NAMES
     listeners = []
     for index in range(int(count)):
         fd = LISTEN_FDS_START + index
         name = given[index] if index < len(given) else ""
-        if name not in LISTENER_NAMES:
+        if name not in known:
             said = f"is named {name!r}" if name else "has no name"
             raise ActivationError(
                 f"inherited socket fd {fd} {said}: name each one http or https"
@@ -129,21 +137,23 @@ def command() -> list[str]:
 
 
 def check_command() -> list[str]:
-    """The command the upgrade would run with ``--check`` first among the arguments: the new program checking itself.
+    """The command the upgrade runs: the new program checking itself, ``--check --json`` first among the arguments.
 
-    First, so that it comes before any ``--`` and never after CONFIG, and the
-    usage line takes it with whatever options the program was started with.
+    First, so that they come before any ``--`` and never after CONFIG, and the
+    usage line takes them with whatever options the program was started with.
     """
     argv = command()
     arguments = sys.argv[1:]
-    return [sys.executable, *argv[1 : len(argv) - len(arguments)], "--check", *arguments]
+    return [sys.executable, *argv[1 : len(argv) - len(arguments)], "--check", "--json", *arguments]
 
 
-def new_program_fails(systemd: bool = False) -> str | None:
-    """Run the new program with ``--check``: why it cannot start (the last line it printed), or None if it can.
+def check_new_program(systemd: bool = False) -> dict:
+    """Run the new program with ``--check --json``: its settings as it reads them (its JSON's ``gateway``).
 
-    ``systemd``: the listeners come from systemd, so the check, which has no
-    sockets of its own, lets the config's listen lists be empty as start-up does.
+    Raises ConfigError saying why it cannot start: its own errors, else the
+    last line it printed (an ImportError's, say). ``systemd``: the listeners
+    come from systemd, so the check, which has no sockets of its own, lets the
+    config's listen lists be empty as start-up does.
 
     What loads the old code's modules cannot see an ImportError after a
     partial ``pip install -U`` nor a key only the old code accepts; the new
@@ -153,29 +163,86 @@ def new_program_fails(systemd: bool = False) -> str | None:
         done = subprocess.run(
             check_command(),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             timeout=CHECK_TIMEOUT,
             env={**os.environ, SYSTEMD_SOCKETS: "1"} if systemd else None,
         )
     except subprocess.TimeoutExpired:
-        return f"the new program's --check did not end within {CHECK_TIMEOUT:g} s"
+        raise ConfigError([f"the new program's --check did not end within {CHECK_TIMEOUT:g} s"]) from None
     except OSError as exc:
-        return f"cannot run the new program: {exc.strerror}"
-    if done.returncode == 0:
-        return None
+        raise ConfigError([f"cannot run the new program: {_os_error(exc, check_command()[0])}"]) from None
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        report = None
+    if done.returncode == 0:  # a program that prints no settings: the old code's reading of the config stands
+        return report["gateway"] if isinstance(report, dict) and isinstance(report.get("gateway"), dict) else {}
+    if isinstance(report, dict) and report.get("errors"):
+        raise ConfigError([str(error) for error in report["errors"]])
     lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
-    return lines[-1] if lines else f"its --check ended with exit status {done.returncode} and no word"
+    status = f"its --check ended with exit status {done.returncode}"
+    raise ConfigError([lines[-1] if lines else f"{status} and no word"])
 
 
 def cannot_run() -> str | None:
     """Why the program would fail to start, if it can be seen before trying; None if it looks runnable."""
-    if not os.access(sys.executable, os.X_OK):
-        return f"{sys.executable} is not an executable Python any more"
+    problem = not_runnable(sys.executable)
+    if problem:
+        return f"cannot run the interpreter {sys.executable}: {problem}"
     script = sys.argv[0]  # the script, the .pyz, or the module's file with -m
     if script not in ("", "-c") and not os.path.exists(script):
         return f"{script} is gone"
     return None
+
+
+def not_runnable(path: str) -> str | None:
+    """What stops this process from running ``path``, named: the directory or file and why; None if nothing.
+
+    After a privilege drop an interpreter under a 0700 home (pyenv's, a
+    virtualenv's) cannot be reached any more: the operator needs the
+    directory that bars the way, not just the interpreter's name. A virtualenv's
+    ``python`` is a symlink, so the directories of its target are looked at too.
+    """
+    if os.access(path, os.X_OK):
+        return None
+    for candidate in dict.fromkeys([os.path.abspath(path), os.path.realpath(path)]):
+        parts = candidate.split("/")[1:-1]
+        for depth in range(len(parts)):
+            directory = "/" + "/".join(parts[: depth + 1])
+            if not os.path.exists(directory) and not os.path.islink(directory):
+                return f"no such directory {directory}"
+            if not os.access(directory, os.X_OK):
+                return f"permission denied on {directory} ({_owner_and_mode(directory)}, {_who()} cannot search it)"
+    if not os.path.exists(path):
+        return f"no such file {path}" + (" (a symlink whose target is gone)" if os.path.islink(path) else "")
+    target = os.path.realpath(path)
+    return f"permission denied on {target} ({_owner_and_mode(target)}, {_who()} cannot execute it)"
+
+
+def _owner_and_mode(path: str) -> str:
+    st = os.stat(path)
+    try:
+        import pwd
+
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f"mode {stat.S_IMODE(st.st_mode):04o}, owner {owner}"
+
+
+def _who() -> str:
+    """This process's user as it runs now, for messages: the name and uid."""
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _os_error(exc: OSError, path: str) -> str:
+    """An OSError as "permission denied on PATH": what failed and on which file."""
+    return f"{(exc.strerror or str(exc)).lower()} on {exc.filename or path}"
 
 
 def cannot_become(user: str) -> str | None:
@@ -214,6 +281,8 @@ class Upgrade:
         listeners: list[tuple[str, socket.socket]],
         reloading: Callable[[], None],
         systemd: bool = False,
+        metrics: tuple[str, socket.socket] | None = None,
+        bind: Callable[[str], socket.socket] | None = None,
     ) -> None:
         self.version = version
         self.load = load
@@ -223,6 +292,9 @@ class Upgrade:
         self.systemd = systemd  # the listeners came from systemd: the listen lists are ignored (sockets_from_systemd)
         self.previous = previous_generation()  # the old program's processes still draining: a stop waits for them
         self.checked: Config | None = None  # the config ready() read, for starts()
+        self.metrics = metrics  # metrics_listen as running and its socket, handed over if the new program keeps it
+        self.bind = bind  # binds a metrics_listen the new program wants and this one does not have; ConfigError
+        self.handed_metrics: socket.socket | None = None  # what the new program gets as its metrics socket
 
     def ready(self) -> bool:
         """True if the new program can start: its config reads well and the program is there; else say why."""
@@ -240,31 +312,63 @@ class Upgrade:
         return True
 
     def starts(self, cooperative: bool = True) -> bool:
-        """True if the new program, run with ``--check``, accepts the config; else log why, in its own words.
+        """True if the new program, run with ``--check``, accepts the config and its metrics socket is ready.
 
-        Asked after ``ready()``.
+        Asked after ``ready()``; else it logs why, in the new program's own words.
 
         Run before anything is handed over or told to stop. The check runs in a
         child (kiareload.load_in_child): a process with an event loop
         (``cooperative``) keeps serving meanwhile, and the child collects the
         check's exit status itself, which this process's reaper of orphans
         would otherwise take. The supervisor, which has no loop, blocks.
+
+        Then metrics_listen as the new program reads it: the running socket is
+        handed over if the address is the same; another address is bound here,
+        now, so that a port someone else holds aborts the upgrade while this
+        program still serves (DESIGN.md: not one connection refused by it).
         """
+        checked = self.checked
 
         def check() -> Config:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # an inherited reaper would take the check's status
-            problem = new_program_fails(self.systemd)
-            if problem:
-                raise ConfigError([f"the new program cannot start: {problem}"])
-            return self.checked  # read by ready() already; the loader child hands a Config back
+            try:
+                theirs = check_new_program(self.systemd)
+            except ConfigError as exc:
+                raise ConfigError([f"the new program cannot start: {line}" for line in exc.errors]) from None
+            metrics_listen = theirs.get("metrics_listen", checked.settings.metrics_listen)
+            if not isinstance(metrics_listen, str):
+                raise ConfigError([f"the new program's --check --json gave metrics_listen {metrics_listen!r}"])
+            # The loader child hands a Config back: the one ready() read, with the new program's metrics_listen.
+            settings = dataclasses.replace(checked.settings, metrics_listen=metrics_listen)
+            return dataclasses.replace(checked, settings=settings)
 
         try:
-            kiareload.load_in_child(check, cooperative)
+            new = kiareload.load_in_child(check, cooperative)
+            self.handed_metrics = self._metrics_socket(new.settings.metrics_listen)
         except ConfigError as exc:
             for line in exc.errors:
                 self.log.error(f"upgrade aborted, the running program goes on: {line}")
             return False
         return True
+
+    def _metrics_socket(self, metrics_listen: str) -> socket.socket | None:
+        """The socket for the new program's ``metrics_listen``: the running one if the address is the same, else
+        one bound now (ConfigError names the address and the cause); None without metrics."""
+        if not metrics_listen:
+            return None
+        if self.metrics is not None and _same_address(self.metrics[0], metrics_listen):
+            return self.metrics[1]
+        if self.bind is None:
+            raise ConfigError([f"metrics_listen {metrics_listen}: this program cannot bind it for the new one"])
+        sock = self.bind(metrics_listen)
+        self.log.info("bound metrics_listen for the new program", address=metrics_listen)
+        return sock
+
+    def cancel(self) -> None:
+        """The upgrade is not made after all: close a metrics socket bound for the new program."""
+        if self.handed_metrics is not None and (self.metrics is None or self.handed_metrics is not self.metrics[1]):
+            self.handed_metrics.close()
+        self.handed_metrics = None
 
     def hand_over(self, draining: Iterable[int] = ()) -> NoReturn:
         """Exec the program afresh in this process, the listeners at descriptors 3 and up. Never returns.
@@ -276,14 +380,15 @@ class Upgrade:
         """
         signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         argv = command()
+        sockets = [*self.listeners, *([(METRICS, self.handed_metrics)] if self.handed_metrics is not None else [])]
         self.reloading()
         self.log.info("upgrading: running the program afresh", version=self.version, pid=os.getpid())
         self.log.close()  # exec skips atexit: write what the reader has not taken yet
         env = dict(
             os.environ,
-            LISTEN_FDS=str(len(self.listeners)),
+            LISTEN_FDS=str(len(sockets)),
             LISTEN_PID=str(os.getpid()),  # exec keeps the PID
-            LISTEN_FDNAMES=":".join(name for name, _ in self.listeners),
+            LISTEN_FDNAMES=":".join(name for name, _ in sockets),
             **{
                 UPGRADED_FROM: self.version,
                 DRAINING: ",".join(map(str, draining)),
@@ -292,12 +397,23 @@ class Upgrade:
             **({SYSTEMD_SOCKETS: "1"} if self.systemd else {}),
         )
         try:
-            move_to_start([sock.fileno() for _, sock in self.listeners])
+            move_to_start([sock.fileno() for _, sock in sockets])
             os.execve(sys.executable, argv, env)
         except OSError as exc:
             self.log.error("upgrade failed: cannot run the program; exiting", command=" ".join(argv), cause=str(exc))
             self.log.close()
             os._exit(1)
+
+
+def _same_address(running: str, new: str) -> bool:
+    """Whether two metrics_listen texts name one address: the same text, or the same IP and port written otherwise."""
+    if running == new:
+        return True
+    try:
+        a, b = parse_address(running, listen=True), parse_address(new, listen=True)
+    except ValueError:
+        return False
+    return (a.ip or a.host, a.port) == (b.ip or b.host, b.port)
 
 
 def move_to_start(fds: list[int]) -> None:

@@ -137,6 +137,7 @@ class Gateway:
         env: dict | None = None,
         max_fds: int = 0,
         command: list[str] | None = None,
+        start_timeout: float = TIMEOUT,
     ) -> None:
         self.config = workdir / "servers.toml"
         self.config.write_text(toml)
@@ -153,7 +154,10 @@ class Gateway:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.listening: dict[str, list[tuple[str, int]]] = {"http": [], "https": []}
-        self.wait_for(lambda line: line.get("message") == "ready" or line.get("message", "").startswith("listening"))
+        self.wait_for(
+            lambda line: line.get("message") == "ready" or line.get("message", "").startswith("listening"),
+            start_timeout,
+        )
         self._collect_listeners()
 
     def _read(self) -> None:

@@ -218,7 +218,7 @@ def port_of(listen: str) -> int:
 @pytest.mark.parametrize(
     ("directory", "kinds"),
     [
-        (KUBERNETES, {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service"}),
+        (KUBERNETES, {"ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service"}),
         (KUBERNETES / "daemonset", {"ConfigMap", "DaemonSet"}),
     ],
     ids=["deployment", "daemonset"],
@@ -282,6 +282,31 @@ def test_kubernetes_deployment_holds_the_operations_contract():
     assert objects["ConfigMap"]["metadata"]["name"] == "kiagateway-config"
     (mount,) = container["volumeMounts"]
     assert "subPath" not in mount and container["args"][-1] == mount["mountPath"] + "/servers.toml"
+
+
+def test_kubernetes_metrics_port_is_open_to_prometheus_only_and_the_probe_timeouts_fit():
+    """Any pod could otherwise hold the metrics port; /healthz answers within 1 s, the readiness probe waits 2."""
+    objects = render(KUBERNETES)
+    policy, deployment = objects["NetworkPolicy"], objects["Deployment"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    open_to = {}  # port name -> the peers it admits ([] for every one)
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            open_to[port["port"]] = rule.get("from", [])
+    assert set(open_to) == {p["name"] for p in container["ports"]} == {"http", "https", "metrics"}
+    assert open_to["http"] == open_to["https"] == []
+    (peer,) = open_to["metrics"]  # one peer: Prometheus in its namespace, both selectors in one entry
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert peer["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["prometheus"]}
+    ]
+    assert "matchLabels" not in peer["podSelector"]  # kustomize would have added the gateway's own label
+    # /healthz within 1 s (DESIGN.md); /metrics waits up to 1 s for the workers' counts, then renders.
+    assert container["readinessProbe"]["timeoutSeconds"] >= 2
+    assert container["livenessProbe"]["timeoutSeconds"] >= 3
 
 
 def test_kubernetes_daemonset_binds_the_node_ports():

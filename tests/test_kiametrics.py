@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import select
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -171,8 +173,10 @@ def test_open_connections_are_counted_while_held(start_gateway, backends, client
         held.close()
         half.close()
     wait_connections(gw, 2)
-    samples = scrape(gw)
-    assert value(samples, "kiagateway_connections_open", listener="http") == 0
+    deadline = time.monotonic() + TIMEOUT  # the text may be one rendered up to RENDER_EVERY ago
+    while value(samples := scrape(gw), "kiagateway_connections_open", listener="http") != 0:
+        assert time.monotonic() < deadline, "the closed relay is still counted open"
+        time.sleep(0.1)
     assert value(samples, "kiagateway_connections_open", listener="https") == 0
 
 
@@ -330,3 +334,122 @@ def test_histogram_buckets_are_le_and_sums_add_up(monkeypatch):
 )
 def test_requests_are_classified(head, kind):
     assert kiametrics.classify(head) == kind
+
+
+class Flood:
+    """``count`` sockets on ``port`` that each send one byte and wait; each one dropped is opened again at once.
+
+    A thread with a deadline, stopped by ``stop``; ``renewed`` counts the drops it saw.
+    """
+
+    def __init__(self, port: int, count: int = 48) -> None:
+        self.address = ("127.0.0.1", port)
+        self.count = count
+        self.renewed = 0
+        self.open = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        socks: list[socket.socket] = []
+        deadline = time.monotonic() + 6 * TIMEOUT
+        try:
+            while not self.stopping.is_set() and time.monotonic() < deadline:
+                while len(socks) < self.count:
+                    sock = socket.socket()
+                    sock.settimeout(1.0)
+                    try:
+                        sock.connect(self.address)
+                        sock.sendall(b"G")
+                    except OSError:
+                        sock.close()
+                        break
+                    socks.append(sock)
+                self.open = len(socks)
+                readable, _, _ = select.select(socks, [], [], 0.01)
+                for sock in readable:  # dropped by the gateway (nothing else comes): open another one
+                    try:
+                        sock.recv(1)
+                    except OSError:
+                        pass
+                    sock.close()
+                    socks.remove(sock)
+                    self.renewed += 1
+        finally:
+            for sock in socks:
+                sock.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+def probe_healthz(port: int, timeout: float = 1.0) -> tuple[bytes, float]:
+    """One /healthz asked with a ``timeout`` on the whole exchange: (the answer, seconds it took)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: probe\r\n\r\n")
+        answer = read_all(sock, max(0.01, timeout - (time.monotonic() - start)))
+    return answer, time.monotonic() - start
+
+
+PROBES = 20
+ONCE_A_SECOND = 1.0  # DESIGN.md: the /metrics text is rendered at most once a second
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_healthz_answers_within_a_second_while_other_clients_hold_the_port(start_gateway, backends, workers):
+    """Clients that connect and send one byte cannot hold /healthz off: a probe with a 1 s timeout always gets 200."""
+    gw = start_gateway(metrics_toml(backends), f"--workers={workers}")
+    port = gw.listening["metrics"][0][1]
+    flood = Flood(port)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while flood.open < flood.count:  # the flood is in place before the first probe
+            assert time.monotonic() < deadline, f"only {flood.open} flooding sockets connected"
+            time.sleep(0.01)
+        answers = []
+        for _ in range(PROBES):
+            try:
+                answer, took = probe_healthz(port)
+            except OSError as exc:
+                answer, took = repr(exc).encode(), 1.0
+            answers.append((answer[:12], round(took, 3)))
+            time.sleep(0.05)  # the flood renews what the probe's arrival evicted
+        assert flood.thread.is_alive()
+    finally:
+        flood.stop()
+    assert [a for a in answers if a[0] != b"HTTP/1.1 200" or a[1] >= 1.0] == []
+    assert flood.renewed >= PROBES  # the flood was pressing: every probe evicted one of its sockets at least
+    assert exchange(gw.http, ASK).endswith(b"alpha http a.example")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_back_to_back_scrapes_render_the_text_at_most_once_a_second(start_gateway, backends, workers):
+    """A scrape within a second of a rendering gets the same bytes, even though a connection finished meanwhile;
+    after that second the new count shows."""
+    gw = start_gateway(metrics_toml(backends), f"--workers={workers}")
+    for attempt in range(3):  # a loaded machine may take longer than a second over the pair: try again
+        time.sleep(ONCE_A_SECOND)  # any text rendered before is stale: the first scrape renders
+        start = time.monotonic()
+        first = get(gw, "/metrics")[2]
+        assert exchange(gw.http, ASK).endswith(b"alpha http a.example")
+        wait_connections(gw, attempt + 1)  # counted by now
+        second = get(gw, "/metrics")[2]
+        if time.monotonic() - start < ONCE_A_SECOND:
+            break
+    else:
+        pytest.skip("the machine is too slow to scrape twice within a second")
+    assert second == first
+    deadline = time.monotonic() + TIMEOUT
+    while (text := get(gw, "/metrics")[2]) == first:
+        assert time.monotonic() < deadline, "the text is never rendered again"
+        time.sleep(0.1)
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+    assert value(samples, "kiagateway_connections_total", listener="http", outcome="ok") == attempt + 1

@@ -497,3 +497,173 @@ def test_connection_ids_stay_unique_across_an_upgrade(start_gateway, backends):
     assert not set(before) & set(after), f"ids {before} then {after}"
     assert all(i.startswith(f"{pid}.") for i in before) and all(i.startswith(str(pid)) for i in after)
     assert gw.stop() == 0
+
+
+# ---------------------------------------------------------------------------
+# metrics_listen across an upgrade: handed over as the listeners are, or bound before the old program lets go
+
+
+def healthz(port: int, timeout: float = TIMEOUT) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: m\r\n\r\n")
+        return read_all(sock, timeout)
+
+
+class HealthLoop:
+    """A thread asking /healthz on ``port`` one request after another until stopped, keeping every failure."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.done = 0
+        self.failures: list[str] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 6 * TIMEOUT  # bounded even if stop() is never called
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                answer = healthz(self.port)
+            except OSError as exc:
+                self.failures.append(repr(exc))
+                time.sleep(0.01)
+                continue
+            if answer.startswith(b"HTTP/1.1 200"):
+                self.done += 1
+            else:
+                self.failures.append(repr(answer[:80]))
+
+    def wait_for(self, count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while self.done < count:
+            assert time.monotonic() < deadline, f"only {self.done} probes done; failures {self.failures[:3]}"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+def metrics_upgrade_toml(backends: dict, workers: int, port: int) -> str:
+    return routes_toml(backends, listen_https="").replace(
+        "[http_backends]\n", f'workers = {workers}\nmetrics_listen = "127.0.0.1:{port}"\n[http_backends]\n'
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_to_a_metrics_address_someone_holds_is_aborted_and_nothing_is_refused(start_gateway, backends, workers):
+    """The new program could not bind metrics_listen: the old one tries it first, says so, and serves on."""
+    pytest.importorskip("prometheus_client")
+    first = free_port()
+    toml = metrics_upgrade_toml(backends, workers, first)
+    gw = start_gateway(toml)
+    pid = gw.proc.pid
+    with socket.create_server(("127.0.0.1", 0)) as holder:  # another process's port, as far as the gateway knows
+        taken = holder.getsockname()[1]
+        gw.config.write_text(toml.replace(f"127.0.0.1:{first}", f"127.0.0.1:{taken}"))
+        check = subprocess.run(
+            [*conftest.gateway_command(), "--check", str(gw.config)], capture_output=True, timeout=TIMEOUT
+        )
+        assert check.returncode == 0, check.stderr  # a port held by someone else is a matter of the moment
+        loop = ClientLoop(gw.http)
+        try:
+            loop.wait_for(5)
+            gw.proc.send_signal(signal.SIGUSR2)
+            aborted = gw.wait_for(lambda line: line.get("message", "").startswith("upgrade aborted"))
+            before = loop.done
+            loop.wait_for(before + 5)
+        finally:
+            loop.stop()
+        assert f"127.0.0.1:{taken}" in aborted["message"]
+        assert "Address already in use" in aborted["message"]
+        assert loop.failures == []
+        assert gw.proc.poll() is None
+        assert len(started_with(gw, pid)) == 1
+        assert healthz(first).startswith(b"HTTP/1.1 200")  # the running metrics address still answers
+        assert not [line for line in gw.seen if "drain" in line.get("message", "")]  # no worker was told to stop
+    assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_to_a_free_metrics_address_is_served_by_the_new_program(start_gateway, backends, workers):
+    pytest.importorskip("prometheus_client")
+    first = free_port()
+    toml = metrics_upgrade_toml(backends, workers, first)
+    gw = start_gateway(toml)
+    pid = gw.proc.pid
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a free port: ours until just before the upgrade
+        second = probe.getsockname()[1]
+    gw.config.write_text(toml.replace(f"127.0.0.1:{first}", f"127.0.0.1:{second}"))
+    gw.proc.send_signal(signal.SIGUSR2)
+    gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+    assert healthz(second).startswith(b"HTTP/1.1 200")
+    upgraded = next(i for i, line in enumerate(gw.seen) if line.get("message", "").startswith("upgraded from"))
+    assert [line["address"] for line in gw.seen[upgraded:] if line.get("message") == "listening for metrics"] == [
+        f"127.0.0.1:{second}"
+    ]
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the old address goes with the old program (its drain may hold a copy for a moment)
+        try:
+            healthz(first, timeout=1.0)
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "the old metrics address still answers"
+        time.sleep(0.05)
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert not [line for line in gw.seen if line.get("level") == "error"]
+    assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_unchanged_metrics_address_answers_all_through_the_upgrade(start_gateway, backends, workers):
+    """The socket is handed over as the listeners are: no probe is refused while the new program starts."""
+    pytest.importorskip("prometheus_client")
+    port = free_port()
+    gw = start_gateway(metrics_upgrade_toml(backends, workers, port))
+    pid = gw.proc.pid
+    probes = HealthLoop(port)
+    try:
+        probes.wait_for(5)
+        gw.proc.send_signal(signal.SIGUSR2)
+        gw.wait_for(lambda line: line.get("message") == "ready" and len(started_with(gw, pid)) == 2)
+        probes.wait_for(probes.done + 5)  # answered by the new program
+    finally:
+        probes.stop()
+    assert probes.failures == []
+    assert gw.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_upgrade_aborted_for_an_interpreter_out_of_reach_names_the_directory_and_the_cause(
+    start_gateway, backends, searchable_dir
+):
+    """A Python under a 0700 home (pyenv's, say) that the gateway's user cannot reach once it has dropped to it."""
+    import pwd
+    import sys
+    import sysconfig
+
+    home = searchable_dir / "home"  # root's, mode 0700: nobody may not search it
+    home.mkdir(mode=0o700)
+    venv = home / "venv"  # this test's virtualenv seen from inside that home: its python and its site-packages
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", venv / "pyvenv.cfg")
+    site = venv / Path(sysconfig.get_path("purelib")).relative_to(sys.prefix)
+    site.parent.mkdir(parents=True)
+    site.symlink_to(sysconfig.get_path("purelib"))
+    python = venv / "bin" / "python"
+    gw = start_gateway(
+        routes_toml(backends, extra_gateway='user = "nobody"'),
+        under=searchable_dir,
+        command=[str(python), "-m", "kiagateway"],
+    )
+    assert pwd.getpwuid(os.stat(f"/proc/{gw.proc.pid}").st_uid).pw_name == "nobody"
+    gw.proc.send_signal(signal.SIGUSR2)
+    aborted = gw.wait_for(lambda line: line.get("message", "").startswith("upgrade aborted"))["message"]
+    assert f"cannot run the interpreter {python}: permission denied on {home}" in aborted
+    assert "mode 0700, owner root" in aborted and "user nobody" in aborted
+    assert ask(gw.http).endswith(b"alpha http a.example")
+    assert gw.proc.poll() is None
+    assert gw.stop() == 0

@@ -254,3 +254,75 @@ def test_a_loader_that_hangs_ends_itself_and_the_reload_fails(monkeypatch):
         kiareload.load_in_child(hang, cooperative=False)
     assert time.monotonic() - started < TIMEOUT
     os.waitpid(forked[0], 0)  # the supervisor's SIGCHLD handling would collect it
+
+
+def test_healthz_answers_within_a_second_through_a_sighup_storm_with_a_huge_table(tmp_path, backends):
+    """The supervisor answers /healthz in the loop that reloads: a reload must never hold that loop.
+
+    HUGE routes take the loader child seconds to validate; the supervisor reads its answer as it comes.
+    """
+    pytest.importorskip("prometheus_client")
+    filler = "".join(f'"r{i}.example" = "127.0.0.1:{1 + i % 7}"\n' for i in range(HUGE))
+    toml = routes_toml(backends, 'workers = 2\nmetrics_listen = "127.0.0.1:0"').replace(
+        "[http_backends]\n", "[http_backends]\n" + filler
+    )
+    gw = Gateway(tmp_path, toml, start_timeout=RELOAD_TIMEOUT)
+    probes = Probes(gw.listening["metrics"][0][1])
+    try:
+        for n in (1, 2):
+            gw.wait_for(lambda line, n=n: line.get("message") == "worker started" and line["worker"] == n)
+        probes.start()
+        for _ in range(STORM):
+            gw.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.2)  # a storm spread over the first reload: the rest coalesce into one more
+        gw.wait_for(lambda _: supervisor_reloads(gw) >= 2, RELOAD_TIMEOUT)
+        probes.stop()
+        assert probes.failures == [], f"{len(probes.failures)} of {probes.done} probes failed"
+        assert probes.done >= STORM
+        assert ask(gw.http).endswith(b"alpha http a.example")
+    finally:
+        probes.stop()
+        gw.stop()
+
+
+HUGE = 100_000  # routes: issue 17 measured /healthz held 2.1 s by a reload of this many
+STORM = 10  # SIGHUPs, 0.2 s apart
+
+
+def supervisor_reloads(gw: Gateway) -> int:
+    return sum(line.get("message") == "config reloaded" and "worker" not in line for line in gw.seen)
+
+
+class Probes:
+    """A thread asking /healthz on ``port`` with a 1 s timeout, 20 times a second, until stopped (or a deadline)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.done = 0
+        self.failures: list[tuple[bytes, float]] = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + RELOAD_TIMEOUT + TIMEOUT
+        while not self.stopping.wait(0.05) and time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: probe\r\n\r\n")
+                    answer = read_all(sock, 1.0)
+            except OSError as exc:
+                answer = repr(exc).encode()
+            took = time.monotonic() - start
+            self.done += 1
+            if not answer.startswith(b"HTTP/1.1 200") or took >= 1.0:
+                self.failures.append((answer[:40], round(took, 2)))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
