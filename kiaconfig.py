@@ -74,12 +74,21 @@ class Backend:
         return ", ".join(map(str, self.addresses))
 
 
-def _unmapped(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """An IPv4-mapped network (``::ffff:10.0.0.0/104``) as the IPv4 network it means (``10.0.0.0/8``).
+def parse_network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A client network written as a CIDR ("10.0.0.0/8", "2001:db8::/32"; a bare IP is one host).
 
-    The gateway sees an IPv4 client as its IPv4 address on every listener, so a
-    client network is matched in its IPv4 form.
+    An IPv4-mapped network (``::ffff:10.0.0.0/104``) is the IPv4 network it means
+    (``10.0.0.0/8``): the gateway sees an IPv4 client as its IPv4 address on
+    every listener. Host bits set are a typo, refused with the network meant:
+    a list of who may do something should never widen or narrow silently.
     """
+    try:
+        network = ipaddress.ip_network(text)
+    except ValueError as exc:
+        hint = ""
+        if "host bits set" in str(exc):
+            hint = f" (did you mean {str(ipaddress.ip_network(text, strict=False))!r}?)"
+        raise ValueError(f"{text!r} is not a network: {exc}{hint}") from None
     if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
         return ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
     return network
@@ -448,12 +457,9 @@ def _allow(value: Any, where: str, errors: list[str]) -> tuple[ipaddress.IPv4Net
             errors.append(f'{where}[{index}]: expected a string like "10.0.0.0/8", got {type(item).__name__}')
             continue
         try:
-            networks.append(_unmapped(ipaddress.ip_network(item)))
+            networks.append(parse_network(item))
         except ValueError as exc:
-            hint = ""
-            if "host bits set" in str(exc):
-                hint = f" (did you mean {str(ipaddress.ip_network(item, strict=False))!r}?)"
-            errors.append(f"{where}[{index}]: {item!r} is not a network: {exc}{hint}")
+            errors.append(f"{where}[{index}]: {exc}")
     return tuple(networks)
 
 
@@ -542,14 +548,7 @@ def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
     for item in value:
         if not isinstance(item, str):
             raise ValueError(f'must be a list of networks like "10.0.0.0/8", and {item!r} is no string')
-        try:
-            networks.append(_unmapped(ipaddress.ip_network(item)))
-        except ValueError:
-            try:
-                hint = f" (did you mean {str(ipaddress.ip_network(item, strict=False))!r}?)"
-            except ValueError:
-                hint = ""
-            raise ValueError(f"{item!r} is not a network{hint}") from None
+        networks.append(parse_network(item))
     return tuple(networks)
 
 

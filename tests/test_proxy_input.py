@@ -354,7 +354,7 @@ def test_trusted_proxies_config():
 @pytest.mark.parametrize(
     "value, expected",
     [
-        (["10.0.0.1/8"], "'10.0.0.1/8' is not a network (did you mean '10.0.0.0/8'?)"),  # host bits: a typo
+        (["10.0.0.1/8"], "'10.0.0.1/8' is not a network: 10.0.0.1/8 has host bits set (did you mean '10.0.0.0/8'?)"),
         (["10.0.0.0/33"], "'10.0.0.0/33' is not a network"),
         (["example.com"], "'example.com' is not a network"),
         ("10.0.0.0/8", "must be a list of networks"),
