@@ -380,13 +380,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc to read the gateway's CPU time")
-@pytest.mark.parametrize("strict", [False, True], ids=["plain", "strict"])
-def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway, strict):
+def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway):
     """An MSG_OOB byte on a direction that splices: the bytes after it still arrive, without a busy loop.
 
     The contract: the urgent byte is not part of the stream (a plain recv, without
-    SO_OOBINLINE, steps over it), every other byte arrives in order. In strict mode
-    the bytes are a request body, which the strict relay splices too.
+    SO_OOBINLINE, steps over it), every other byte arrives in order. (A strict
+    request body: tests/test_strict.py.)
     """
     before, after = os.urandom(1 << 20), os.urandom(256 << 10)
     head = b"POST /up HTTP/1.1\r\nHost: raw.example\r\nContent-Length: %d\r\n\r\n" % (len(before) + len(after))
@@ -403,7 +402,7 @@ def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway, strict):
                 arrived.set()
         got["size"], got["sha"] = n, digest.hexdigest()
 
-    gw, be = raw_gateway(backend, extra=f"http_strict_host = {str(strict).lower()}")
+    gw, be = raw_gateway(backend)
     with socket.create_connection(gw.http, timeout=TIMEOUT) as sock:
         sock.sendall(head + before)
         cpu = cpu_seconds(gw.proc.pid)
