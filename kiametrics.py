@@ -37,6 +37,7 @@ import gevent
 import gevent.server
 import gevent.socket
 
+import kiaframe
 from kialog import Log
 
 LISTENERS = ("http", "https")
@@ -60,7 +61,6 @@ FINISH_WAIT = 0.5  # seconds the supervisor gives the scrapers it has taken befo
 ACCEPT_BATCH = 8  # scrapers the supervisor accepts per turn of its loop: then it reads those it has (a probe's)
 RENDER_EVERY = 1.0  # seconds a rendered /metrics text is served again: a scrape flood costs one render a second
 
-_LENGTH = struct.Struct("!I")  # the length of a pickled snapshot that follows on a worker's socketpair
 _ROUND = struct.Struct("!Q")  # a snapshot request: the scrape round it answers, so a late answer is known
 
 
@@ -368,7 +368,7 @@ class Reporter:
                 if request is None:  # the supervisor is gone; the lifeline stops the worker
                     return
                 body = pickle.dumps((_ROUND.unpack(request)[0], self.stats), pickle.HIGHEST_PROTOCOL)
-                channel.sendall(_LENGTH.pack(len(body)) + body)
+                channel.sendall(kiaframe.frame(body))
         except OSError:  # the supervisor is gone
             pass
         finally:
@@ -624,12 +624,7 @@ class Scrapes:
             self._finish_if_answered()
             return
         channel.buffer += data
-        while len(channel.buffer) >= _LENGTH.size:
-            size = _LENGTH.unpack_from(channel.buffer)[0]
-            if len(channel.buffer) < _LENGTH.size + size:
-                break
-            body = bytes(channel.buffer[_LENGTH.size : _LENGTH.size + size])
-            del channel.buffer[: _LENGTH.size + size]
+        for body in kiaframe.take(channel.buffer):
             _, channel.last = pickle.loads(body)  # from our own worker, through a socketpair no one else holds
             channel.asked = False
         self._finish_if_answered()

@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import time
 import traceback
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ import gevent.lock
 import gevent.os
 
 import kiaconfig
+import kiaframe
 import kiametrics
 import kiareload
 import kiaupgrade
@@ -569,8 +569,7 @@ class _Child:
                 self.sending, self.sent, self.latest = self.latest, 0, b""
 
 
-_LENGTH = struct.Struct("!Q")  # the length of the pickled (Config, ignored keys) that follows on a lifeline
-_STOP = _LENGTH.pack(0)  # a length of 0: drain and stop, the supervisor is upgrading
+_STOP = kiaframe.frame(b"")  # an empty message on a lifeline: drain and stop, the supervisor is upgrading
 
 
 def supervise(
@@ -677,7 +676,7 @@ def supervise(
                 cfg, ignored = reloaded  # replacement workers start with it too
                 body = kiareload.pack(cfg, ignored)
                 for child in children.values():
-                    child.hand(_LENGTH.pack(len(body)) + body)
+                    child.hand(kiaframe.frame(body))
                 _reloaded(log, cfg, ignored, True, workers=len(children))
         for signum in received:
             if signum == signal.SIGCHLD:
@@ -798,31 +797,24 @@ def _follow_supervisor(
 ) -> None:
     """A worker's greenlet: apply each config the supervisor sends; stop when it is gone (end of file)."""
     gevent.os.make_nonblocking(lifeline)
-    while True:
-        head = _read_exactly(lifeline, _LENGTH.size)
-        if head == _STOP:  # the supervisor execs a new program, which starts new workers
-            stopping.set()
-            break
-        body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
-        if body is None:
-            break
-        new, (ignored,) = kiareload.unpack(body)  # from our own supervisor, through a pipe no one else holds
-        apply(new, ignored)
+    _read_lifeline(lifeline, stopping, apply)
     os.close(lifeline)
     if not stopping.is_set():
         log.warning("supervisor gone, stopping", worker=worker)
         stopping.set()
 
 
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    """``size`` bytes from a non-blocking ``fd``, waiting on the event loop; None at end of file."""
-    data = bytearray()
-    while len(data) < size:
-        chunk = gevent.os.nb_read(fd, min(size - len(data), _READ_CHUNK))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
+def _read_lifeline(lifeline: int, stopping: gevent.event.Event, apply: Callable[[Config, list[str]], None]) -> None:
+    """Apply the configs that come down ``lifeline`` until end of file, or set ``stopping`` at a ``_STOP``."""
+    buffer = bytearray()
+    while chunk := gevent.os.nb_read(lifeline, _READ_CHUNK):
+        buffer += chunk
+        for message in kiaframe.take(buffer):
+            if not message:  # the supervisor execs a new program, which starts new workers
+                stopping.set()
+                return
+            new, (ignored,) = kiareload.unpack(message)  # from our own supervisor, through a pipe no one else holds
+            apply(new, ignored)
 
 
 _READ_CHUNK = 1 << 20  # a pipe holds 64 KiB by default: a bigger read only returns what is there

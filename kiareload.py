@@ -33,7 +33,6 @@ import os
 import pickle
 import signal
 import stat
-import struct
 import time
 import traceback
 from typing import Callable
@@ -41,6 +40,7 @@ from typing import Callable
 import gevent
 import gevent.os
 
+import kiaframe
 from kiaconfig import Config, ConfigError, RouteTable
 
 SLICE = 2000  # routes per pickled slice: unpickling one takes 1-5 ms on a loaded core, well inside 50 ms
@@ -51,7 +51,6 @@ LOADER_TIMEOUT = 600  # seconds before the loader ends itself (SIGALRM), failing
 REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
 RECHECK = 1.1  # seconds after arming to compare nanosecond stat times: past the whole second libev compares
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
-_LENGTH = struct.Struct("!Q")  # the length of the loader's answer, so that a cut one is told from a whole one
 _FALLBACK_FDS = 1 << 16  # descriptors closed in the loader child where the limit reads as unlimited
 _READ_CHUNK = 1 << 20  # a pipe gives what it holds (64 KiB by default): a bigger read costs nothing
 
@@ -184,7 +183,7 @@ def _start_loader(load: Callable[[], Config]) -> tuple[int, int]:
             except BaseException as exc:
                 traceback.print_exc()
                 message = b"E" + pickle.dumps([f"reading the config failed: {exc!r}"], pickle.HIGHEST_PROTOCOL)
-            view = memoryview(_LENGTH.pack(len(message)) + message)
+            view = memoryview(kiaframe.frame(message))  # framed: a cut answer is told from a whole one
             while view:
                 view = view[os.write(write_end, view) :]
             code = 0
@@ -196,9 +195,10 @@ def _start_loader(load: Callable[[], Config]) -> tuple[int, int]:
 
 def _answer(data: bytearray, cooperative: bool) -> Config:
     """The Config of a loader's whole answer; ConfigError for its errors or an answer cut short."""
-    if len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] != len(data) - _LENGTH.size:
+    messages = kiaframe.take(data)
+    if len(messages) != 1 or data:
         raise ConfigError(["reading the config failed: the loader process ended before its whole answer"])
-    body = memoryview(data)[_LENGTH.size :]
+    body = memoryview(messages[0])
     if body[:1] == b"E":
         raise ConfigError(pickle.loads(body[1:]))
     return unpack(body[1:], cooperative)[0]
