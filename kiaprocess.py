@@ -10,7 +10,6 @@ is a target.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import select
@@ -110,10 +109,15 @@ def drop_privileges(user: str) -> None:
 
 
 def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd.
+
+    ``RELOADING=1`` gets the ``MONOTONIC_USEC`` that systemd asks for beside it.
+    """
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
+    if message == "RELOADING=1":
+        message += f"\nMONOTONIC_USEC={_monotonic_usec()}"
     if path.startswith("@"):
         path = "\0" + path[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -211,14 +215,15 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         lambda: kiareload.load_in_child(load, cooperative=workers == 1),  # as a reload reads it: off the loop
         log,
         listeners,
-        lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}"),
+        lambda: sd_notify("RELOADING=1"),
         systemd,
         (s.metrics_listen, metrics_sock) if metrics_sock is not None else None,
         _bind_for_upgrade,
     )
+    policy = kiareload.Policy(log, sd_notify, lambda settings: check_nofile(log, settings, raise_nofile()))
     if workers == 1:
         exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
-        return serve(cfg, load, make_server, log, listeners, worker=0, upgrade=upgrade, metrics=exporter)
+        return serve(cfg, load, make_server, log, policy, listeners, worker=0, upgrade=upgrade, metrics=exporter)
     scrapes = kiametrics.Scrapes(metrics_sock, version, log) if metrics_sock is not None else None
     return supervise(
         workers,
@@ -227,6 +232,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
             load,
             make_server,
             log,
+            policy,
             listeners,
             worker,
             lifeline,
@@ -235,6 +241,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         cfg,
         load,
         log,
+        policy,
         listeners,
         upgrade,
         scrapes,
@@ -254,72 +261,6 @@ def _say_where_listeners_come_from(log: Log, version: str, inherited: bool, syst
             log.info("listening on the sockets handed over: a changed http_listen or https_listen needs a restart")
     else:
         log.info("socket activation: listening on the sockets passed in, http_listen and https_listen are ignored")
-
-
-# Used only at start-up.
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen", "watch_config")
-LISTEN_KEYS = ("http_listen", "https_listen")  # ignored even at start-up while systemd passes the sockets
-
-
-def _reload(load: Load, log: Log, running: Config, systemd: bool = False) -> tuple[Config, list[str]] | None:
-    """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
-
-    Run by the process systemd and the operator see: the only one, or the
-    supervisor, which hands the result to its workers. What only start-up reads
-    keeps its running value in the config returned, so that a change not
-    applied is reported again at every reload, never forgotten. With
-    ``systemd`` passing the sockets, a restart would not apply the listen
-    lists either: the warning says so instead.
-    """
-    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
-    try:
-        new = load()
-    except ConfigError as exc:
-        for line in exc.errors:
-            log.error(f"reload failed, keeping the running config: {line}")
-        sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
-        return None
-    if not len(new.http_routes) and not len(new.https_routes):  # an editor's half-written file, most likely
-        log.error(f"reload refused, keeping the running config: {new.source} has no routes at all")
-        sd_notify("READY=1\nSTATUS=reload refused (no routes), running the previous config; see the log")
-        return None
-    old = running.settings
-    changed = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
-    ignored = [key for key in changed if not (systemd and key in LISTEN_KEYS)]
-    for warning in new.warnings:
-        log.warning(warning)
-    for key in (key for key in changed if key not in ignored):
-        log.warning(
-            f"{key} is ignored: systemd passes the listening sockets (the .socket unit's ListenStream= sets them)",
-            key=key,
-        )
-    for key in ignored:
-        log.warning(
-            f"reload cannot change {key}: restart the gateway to apply it",
-            key=key,
-            running=_setting_text(getattr(old, key)),
-            new=_setting_text(getattr(new.settings, key)),
-        )
-    if new.settings.max_connections != old.max_connections:
-        check_nofile(log, new.settings, raise_nofile())
-    if changed:
-        kept = {key: getattr(old, key) for key in changed}
-        new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
-    return new, ignored
-
-
-def _setting_text(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _reloaded(log: Log, cfg: Config, ignored: list[str], main: bool, **fields: object) -> None:
-    """Say that a reload is done; ``ignored`` names what it did not change."""
-    if ignored:
-        fields["ignored"] = ignored
-    log.info("config reloaded", http_routes=len(cfg.http_routes), https_routes=len(cfg.https_routes), **fields)
-    if main:
-        status = f"config reloaded; a restart would apply {', '.join(ignored)}" if ignored else "config reloaded"
-        sd_notify(f"READY=1\nSTATUS={status}")
 
 
 def _monotonic_usec() -> int:
@@ -342,6 +283,7 @@ def serve(
     load: Load,
     make_server: MakeServer,
     log: Log,
+    policy: kiareload.Policy,
     listeners: list,
     worker: int,
     lifeline: int | None = None,
@@ -372,21 +314,21 @@ def serve(
     def reload() -> None:
         nonlocal running
         with reloading:
-            reloaded = _reload(
-                lambda: kiareload.load_in_child(load), log, running, upgrade is not None and upgrade.systemd
+            reloaded = policy.reload(
+                lambda: kiareload.load_in_child(load), running, upgrade is not None and upgrade.systemd
             )
             if metrics is not None:
                 metrics.reloaded(reloaded is not None)
             if reloaded is not None:
                 running, ignored = reloaded
                 gateway.reload(running)
-                _reloaded(log, running, ignored, True)
+                policy.reloaded(running, ignored, True)
 
     def apply(new: Config, ignored: list[str]) -> None:
         nonlocal running
         running = new
         gateway.reload(new)
-        _reloaded(log, new, ignored, False, **fields)
+        policy.reloaded(new, ignored, False, **fields)
 
     upgrading = False
 
@@ -422,7 +364,7 @@ def serve(
         if cfg.settings.watch_config:
 
             def changed() -> None:
-                _file_changed(log, cfg.source)
+                policy.file_changed(cfg.source)
                 gevent.spawn(reload)
 
             watch = kiareload.Watch(cfg.source, changed)  # noqa: F841 - kept while serving
@@ -578,6 +520,7 @@ def supervise(
     cfg: Config,
     load: Load,
     log: Log,
+    policy: kiareload.Policy,
     listeners: list,
     upgrade: kiaupgrade.Upgrade | None = None,
     metrics: kiametrics.Scrapes | None = None,
@@ -658,7 +601,7 @@ def supervise(
         readers += [loading.fd] if loading is not None else []
         received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
         if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
-            _file_changed(log, cfg.source)
+            policy.file_changed(cfg.source)
             received += [] if signal.SIGHUP in received else [signal.SIGHUP]
         for fd in writable:
             if fd in sending:
@@ -667,7 +610,7 @@ def supervise(
             metrics.handle(readable, writable)
         if loading is not None and loading.fd in readable and loading.read():
             systemd = upgrade is not None and upgrade.systemd
-            reloaded = _reload(loading.result, log, cfg, systemd)
+            reloaded = policy.reload(loading.result, cfg, systemd)
             loading = kiareload.Loader(load) if load_again and not stopping else None
             load_again = False
             if metrics is not None:
@@ -677,7 +620,7 @@ def supervise(
                 body = kiareload.pack(cfg, ignored)
                 for child in children.values():
                     child.hand(kiaframe.frame(body))
-                _reloaded(log, cfg, ignored, True, workers=len(children))
+                policy.reloaded(cfg, ignored, True, workers=len(children))
         for signum in received:
             if signum == signal.SIGCHLD:
                 for child in _reap(children, respawn, log, stopping):
@@ -764,11 +707,6 @@ def _left_running(log: Log, pids: set[int]) -> None:
         log.warning(
             "the old program's processes still run past drain_timeout; exiting", pids=",".join(map(str, sorted(pids)))
         )
-
-
-def _file_changed(log: Log, path: str) -> None:
-    """watch_config saw the file or a symlink leading to it change: a reload follows, as on SIGHUP."""
-    log.info("config file changed, reloading", config=path)
 
 
 def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> list[_Child]:
