@@ -222,11 +222,11 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     policy = kiareload.Policy(log, sd_notify, lambda settings: check_nofile(log, settings, raise_nofile()))
     if workers == 1:
         exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
-        return serve(cfg, load, make_server, log, policy, listeners, worker=0, upgrade=upgrade, metrics=exporter)
+        return Process(cfg, load, make_server, log, policy, listeners, upgrade=upgrade, metrics=exporter).serve()
     scrapes = kiametrics.Scrapes(metrics_sock, version, log) if metrics_sock is not None else None
     return kiasupervisor.supervise(
         workers,
-        lambda worker, current, lifeline: serve(
+        lambda worker, current, lifeline: Process(
             current,
             load,
             make_server,
@@ -234,9 +234,8 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
             policy,
             listeners,
             worker,
-            lifeline,
             metrics=scrapes.in_worker(worker) if scrapes is not None else None,
-        ),
+        ).serve(lifeline),
         cfg,
         load,
         log,
@@ -278,123 +277,131 @@ def connection_id_prefix() -> str:
     return f"{os.getpid()}-{upgrades}." if upgrades else f"{os.getpid()}."
 
 
-def serve(
-    cfg: Config,
-    load: Load,
-    make_server: MakeServer,
-    log: Log,
-    policy: kiareload.Policy,
-    listeners: list,
-    worker: int,
-    lifeline: int | None = None,
-    upgrade: kiaupgrade.Upgrade | None = None,
-    metrics: kiametrics.Exporter | kiametrics.Reporter | None = None,
-) -> int:
+class Process:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
     Alone, it reloads the file on SIGHUP (read in a child, see kiareload) and,
     with watch_config, when it changes, and upgrades in place on SIGUSR2; as a
     supervisor's worker it applies the configs the supervisor validated and sends
-    down its ``lifeline``, so that all workers serve the same table whatever
-    happens to the file meanwhile.
+    down its lifeline, so that all workers serve the same table whatever
+    happens to the file meanwhile. ``worker`` is 0 for the only process.
     """
-    relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
-    gateway = make_server(cfg, log, connection_id_prefix())
-    if metrics is not None:
-        gateway.metrics = metrics.stats
-        metrics.start()
-    gateway.serve(listeners)
-    stopping = gevent.event.Event()
 
-    fields = {"worker": worker} if worker else {}
+    def __init__(
+        self,
+        cfg: Config,
+        load: Load,
+        make_server: MakeServer,
+        log: Log,
+        policy: kiareload.Policy,
+        listeners: list,
+        worker: int = 0,
+        upgrade: kiaupgrade.Upgrade | None = None,
+        metrics: kiametrics.Exporter | kiametrics.Reporter | None = None,
+    ) -> None:
+        self.running = cfg  # the config as last reloaded or applied
+        self.load = load
+        self.log = log
+        self.policy = policy
+        self.listeners = listeners
+        self.worker = worker
+        self.upgrade = upgrade  # None once upgraded in place: this process is the old program's drain
+        self.metrics = metrics
+        self.fields: dict[str, object] = {"worker": worker} if worker else {}  # in the log lines of its end
+        self.stopping = gevent.event.Event()
+        self.reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
+        self.upgrading = False  # ready() and starts() wait on the loop for their children: a SIGUSR2 then waits not
+        self.watch: kiareload.Watch | None = None  # kept while serving
+        relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipes
+        self.gateway = make_server(cfg, log, connection_id_prefix())
 
-    running = cfg
-    reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
+    def serve(self, lifeline: int | None = None) -> int:
+        """Serve until told to stop, then drain and return the exit status; a worker follows its ``lifeline``."""
+        if self.metrics is not None:
+            self.gateway.metrics = self.metrics.stats
+            self.metrics.start()
+        self.gateway.serve(self.listeners)
+        if lifeline is None:
+            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+            gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(self.upgrade_in_place))
+            if self.running.settings.watch_config:
+                self.watch = kiareload.Watch(self.running.source, self._file_changed)
+        else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # and the supervisor's upgrade, not a worker's death
+            gevent.spawn(kiasupervisor.follow_supervisor, lifeline, self.log, self.stopping, self.worker, self.apply)
+        gevent.signal_handler(signal.SIGTERM, self.stopping.set)
+        gevent.signal_handler(signal.SIGINT, self.stopping.set)
+        if not self.worker:  # a container's init gets orphans; after an upgrade, the old program's drain
+            signal.signal(signal.SIGCHLD, kiasupervisor.reap_orphans)  # (libev keeps SIGCHLD)
+            kiasupervisor.reap_orphans()  # any that ended before the handler was in place
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, kiasupervisor.SUPERVISED)  # a SIGTERM sent early is handled now
+        if self.worker:
+            self.log.info("worker started", worker=self.worker, pid=os.getpid())
+        else:
+            sd_notify("READY=1")
+            self.log.info("ready")
+        self.stopping.wait()
+        self.stop()
+        return 0
 
-    def reload() -> None:
-        nonlocal running
-        with reloading:
-            reloaded = policy.reload(
-                lambda: kiareload.load_in_child(load), running, upgrade is not None and upgrade.systemd
-            )
-            if metrics is not None:
-                metrics.reloaded(reloaded is not None)
+    def reload(self) -> None:
+        """Read the file in a loader child and serve what it holds, if the policy takes it (SIGHUP, watch_config)."""
+        with self.reloading:
+            systemd = self.upgrade is not None and self.upgrade.systemd
+            reloaded = self.policy.reload(lambda: kiareload.load_in_child(self.load), self.running, systemd)
+            if self.metrics is not None:
+                self.metrics.reloaded(reloaded is not None)
             if reloaded is not None:
-                running, ignored = reloaded
-                gateway.reload(running)
-                policy.reloaded(running, ignored, True)
+                self.running, ignored = reloaded
+                self.gateway.reload(self.running)
+                self.policy.reloaded(self.running, ignored, True)
 
-    def apply(new: Config, ignored: list[str]) -> None:
-        nonlocal running
-        running = new
-        gateway.reload(new)
-        policy.reloaded(new, ignored, False, **fields)
+    def apply(self, new: Config, ignored: list[str]) -> None:
+        """Serve a config the supervisor validated (a worker's reload)."""
+        self.running = new
+        self.gateway.reload(new)
+        self.policy.reloaded(new, ignored, False, **self.fields)
 
-    upgrading = False
-
-    def upgrade_in_place() -> None:
+    def upgrade_in_place(self) -> None:
         """A forked child keeps the open connections and drains them; this process becomes the new program."""
-        nonlocal upgrading, metrics, upgrade
-        if upgrading or stopping.is_set() or upgrade is None:
+        upgrade = self.upgrade
+        if self.upgrading or self.stopping.is_set() or upgrade is None:
             return
-        upgrading = (
-            True  # ready() and starts() wait on the loop for their children: a SIGUSR2 meanwhile waits for nothing
-        )
-        if not upgrade.ready() or stopping.is_set() or not upgrade.starts() or stopping.is_set():
+        self.upgrading = True
+        if not upgrade.ready() or self.stopping.is_set() or not upgrade.starts() or self.stopping.is_set():
             upgrade.cancel()
-            upgrading = False
+            self.upgrading = False
             return
-        log.flush()  # the child starts with an empty queue: what waits is written by hand_over
+        self.log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         child = gevent.os.fork_gevent()
         if child:
             upgrade.hand_over([child, *kiasupervisor.still_running(upgrade.previous)])
         upgrade.cancel()  # the new program's metrics socket, if bound for it: only the new program holds it now
-        upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
-        if metrics is not None:  # the new program has metrics_listen's socket: let go of our copy
-            metrics.close()
-            metrics = None
+        self.upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
+        if self.metrics is not None:  # the new program has metrics_listen's socket: let go of our copy
+            self.metrics.close()
+            self.metrics = None
         os.environ.pop("NOTIFY_SOCKET", None)  # the new program speaks for the service now
-        fields["pid"] = os.getpid()
-        log.info("draining the open connections of the old program", pid=os.getpid())
-        stopping.set()
+        self.fields["pid"] = os.getpid()
+        self.log.info("draining the open connections of the old program", pid=os.getpid())
+        self.stopping.set()
 
-    if lifeline is None:
-        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
-        gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(upgrade_in_place))
-        if cfg.settings.watch_config:
+    def stop(self) -> None:
+        """Drain: stop accepting, let the open connections finish within drain_timeout, wait for an old program's."""
+        settings = self.running.settings
+        if not self.worker:
+            sd_notify("STOPPING=1")
+        if self.metrics is not None:
+            self.metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
+        previous = kiasupervisor.stop_previous(self.upgrade.previous) if self.upgrade is not None else set()
+        until = time.monotonic() + settings.drain_timeout + kiasupervisor.PREVIOUS_MARGIN
+        self.gateway.stop(settings.drain_timeout, **self.fields)
+        kiasupervisor.wait_previous(self.log, previous, until)  # the old program's drain, forked before an upgrade
+        if self.metrics is not None:
+            self.metrics.close()
+        self.log.info("stopped", **self.fields)
 
-            def changed() -> None:
-                policy.file_changed(cfg.source)
-                gevent.spawn(reload)
-
-            watch = kiareload.Watch(cfg.source, changed)  # noqa: F841 - kept while serving
-    else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # and the supervisor's upgrade, not a worker's death
-        gevent.spawn(kiasupervisor.follow_supervisor, lifeline, log, stopping, worker, apply)
-    gevent.signal_handler(signal.SIGTERM, stopping.set)
-    gevent.signal_handler(signal.SIGINT, stopping.set)
-    if not worker:  # a container's init gets orphans; after an upgrade, the old program's drain (libev keeps SIGCHLD)
-        signal.signal(signal.SIGCHLD, kiasupervisor.reap_orphans)
-        kiasupervisor.reap_orphans()  # any that ended before the handler was in place
-    signal.pthread_sigmask(
-        signal.SIG_UNBLOCK, kiasupervisor.SUPERVISED
-    )  # a worker's: a SIGTERM sent early is handled now
-    if worker:
-        log.info("worker started", worker=worker, pid=os.getpid())
-    else:
-        sd_notify("READY=1")
-        log.info("ready")
-    stopping.wait()
-    if not worker:
-        sd_notify("STOPPING=1")
-    if metrics is not None:
-        metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
-    previous = kiasupervisor.stop_previous(upgrade.previous) if upgrade is not None else set()
-    until = time.monotonic() + running.settings.drain_timeout + kiasupervisor.PREVIOUS_MARGIN
-    gateway.stop(running.settings.drain_timeout, **fields)
-    kiasupervisor.wait_previous(log, previous, until)  # the old program's drain, forked before an upgrade: it is ours
-    if metrics is not None:
-        metrics.close()
-    log.info("stopped", **fields)
-    return 0
+    def _file_changed(self) -> None:
+        self.policy.file_changed(self.running.source)
+        gevent.spawn(self.reload)

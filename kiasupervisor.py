@@ -4,7 +4,7 @@ Its own module because it is a process of its own, with no event loop: it
 waits in ``poll`` on its signals, its workers' lifelines, a reload's loader
 child and the metrics port, where the only process and each worker run a gevent
 hub (kiaprocess.py). It is handed what it runs, as ``supervise`` is handed
-``work`` (one worker's life: kiaprocess.serve), the reload policy and
+``work`` (one worker's life: kiaprocess.Process), the reload policy and
 ``notify`` (sd_notify), and imports nothing of kiaprocess.py, so the arrows go
 one way. The worker's side of a lifeline (``follow_supervisor``) and the wait
 for an upgrade's previous generation, which the only process needs too, are
