@@ -6,7 +6,8 @@ parsers (sniff.py, httpstream.py, proxyproto.py) raise them, the data path
 raises the routing, policy and backend ones, and ``reply`` turns any of them
 into bytes in one place. A client is told a fixed text per status; the
 ``reason`` (backend address, errno, resolver message, the client's own bytes)
-goes to the log only. Its own module so that parsers and the data path share
+goes to the log only. The metrics endpoint's answers (``metrics_response``)
+come from the same builder, ``http_answer``. Its own module so that parsers and the data path share
 one family without either importing the other, as h11's ``_util.py`` holds
 h11's; it imports nothing of the project's.
 """
@@ -30,7 +31,9 @@ __all__ = [
     "PreambleTimeout",
     "TlsRecordOverflow",
     "UnexpectedTlsMessage",
+    "http_answer",
     "http_response",
+    "metrics_response",
     "reply",
     "tls_alert",
 ]
@@ -177,12 +180,15 @@ class HttpOnTlsPort(NotTls):
 # The replies
 
 HTTP_REASONS = {
+    200: "OK",
     400: "Bad Request",
     403: "Forbidden",
+    404: "Not Found",
     408: "Request Timeout",
     421: "Misdirected Request",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     502: "Bad Gateway",
     503: "Service Unavailable",
     504: "Gateway Timeout",
@@ -202,20 +208,42 @@ _HTTP_DETAILS = {
 }
 
 
-def http_response(status: int, detail: str | None = None, head: bool = False) -> bytes:
-    """A short plain-text answer; ``detail`` defaults to the status's fixed text.
+# The metrics endpoint's short texts (kiametrics.py; DESIGN.md: "/healthz: 200 ok while serving, 503 while
+# draining. Anything else: 404."), where /metrics has no text to send.
+_METRICS_TEXTS = {
+    200: b"ok\n",
+    400: b"bad request\n",
+    404: b"not found\n",
+    500: b"metrics failed\n",
+    503: b"draining\n",
+}
+PLAIN_TEXT = "text/plain; charset=us-ascii"
+
+
+def http_answer(status: int, body: bytes, content_type: str = PLAIN_TEXT, head: bool = False) -> bytes:
+    """A whole answer after which the connection closes: every HTTP reply of the gateway is built here.
 
     The answer to a HEAD request has no body (RFC 9110 section 9.3.2); its
     Content-Length still gives the size the body would have had.
     """
-    body = f"{status} {HTTP_REASONS[status]}: {detail or _HTTP_DETAILS[status]}\n".encode("ascii", "replace")
     fields = (
         f"HTTP/1.1 {status} {HTTP_REASONS[status]}\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n"
         "Connection: close\r\n\r\n"
     )
     return fields.encode("ascii") + (b"" if head else body)
+
+
+def http_response(status: int, detail: str | None = None, head: bool = False) -> bytes:
+    """A refused client's short plain-text answer; ``detail`` defaults to the status's fixed text."""
+    body = f"{status} {HTTP_REASONS[status]}: {detail or _HTTP_DETAILS[status]}\n".encode("ascii", "replace")
+    return http_answer(status, body, head=head)
+
+
+def metrics_response(status: int, body: bytes = b"", content_type: str = PLAIN_TEXT, head: bool = False) -> bytes:
+    """An answer of the metrics endpoint: ``body`` (the metrics text) or, if empty, the status's short text."""
+    return http_answer(status, body or _METRICS_TEXTS[status], content_type if body else PLAIN_TEXT, head)
 
 
 def tls_alert(description: int) -> bytes:

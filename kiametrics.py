@@ -31,12 +31,15 @@ import socket
 import struct
 import time
 import traceback
+import types
 from typing import Callable
 
 import gevent
 import gevent.server
 import gevent.socket
 
+import kiaerrors
+import kiaframe
 from kialog import Log
 
 LISTENERS = ("http", "https")
@@ -60,8 +63,7 @@ FINISH_WAIT = 0.5  # seconds the supervisor gives the scrapers it has taken befo
 ACCEPT_BATCH = 8  # scrapers the supervisor accepts per turn of its loop: then it reads those it has (a probe's)
 RENDER_EVERY = 1.0  # seconds a rendered /metrics text is served again: a scrape flood costs one render a second
 
-_LENGTH = struct.Struct("!I")  # the length of a pickled snapshot that follows on a worker's socketpair
-_ROUND = struct.Struct("!Q")  # a snapshot request: the scrape round it answers, so a late answer is known
+_ROUND = struct.Struct("!Q")  # a snapshot request, framed as the answer is: the scrape round it answers
 
 
 class Stats:
@@ -163,17 +165,7 @@ def render(stats: Stats, reloads: dict[str, int], restarts: int, version: str) -
     build = GaugeMetricFamily("kiagateway_build_info", "The running version; always 1.", labels=("version",))
     build.add_metric((version,), 1)
     families.append(build)
-    return generate_latest(_Families(families))
-
-
-class _Families:
-    """What generate_latest asks of a registry: collect()."""
-
-    def __init__(self, families: list) -> None:
-        self.families = families
-
-    def collect(self) -> list:
-        return self.families
+    return generate_latest(types.SimpleNamespace(collect=lambda: families))  # what it asks of a registry
 
 
 # ---------------------------------------------------------------------------
@@ -191,23 +183,15 @@ def classify(head: bytes) -> str:
     return "other"
 
 
-_STATUS = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
+def respond(kind: str, healthy: bool, text: bytes = b"", request: bytes | bytearray = b"") -> bytes:
+    """The whole answer for a request of ``kind``, built by kiaerrors; ``text`` is the rendered metrics.
 
-
-def respond(kind: str, healthy: bool, text: bytes = b"") -> bytes:
-    """The whole answer for a request of ``kind``; ``text`` is the rendered metrics."""
-    if kind == "metrics":
-        status, body, content_type = (200, text, CONTENT_TYPE) if text else (500, b"metrics failed\n", None)
-    elif kind == "healthz":
-        status, body, content_type = (200, b"ok\n", None) if healthy else (503, b"draining\n", None)
-    else:
-        status, body, content_type = (400, b"bad request\n", None) if kind == "bad" else (404, b"not found\n", None)
-    head = (
-        f"HTTP/1.1 {status} {_STATUS[status]}\r\n"
-        f"Content-Type: {content_type or 'text/plain; charset=us-ascii'}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+    ``request`` is the request head: a HEAD request gets no body.
+    """
+    if kind == "metrics" and text:
+        return kiaerrors.metrics_response(200, text, CONTENT_TYPE)
+    status = {"metrics": 500, "healthz": 200 if healthy else 503, "bad": 400}.get(kind, 404)
+    return kiaerrors.metrics_response(status, head=request.startswith(b"HEAD "))
 
 
 # ---------------------------------------------------------------------------
@@ -264,7 +248,7 @@ class Exporter:
             kind = classify(bytes(head)) if len(head) <= MAX_HEAD else "bad"
             text = self._rendered.get(self._render) if kind == "metrics" else b""
             with gevent.Timeout(REQUEST_TIMEOUT, False):
-                client.sendall(respond(kind, self.healthy, text))
+                client.sendall(respond(kind, self.healthy, text, head))
         except OSError:  # the scraper left, or was evicted: nothing to answer
             pass
         finally:
@@ -363,26 +347,16 @@ class Reporter:
     def _answer(self) -> None:
         channel = gevent.socket.socket(fileno=self.channel.detach())
         try:
-            while True:
-                request = _recv_exactly(channel, _ROUND.size)
-                if request is None:  # the supervisor is gone; the lifeline stops the worker
-                    return
-                body = pickle.dumps((_ROUND.unpack(request)[0], self.stats), pickle.HIGHEST_PROTOCOL)
-                channel.sendall(_LENGTH.pack(len(body)) + body)
+            buffer = bytearray()
+            while chunk := channel.recv(1024):  # end of file: the supervisor is gone; the lifeline stops the worker
+                buffer += chunk
+                for request in kiaframe.take(buffer):
+                    body = pickle.dumps((_ROUND.unpack(request)[0], self.stats), pickle.HIGHEST_PROTOCOL)
+                    channel.sendall(kiaframe.frame(body))
         except OSError:  # the supervisor is gone
             pass
         finally:
             channel.close()
-
-
-def _recv_exactly(sock: gevent.socket.socket, size: int) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 class _Channel:
@@ -583,12 +557,12 @@ class Scrapes:
         self._waiting.remove(scraper)
         scraper.deadline = time.monotonic() + REQUEST_TIMEOUT
         if len(scraper.head) > MAX_HEAD:
-            self._answer(scraper, respond("bad", self.healthy))
+            self._answer(scraper, respond("bad", self.healthy, request=scraper.head))
         else:
             kind = classify(bytes(scraper.head))
             text = self._rendered.fresh() if kind == "metrics" else b""
             if kind != "metrics" or text:
-                self._answer(scraper, respond(kind, self.healthy, text))
+                self._answer(scraper, respond(kind, self.healthy, text, scraper.head))
             else:
                 scraper.round = 0
                 if self.round_deadline is None:
@@ -601,11 +575,11 @@ class Scrapes:
         for scraper in self.scrapers.values():
             if scraper.round == 0:
                 scraper.round = self.round
-        request = _ROUND.pack(self.round)
+        request = kiaframe.frame(_ROUND.pack(self.round))
         for channel in self.channels.values() if not self.finishing else ():
             if not channel.asked:
                 try:
-                    channel.asked = channel.sock.send(request) == len(request)  # an empty socket takes 8 bytes
+                    channel.asked = channel.sock.send(request) == len(request)  # an empty socket takes these 16 bytes
                 except OSError:  # the worker is gone: its SIGCHLD comes
                     pass
         if not any(channel.asked for channel in self.channels.values()):
@@ -624,12 +598,7 @@ class Scrapes:
             self._finish_if_answered()
             return
         channel.buffer += data
-        while len(channel.buffer) >= _LENGTH.size:
-            size = _LENGTH.unpack_from(channel.buffer)[0]
-            if len(channel.buffer) < _LENGTH.size + size:
-                break
-            body = bytes(channel.buffer[_LENGTH.size : _LENGTH.size + size])
-            del channel.buffer[: _LENGTH.size + size]
+        for body in kiaframe.take(channel.buffer):
             _, channel.last = pickle.loads(body)  # from our own worker, through a socketpair no one else holds
             channel.asked = False
         self._finish_if_answered()

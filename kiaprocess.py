@@ -1,25 +1,22 @@
-"""The process life cycle: bind, drop privileges, serve in one process or in supervised workers, signals.
+"""The process set-up and one serving process: bind, drop privileges, raise nofile, then serve alone or as a worker.
 
 Its own module because the life cycle is a job apart from the data path: it
 is handed what it runs (``make_server`` builds the per-worker server, ``load``
 re-reads the config, in the one process that reloads) and imports nothing from
 kiagateway.py, so the arrows go one way. It never reads a connection's bytes.
+With workers, ``run`` hands kiasupervisor.py one worker's life to run (the
+supervisor never imports this module); the reload's policy is kiareload.py's.
 It uses only what every Unix Python has (no sigtimedwait, no prctl): OpenBSD
 is a target.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
-import select
 import signal
 import socket
-import struct
 import time
-import traceback
-from collections.abc import Iterable
 from typing import Callable, Protocol
 
 import gevent
@@ -30,6 +27,7 @@ import gevent.os
 import kiaconfig
 import kiametrics
 import kiareload
+import kiasupervisor
 import kiaupgrade
 import relay
 from kiaconfig import Address, Config, ConfigError
@@ -110,10 +108,15 @@ def drop_privileges(user: str) -> None:
 
 
 def sd_notify(message: str) -> None:
-    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd.
+
+    ``RELOADING=1`` gets the ``MONOTONIC_USEC`` that systemd asks for beside it.
+    """
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
         return
+    if message == "RELOADING=1":
+        message += f"\nMONOTONIC_USEC={_monotonic_usec()}"
     if path.startswith("@"):
         path = "\0" + path[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
@@ -211,30 +214,33 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
         lambda: kiareload.load_in_child(load, cooperative=workers == 1),  # as a reload reads it: off the loop
         log,
         listeners,
-        lambda: sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}"),
+        lambda: sd_notify("RELOADING=1"),
         systemd,
         (s.metrics_listen, metrics_sock) if metrics_sock is not None else None,
         _bind_for_upgrade,
     )
+    policy = kiareload.Policy(log, sd_notify, lambda settings: check_nofile(log, settings, raise_nofile()))
     if workers == 1:
         exporter = kiametrics.Exporter(metrics_sock, version, log) if metrics_sock is not None else None
-        return serve(cfg, load, make_server, log, listeners, worker=0, upgrade=upgrade, metrics=exporter)
+        return Process(cfg, load, make_server, log, policy, listeners, upgrade=upgrade, metrics=exporter).serve()
     scrapes = kiametrics.Scrapes(metrics_sock, version, log) if metrics_sock is not None else None
-    return supervise(
+    return kiasupervisor.supervise(
         workers,
-        lambda worker, current, lifeline: serve(
+        lambda worker, current, lifeline: Process(
             current,
             load,
             make_server,
             log,
+            policy,
             listeners,
             worker,
-            lifeline,
             metrics=scrapes.in_worker(worker) if scrapes is not None else None,
-        ),
+        ).serve(lifeline),
         cfg,
         load,
         log,
+        policy,
+        sd_notify,
         listeners,
         upgrade,
         scrapes,
@@ -256,72 +262,6 @@ def _say_where_listeners_come_from(log: Log, version: str, inherited: bool, syst
         log.info("socket activation: listening on the sockets passed in, http_listen and https_listen are ignored")
 
 
-# Used only at start-up.
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen", "watch_config")
-LISTEN_KEYS = ("http_listen", "https_listen")  # ignored even at start-up while systemd passes the sockets
-
-
-def _reload(load: Load, log: Log, running: Config, systemd: bool = False) -> tuple[Config, list[str]] | None:
-    """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
-
-    Run by the process systemd and the operator see: the only one, or the
-    supervisor, which hands the result to its workers. What only start-up reads
-    keeps its running value in the config returned, so that a change not
-    applied is reported again at every reload, never forgotten. With
-    ``systemd`` passing the sockets, a restart would not apply the listen
-    lists either: the warning says so instead.
-    """
-    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}")
-    try:
-        new = load()
-    except ConfigError as exc:
-        for line in exc.errors:
-            log.error(f"reload failed, keeping the running config: {line}")
-        sd_notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
-        return None
-    if not len(new.http_routes) and not len(new.https_routes):  # an editor's half-written file, most likely
-        log.error(f"reload refused, keeping the running config: {new.source} has no routes at all")
-        sd_notify("READY=1\nSTATUS=reload refused (no routes), running the previous config; see the log")
-        return None
-    old = running.settings
-    changed = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
-    ignored = [key for key in changed if not (systemd and key in LISTEN_KEYS)]
-    for warning in new.warnings:
-        log.warning(warning)
-    for key in (key for key in changed if key not in ignored):
-        log.warning(
-            f"{key} is ignored: systemd passes the listening sockets (the .socket unit's ListenStream= sets them)",
-            key=key,
-        )
-    for key in ignored:
-        log.warning(
-            f"reload cannot change {key}: restart the gateway to apply it",
-            key=key,
-            running=_setting_text(getattr(old, key)),
-            new=_setting_text(getattr(new.settings, key)),
-        )
-    if new.settings.max_connections != old.max_connections:
-        check_nofile(log, new.settings, raise_nofile())
-    if changed:
-        kept = {key: getattr(old, key) for key in changed}
-        new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
-    return new, ignored
-
-
-def _setting_text(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-
-def _reloaded(log: Log, cfg: Config, ignored: list[str], main: bool, **fields: object) -> None:
-    """Say that a reload is done; ``ignored`` names what it did not change."""
-    if ignored:
-        fields["ignored"] = ignored
-    log.info("config reloaded", http_routes=len(cfg.http_routes), https_routes=len(cfg.https_routes), **fields)
-    if main:
-        status = f"config reloaded; a restart would apply {', '.join(ignored)}" if ignored else "config reloaded"
-        sd_notify(f"READY=1\nSTATUS={status}")
-
-
 def _monotonic_usec() -> int:
     """CLOCK_MONOTONIC in microseconds, the clock systemd expects in MONOTONIC_USEC."""
     clock = getattr(time, "CLOCK_MONOTONIC", None)
@@ -337,515 +277,131 @@ def connection_id_prefix() -> str:
     return f"{os.getpid()}-{upgrades}." if upgrades else f"{os.getpid()}."
 
 
-def serve(
-    cfg: Config,
-    load: Load,
-    make_server: MakeServer,
-    log: Log,
-    listeners: list,
-    worker: int,
-    lifeline: int | None = None,
-    upgrade: kiaupgrade.Upgrade | None = None,
-    metrics: kiametrics.Exporter | kiametrics.Reporter | None = None,
-) -> int:
+class Process:
     """One gevent hub serving every listener until SIGTERM/SIGINT (or, for a worker, its supervisor's end).
 
     Alone, it reloads the file on SIGHUP (read in a child, see kiareload) and,
     with watch_config, when it changes, and upgrades in place on SIGUSR2; as a
     supervisor's worker it applies the configs the supervisor validated and sends
-    down its ``lifeline``, so that all workers serve the same table whatever
-    happens to the file meanwhile.
+    down its lifeline, so that all workers serve the same table whatever
+    happens to the file meanwhile. ``worker`` is 0 for the only process.
     """
-    relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipe quota
-    gateway = make_server(cfg, log, connection_id_prefix())
-    if metrics is not None:
-        gateway.metrics = metrics.stats
-        metrics.start()
-    gateway.serve(listeners)
-    stopping = gevent.event.Event()
 
-    fields = {"worker": worker} if worker else {}
+    def __init__(
+        self,
+        cfg: Config,
+        load: Load,
+        make_server: MakeServer,
+        log: Log,
+        policy: kiareload.Policy,
+        listeners: list,
+        worker: int = 0,
+        upgrade: kiaupgrade.Upgrade | None = None,
+        metrics: kiametrics.Exporter | kiametrics.Reporter | None = None,
+    ) -> None:
+        self.running = cfg  # the config as last reloaded or applied
+        self.load = load
+        self.log = log
+        self.policy = policy
+        self.listeners = listeners
+        self.worker = worker
+        self.upgrade = upgrade  # None once upgraded in place: this process is the old program's drain
+        self.metrics = metrics
+        self.fields: dict[str, object] = {"worker": worker} if worker else {}  # in the log lines of its end
+        self.stopping = gevent.event.Event()
+        self.reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
+        self.upgrading = False  # ready() and starts() wait on the loop for their children: a SIGUSR2 then waits not
+        self.watch: kiareload.Watch | None = None  # kept while serving
+        relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipes
+        self.gateway = make_server(cfg, log, connection_id_prefix())
 
-    running = cfg
-    reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
+    def serve(self, lifeline: int | None = None) -> int:
+        """Serve until told to stop, then drain and return the exit status; a worker follows its ``lifeline``."""
+        if self.metrics is not None:
+            self.gateway.metrics = self.metrics.stats
+            self.metrics.start()
+        self.gateway.serve(self.listeners)
+        if lifeline is None:
+            gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(self.reload))
+            gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(self.upgrade_in_place))
+            if self.running.settings.watch_config:
+                self.watch = kiareload.Watch(self.running.source, self._file_changed)
+        else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # and the supervisor's upgrade, not a worker's death
+            gevent.spawn(kiasupervisor.follow_supervisor, lifeline, self.log, self.stopping, self.worker, self.apply)
+        gevent.signal_handler(signal.SIGTERM, self.stopping.set)
+        gevent.signal_handler(signal.SIGINT, self.stopping.set)
+        if not self.worker:  # a container's init gets orphans; after an upgrade, the old program's drain
+            signal.signal(signal.SIGCHLD, kiasupervisor.reap_orphans)  # (libev keeps SIGCHLD)
+            kiasupervisor.reap_orphans()  # any that ended before the handler was in place
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, kiasupervisor.SUPERVISED)  # a SIGTERM sent early is handled now
+        if self.worker:
+            self.log.info("worker started", worker=self.worker, pid=os.getpid())
+        else:
+            sd_notify("READY=1")
+            self.log.info("ready")
+        self.stopping.wait()
+        self.stop()
+        return 0
 
-    def reload() -> None:
-        nonlocal running
-        with reloading:
-            reloaded = _reload(
-                lambda: kiareload.load_in_child(load), log, running, upgrade is not None and upgrade.systemd
-            )
-            if metrics is not None:
-                metrics.reloaded(reloaded is not None)
+    def reload(self) -> None:
+        """Read the file in a loader child and serve what it holds, if the policy takes it (SIGHUP, watch_config)."""
+        with self.reloading:
+            systemd = self.upgrade is not None and self.upgrade.systemd
+            reloaded = self.policy.reload(lambda: kiareload.load_in_child(self.load), self.running, systemd)
+            if self.metrics is not None:
+                self.metrics.reloaded(reloaded is not None)
             if reloaded is not None:
-                running, ignored = reloaded
-                gateway.reload(running)
-                _reloaded(log, running, ignored, True)
+                self.running, ignored = reloaded
+                self.gateway.reload(self.running)
+                self.policy.reloaded(self.running, ignored, True)
 
-    def apply(new: Config, ignored: list[str]) -> None:
-        nonlocal running
-        running = new
-        gateway.reload(new)
-        _reloaded(log, new, ignored, False, **fields)
+    def apply(self, new: Config, ignored: list[str]) -> None:
+        """Serve a config the supervisor validated (a worker's reload)."""
+        self.running = new
+        self.gateway.reload(new)
+        self.policy.reloaded(new, ignored, False, **self.fields)
 
-    upgrading = False
-
-    def upgrade_in_place() -> None:
+    def upgrade_in_place(self) -> None:
         """A forked child keeps the open connections and drains them; this process becomes the new program."""
-        nonlocal upgrading, metrics, upgrade
-        if upgrading or stopping.is_set() or upgrade is None:
+        upgrade = self.upgrade
+        if self.upgrading or self.stopping.is_set() or upgrade is None:
             return
-        upgrading = (
-            True  # ready() and starts() wait on the loop for their children: a SIGUSR2 meanwhile waits for nothing
-        )
-        if not upgrade.ready() or stopping.is_set() or not upgrade.starts() or stopping.is_set():
+        self.upgrading = True
+        if not upgrade.ready() or self.stopping.is_set() or not upgrade.starts() or self.stopping.is_set():
             upgrade.cancel()
-            upgrading = False
+            self.upgrading = False
             return
-        log.flush()  # the child starts with an empty queue: what waits is written by hand_over
+        self.log.flush()  # the child starts with an empty queue: what waits is written by hand_over
         child = gevent.os.fork_gevent()
         if child:
-            upgrade.hand_over([child, *_still_running(upgrade.previous)])
+            upgrade.hand_over([child, *kiasupervisor.still_running(upgrade.previous)])
         upgrade.cancel()  # the new program's metrics socket, if bound for it: only the new program holds it now
-        upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
-        if metrics is not None:  # the new program has metrics_listen's socket: let go of our copy
-            metrics.close()
-            metrics = None
+        self.upgrade = None  # the old program's drain: the new one waits for it, and for what it waited for
+        if self.metrics is not None:  # the new program has metrics_listen's socket: let go of our copy
+            self.metrics.close()
+            self.metrics = None
         os.environ.pop("NOTIFY_SOCKET", None)  # the new program speaks for the service now
-        fields["pid"] = os.getpid()
-        log.info("draining the open connections of the old program", pid=os.getpid())
-        stopping.set()
+        self.fields["pid"] = os.getpid()
+        self.log.info("draining the open connections of the old program", pid=os.getpid())
+        self.stopping.set()
 
-    if lifeline is None:
-        gevent.signal_handler(signal.SIGHUP, lambda: gevent.spawn(reload))
-        gevent.signal_handler(signal.SIGUSR2, lambda: gevent.spawn(upgrade_in_place))
-        if cfg.settings.watch_config:
+    def stop(self) -> None:
+        """Drain: stop accepting, let the open connections finish within drain_timeout, wait for an old program's."""
+        settings = self.running.settings
+        if not self.worker:
+            sd_notify("STOPPING=1")
+        if self.metrics is not None:
+            self.metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
+        previous = kiasupervisor.stop_previous(self.upgrade.previous) if self.upgrade is not None else set()
+        until = time.monotonic() + settings.drain_timeout + kiasupervisor.PREVIOUS_MARGIN
+        self.gateway.stop(settings.drain_timeout, **self.fields)
+        kiasupervisor.wait_previous(self.log, previous, until)  # the old program's drain, forked before an upgrade
+        if self.metrics is not None:
+            self.metrics.close()
+        self.log.info("stopped", **self.fields)
 
-            def changed() -> None:
-                _file_changed(log, cfg.source)
-                gevent.spawn(reload)
-
-            watch = kiareload.Watch(cfg.source, changed)  # noqa: F841 - kept while serving
-    else:  # `pkill -HUP kiagateway` reaches workers too: the supervisor's reload is the one
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # and the supervisor's upgrade, not a worker's death
-        gevent.spawn(_follow_supervisor, lifeline, log, stopping, worker, apply)
-    gevent.signal_handler(signal.SIGTERM, stopping.set)
-    gevent.signal_handler(signal.SIGINT, stopping.set)
-    if not worker:  # a container's init gets orphans; after an upgrade, the old program's drain (libev keeps SIGCHLD)
-        signal.signal(signal.SIGCHLD, _reap_orphans)
-        _reap_orphans()  # any that ended before the handler was in place
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # a worker's: a SIGTERM sent early is handled now
-    if worker:
-        log.info("worker started", worker=worker, pid=os.getpid())
-    else:
-        sd_notify("READY=1")
-        log.info("ready")
-    stopping.wait()
-    if not worker:
-        sd_notify("STOPPING=1")
-    if metrics is not None:
-        metrics.drain()  # /healthz answers 503 until we exit; the metrics server outlives the gateway's
-    previous = _stop_previous(upgrade.previous) if upgrade is not None else set()
-    until = time.monotonic() + running.settings.drain_timeout + PREVIOUS_MARGIN
-    gateway.stop(running.settings.drain_timeout, **fields)
-    while previous and time.monotonic() < until:  # the old program's drain, forked before an upgrade: it is ours
-        gevent.sleep(PREVIOUS_POLL)
-        previous = _still_running(previous)
-    _left_running(log, previous)
-    if metrics is not None:
-        metrics.close()
-    log.info("stopped", **fields)
-    return 0
-
-
-_SUPERVISED = kiaupgrade.HELD_SIGNALS  # SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR2
-# Seconds a stop waits for the old program's processes beyond drain_timeout: their drain began at the upgrade,
-# so it ends sooner; this covers resetting what is left, logging it and exiting on a loaded machine.
-PREVIOUS_MARGIN = 5.0
-PREVIOUS_POLL = 0.05  # seconds between looks at whether the old program's drain has ended (no SIGCHLD wait on a loop)
-RESPAWN_DELAY = 1.0  # a worker that dies sooner than this after starting is restarted after this long
-
-
-class _SignalPipe:
-    """Signals for a ``select`` loop: handlers only record them, the wakeup pipe ends the wait.
-
-    Built from what every Unix Python has (``set_wakeup_fd``, ``poll``):
-    ``sigtimedwait``/``sigwaitinfo`` are missing on OpenBSD and macOS.
-    """
-
-    def __init__(self, signums: tuple[int, ...]) -> None:
-        self.signums = signums
-        self.pending: list[int] = []
-        self.read_fd, self.write_fd = os.pipe()
-        os.set_blocking(self.read_fd, False)
-        os.set_blocking(self.write_fd, False)  # a full pipe must never block a signal handler
-        signal.set_wakeup_fd(self.write_fd)
-        for signum in signums:
-            signal.signal(signum, self._record)
-
-    def _record(self, signum: int, frame: object) -> None:
-        self.pending.append(signum)
-
-    def wait(
-        self, timeout: float | None, writers: list[int], readers: list[int]
-    ) -> tuple[list[int], list[int], list[int]]:
-        """The signals received, in order, and the ``writers`` and ``readers`` ready, once any or ``timeout`` came."""
-        readable: list[int] = []
-        writable: list[int] = []
-        if not self.pending:
-            readable, writable = _poll(timeout, [self.read_fd, *readers], writers)
-        try:
-            while os.read(self.read_fd, 512):  # emptied before taking: a signal after this wakes the next wait
-                pass
-        except BlockingIOError:
-            pass
-        taken, self.pending = self.pending, []
-        return list(dict.fromkeys(taken)), writable, readable  # a signal sent twice before we looked: handled once
-
-    def close(self) -> None:
-        """Back to default handling: in a new worker (signals still blocked), or when the supervisor ends."""
-        signal.set_wakeup_fd(-1)
-        for signum in self.signums:
-            signal.signal(signum, signal.SIG_DFL)
-        os.close(self.read_fd)
-        os.close(self.write_fd)
-
-
-_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | select.POLLNVAL  # what select() takes for readable
-_WRITABLE = select.POLLOUT | select.POLLERR | select.POLLNVAL  # ...and for writable; a bad fd fails at its use
-
-
-def _poll(timeout: float | None, readers: list[int], writers: list[int]) -> tuple[list[int], list[int]]:
-    """``select`` for reading and writing, in poll(): select() refuses descriptors from FD_SETSIZE (1024) up.
-
-    A supervisor started with many descriptors open (a leaky parent, a big
-    systemd socket set) gets its pipes above 1023. poll() is on every Unix
-    this runs on, OpenBSD included. A negative ``timeout`` waits not at all,
-    as select's 0 would: poll's would wait forever.
-    """
-    events: dict[int, int] = {}
-    for fd in readers:
-        events[fd] = events.get(fd, 0) | select.POLLIN
-    for fd in writers:
-        events[fd] = events.get(fd, 0) | select.POLLOUT
-    poller = select.poll()
-    for fd, mask in events.items():
-        poller.register(fd, mask)
-    ready = dict(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
-    readable = [fd for fd in readers if ready.get(fd, 0) & _READABLE]
-    writable = [fd for fd in writers if ready.get(fd, 0) & _WRITABLE]
-    return readable, writable
-
-
-class _Child:
-    """A worker as its supervisor sees it, with the configs still to send down its lifeline."""
-
-    def __init__(self, worker: int, lifeline: int) -> None:
-        self.worker = worker
-        self.started = time.monotonic()
-        self.lifeline = lifeline  # the write end; non-blocking, so a stalled worker never stalls the supervisor
-        self.sending = b""  # the message being written...
-        self.sent = 0  # ...and how much of it is out
-        self.latest = b""  # the one to send after it; a newer config replaces it
-
-    def hand(self, message: bytes) -> None:
-        if self.sent:  # a message is half out: it must be finished first
-            self.latest = message
-        else:
-            self.sending = message
-
-    def write(self) -> None:
-        """Write what the pipe takes now; called when it is writable."""
-        while self.sending:
-            try:
-                self.sent += os.write(self.lifeline, memoryview(self.sending)[self.sent :])
-            except BlockingIOError:
-                return
-            except BrokenPipeError:  # the worker is gone; its SIGCHLD follows
-                self.sending = self.latest = b""
-                return
-            if self.sent == len(self.sending):
-                self.sending, self.sent, self.latest = self.latest, 0, b""
-
-
-_LENGTH = struct.Struct("!Q")  # the length of the pickled (Config, ignored keys) that follows on a lifeline
-_STOP = _LENGTH.pack(0)  # a length of 0: drain and stop, the supervisor is upgrading
-
-
-def supervise(
-    count: int,
-    work: Callable[[int, Config, int], int],
-    cfg: Config,
-    load: Load,
-    log: Log,
-    listeners: list,
-    upgrade: kiaupgrade.Upgrade | None = None,
-    metrics: kiametrics.Scrapes | None = None,
-) -> int:
-    """Fork ``count`` workers sharing the listeners; replace any that dies; reload for them; pass signals on.
-
-    The supervisor keeps its copies of the listening sockets to hand to replacement
-    workers, and closes them when it stops so that new clients are refused at once.
-    Each worker gets the read end of a pipe, its lifeline, whose write end only the
-    supervisor holds. On SIGHUP the supervisor validates the file once and sends the
-    result down every lifeline (workers never read the file, which may change in
-    between); end of file there tells a worker that the supervisor is gone, on every
-    Unix and however it died. On SIGUSR2 it tells the workers to drain and stop, and
-    execs the new program, which starts its own workers and reaps these. With ``metrics``,
-    the supervisor answers the scrapes, asking each worker over a socketpair of its own
-    (kiametrics.Scrapes).
-    """
-    signals = _SignalPipe(_SUPERVISED)
-    children: dict[int, _Child] = {}  # by pid
-    previous = upgrade.previous if upgrade is not None else set()  # the old program's workers, draining
-    previous_until = 0.0  # when a stop gives up waiting for them
-    respawn: dict[int, float] = {}  # worker number -> when to start it again
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SUPERVISED)  # held across an upgrade's exec until now
-    _reap(children, respawn, log, False)  # the old program's workers that ended meanwhile
-
-    def start(worker: int) -> None:
-        lifeline, held = os.pipe()
-        if metrics is not None:
-            metrics.prepare(worker)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISED)  # the worker installs its own first
-        try:
-            pid = os.fork()
-        except OSError as exc:  # out of processes or memory: try again later, keep the others serving
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            os.close(lifeline)
-            os.close(held)
-            if metrics is not None:
-                metrics.failed(worker)
-            log.error("cannot start a worker, retrying", worker=worker, cause=str(exc))
-            respawn[worker] = time.monotonic() + RESPAWN_DELAY
-            return
-        if pid == 0:  # the worker: its own hub, default signal handling
-            code = 1
-            try:
-                signals.close()
-                for fd in [held, *(child.lifeline for child in children.values())]:
-                    os.close(fd)  # only the supervisor may hold a lifeline's write end
-                gevent.reinit()  # signals stay blocked until serve() has its handlers
-                code = work(worker, cfg, lifeline)  # the config as last reloaded
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                log.close()  # os._exit skips atexit: write what a slow reader has not taken yet
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        os.close(lifeline)
-        if metrics is not None:
-            metrics.started(worker)
-        os.set_blocking(held, False)
-        children[pid] = _Child(worker, held)
-
-    for worker in range(1, count + 1):
-        start(worker)
-    sd_notify("READY=1")
-    log.info("ready", workers=count)
-    stopping = False
-    watch = kiareload.Poll(cfg.source) if cfg.settings.watch_config else None  # no event loop here: os.stat polls
-    loading: kiareload.Loader | None = None  # a reload's loader child, read as its answer comes: the loop goes on
-    load_again = False  # a SIGHUP came while it read: the file may have changed since it began
-    while children or (respawn and not stopping) or (previous and stopping):
-        due = [*respawn.values(), *([watch.due()] if watch and not stopping else [])]
-        due += [previous_until] if previous and stopping else []
-        timeout = max(0.0, min(due) - time.monotonic()) if due else None
-        sending = {child.lifeline: child for child in children.values() if child.sending}
-        readers, writers = ([], []) if metrics is None else metrics.wanted()
-        if metrics is not None:
-            timeout = metrics.timeout(timeout)
-        readers += [loading.fd] if loading is not None else []
-        received, writable, readable = signals.wait(timeout, [*sending, *writers], readers)
-        if watch and not stopping and watch.due() <= time.monotonic() and watch.check():
-            _file_changed(log, cfg.source)
-            received += [] if signal.SIGHUP in received else [signal.SIGHUP]
-        for fd in writable:
-            if fd in sending:
-                sending[fd].write()
-        if metrics is not None:
-            metrics.handle(readable, writable)
-        if loading is not None and loading.fd in readable and loading.read():
-            systemd = upgrade is not None and upgrade.systemd
-            reloaded = _reload(loading.result, log, cfg, systemd)
-            loading = kiareload.Loader(load) if load_again and not stopping else None
-            load_again = False
-            if metrics is not None:
-                metrics.reloaded(reloaded is not None)
-            if reloaded is not None:
-                cfg, ignored = reloaded  # replacement workers start with it too
-                body = kiareload.pack(cfg, ignored)
-                for child in children.values():
-                    child.hand(_LENGTH.pack(len(body)) + body)
-                _reloaded(log, cfg, ignored, True, workers=len(children))
-        for signum in received:
-            if signum == signal.SIGCHLD:
-                for child in _reap(children, respawn, log, stopping):
-                    if metrics is not None:
-                        metrics.gone(child.worker, restarting=not stopping)
-            elif signum == signal.SIGHUP:  # read off the loop, which answers /healthz meanwhile: kiareload.Loader
-                if loading is not None:
-                    load_again = True
-                elif not stopping:
-                    loading = kiareload.Loader(load)
-            elif signum == signal.SIGUSR2:
-                if upgrade is not None and not stopping and upgrade.ready() and upgrade.starts(cooperative=False):
-                    _stop_for_upgrade(children, log)
-                    if metrics is not None:
-                        metrics.finish()  # the scrapes it has taken; the new program takes those still queued
-                    # The new supervisor inherits the listeners and these workers, and waits for them at its stop.
-                    upgrade.hand_over([*children, *_still_running(previous)])
-            elif not stopping:  # SIGTERM or SIGINT: workers stop gracefully, then so do we
-                stopping = True
-                respawn.clear()
-                if loading is not None:  # the reload is moot: its child ends on a broken pipe, SIGCHLD collects it
-                    loading.close()
-                    loading = None
-                for _, sock in listeners:
-                    sock.close()
-                sd_notify("STOPPING=1")
-                if metrics is not None:
-                    metrics.drain()  # /healthz answers 503 until the last worker is done
-                log.info("stopping workers", workers=len(children))
-                _signal_all(children, signal.SIGTERM)
-                previous = _stop_previous(previous)
-                previous_until = time.monotonic() + cfg.settings.drain_timeout + PREVIOUS_MARGIN
-        for worker, due in list(respawn.items()):
-            if not stopping and due <= time.monotonic():
-                del respawn[worker]
-                start(worker)
-        if previous:  # those that ended are collected (by _reap, or here), and forgotten before their PID is reused
-            previous = _still_running(previous)
-            if previous and stopping and time.monotonic() >= previous_until:
-                _left_running(log, previous)
-                previous = set()
-    signals.close()
-    if metrics is not None:
-        metrics.close()
-    log.info("stopped")
-    return 0
-
-
-def _stop_for_upgrade(children: dict[int, _Child], log: Log) -> None:
-    """Tell each worker to stop accepting and drain: by its lifeline, so that it never takes the exec for a death."""
-    for pid, child in children.items():
-        child.hand(_STOP)
-        child.write()
-        if child.sending:  # a config is half out and the pipe full: the signal says it, if less quietly
-            _signal_all({pid: child}, signal.SIGTERM)
-    log.info("old workers draining for the upgrade", workers=len(children))
-
-
-def _still_running(pids: set[int]) -> set[int]:
-    """Those of ``pids``, children of this process, that have not ended; those that have are collected."""
-    running = set()
-    for pid in pids:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                running.add(pid)
-        except ChildProcessError:  # collected already, by a reaper of this process
-            pass
-    return running
-
-
-def _stop_previous(pids: set[int]) -> set[int]:
-    """Tell the old program's processes still running to stop (they drain already: a second word does no harm).
-
-    Those still running: a PID collected may belong to a stranger by now.
-    """
-    running = _still_running(pids)
-    _signal_all(running, signal.SIGTERM)
-    return running
-
-
-def _left_running(log: Log, pids: set[int]) -> None:
-    """Say that the stop gave up waiting for the old program's processes: the service manager may kill them."""
-    if pids:
-        log.warning(
-            "the old program's processes still run past drain_timeout; exiting", pids=",".join(map(str, sorted(pids)))
-        )
-
-
-def _file_changed(log: Log, path: str) -> None:
-    """watch_config saw the file or a symlink leading to it change: a reload follows, as on SIGHUP."""
-    log.info("config file changed, reloading", config=path)
-
-
-def _reap(children: dict[int, _Child], respawn: dict[int, float], log: Log, stopping: bool) -> list[_Child]:
-    """Collect every exited child; plan the replacement of workers that died; return the workers reaped."""
-    reaped: list[_Child] = []
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:  # none left
-            return reaped
-        if pid == 0:
-            return reaped
-        if pid not in children:  # as PID 1 (a container), an orphan reparented to us: reaping is all it needs
-            continue
-        child = children.pop(pid)
-        reaped.append(child)
-        os.close(child.lifeline)
-        if not stopping:
-            log.error("worker died, starting a new one", worker=child.worker, pid=pid, cause=_wait_status(status))
-            soon = time.monotonic() - child.started < RESPAWN_DELAY
-            respawn[child.worker] = time.monotonic() + (RESPAWN_DELAY if soon else 0.0)
-
-
-def _follow_supervisor(
-    lifeline: int, log: Log, stopping: gevent.event.Event, worker: int, apply: Callable[[Config, list[str]], None]
-) -> None:
-    """A worker's greenlet: apply each config the supervisor sends; stop when it is gone (end of file)."""
-    gevent.os.make_nonblocking(lifeline)
-    while True:
-        head = _read_exactly(lifeline, _LENGTH.size)
-        if head == _STOP:  # the supervisor execs a new program, which starts new workers
-            stopping.set()
-            break
-        body = _read_exactly(lifeline, _LENGTH.unpack(head)[0]) if head is not None else None
-        if body is None:
-            break
-        new, (ignored,) = kiareload.unpack(body)  # from our own supervisor, through a pipe no one else holds
-        apply(new, ignored)
-    os.close(lifeline)
-    if not stopping.is_set():
-        log.warning("supervisor gone, stopping", worker=worker)
-        stopping.set()
-
-
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    """``size`` bytes from a non-blocking ``fd``, waiting on the event loop; None at end of file."""
-    data = bytearray()
-    while len(data) < size:
-        chunk = gevent.os.nb_read(fd, min(size - len(data), _READ_CHUNK))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
-
-
-_READ_CHUNK = 1 << 20  # a pipe holds 64 KiB by default: a bigger read only returns what is there
-
-
-def _reap_orphans(signum: int = 0, frame: object = None) -> None:
-    """Without workers: collect the exit status of orphans (as PID 1) and of an upgrade's drain, so no zombie stays."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:  # none left
-        pass
-
-
-def _signal_all(children: Iterable[int], signum: int) -> None:
-    for pid in children:
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
-
-
-def _wait_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit status {os.waitstatus_to_exitcode(status)}"
+    def _file_changed(self) -> None:
+        self.policy.file_changed(self.running.source)
+        gevent.spawn(self.reload)

@@ -1,7 +1,10 @@
 """Reload without a pause, and config watch: load the table off the event loop, hand it over in slices, watch the file.
 
-Its own module because these are a job apart from the rest of the life cycle,
-and kiaprocess.py is shared by several features. Measured with 100,000 routes
+Its own module because these are a job apart from the rest of the life cycle
+(kiaprocess.py sets the process up and serves, kiasupervisor.py runs the
+workers); the reload's policy (``Policy``: what a reload may change, what it
+tells systemd and the log) sits here beside the code that reads and hands over
+the table. Measured with 100,000 routes
 on a loaded 2-core machine: validating takes about 4 s of pure Python, and
 unpickling a Config whose routes each hold their own Backend takes about 2 s
 (a ``__reduce__`` per frozen dataclass); with the backends interned
@@ -33,7 +36,6 @@ import os
 import pickle
 import signal
 import stat
-import struct
 import time
 import traceback
 from typing import Callable
@@ -41,7 +43,9 @@ from typing import Callable
 import gevent
 import gevent.os
 
-from kiaconfig import Config, ConfigError, RouteTable
+import kiaframe
+from kiaconfig import Config, ConfigError, RouteTable, Settings
+from kialog import Log
 
 SLICE = 2000  # routes per pickled slice: unpickling one takes 1-5 ms on a loaded core, well inside 50 ms
 QUIET = 0.3  # seconds the watched files must stay unchanged before a reload reads them (an editor's writes)
@@ -51,9 +55,95 @@ LOADER_TIMEOUT = 600  # seconds before the loader ends itself (SIGALRM), failing
 REAP_INTERVAL = 0.05  # seconds between looks at whether the loader child has ended
 RECHECK = 1.1  # seconds after arming to compare nanosecond stat times: past the whole second libev compares
 MAX_LINKS = 40  # symlinks followed before giving up, as the kernel's ELOOP limit does
-_LENGTH = struct.Struct("!Q")  # the length of the loader's answer, so that a cut one is told from a whole one
 _FALLBACK_FDS = 1 << 16  # descriptors closed in the loader child where the limit reads as unlimited
 _READ_CHUNK = 1 << 20  # a pipe gives what it holds (64 KiB by default): a bigger read costs nothing
+
+
+# Used only at start-up.
+RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen", "watch_config")
+LISTEN_KEYS = ("http_listen", "https_listen")  # ignored even at start-up while systemd passes the sockets
+
+
+class Policy:
+    """What a reload may change, and who hears of it: the one set of rules for every process that reloads.
+
+    The only process and the supervisor ``reload``; a supervisor's worker only
+    says what it applied (``reloaded``). It is handed what it tells the service
+    manager with (``notify``, kiaprocess.sd_notify) and what checks the
+    descriptor limit against a new max_connections (``check_limits``), as the
+    life cycle is handed what it runs: this module imports nothing of it.
+    """
+
+    def __init__(self, log: Log, notify: Callable[[str], None], check_limits: Callable[[Settings], None]) -> None:
+        self.log = log
+        self.notify = notify
+        self.check_limits = check_limits
+
+    def reload(
+        self, load: Callable[[], Config], running: Config, systemd: bool = False
+    ) -> tuple[Config, list[str]] | None:
+        """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
+
+        Run by the process systemd and the operator see: the only one, or the
+        supervisor, which hands the result to its workers. What only start-up reads
+        keeps its running value in the config returned, so that a change not
+        applied is reported again at every reload, never forgotten. With
+        ``systemd`` passing the sockets, a restart would not apply the listen
+        lists either: the warning says so instead.
+        """
+        log = self.log
+        self.notify("RELOADING=1")
+        try:
+            new = load()
+        except ConfigError as exc:
+            for line in exc.errors:
+                log.error(f"reload failed, keeping the running config: {line}")
+            self.notify("READY=1\nSTATUS=reload failed, running the previous config; see the log")  # done reloading
+            return None
+        if not len(new.http_routes) and not len(new.https_routes):  # an editor's half-written file, most likely
+            log.error(f"reload refused, keeping the running config: {new.source} has no routes at all")
+            self.notify("READY=1\nSTATUS=reload refused (no routes), running the previous config; see the log")
+            return None
+        old = running.settings
+        changed = [key for key in RESTART_ONLY if getattr(new.settings, key) != getattr(old, key)]
+        ignored = [key for key in changed if not (systemd and key in LISTEN_KEYS)]
+        for warning in new.warnings:
+            log.warning(warning)
+        for key in (key for key in changed if key not in ignored):
+            log.warning(
+                f"{key} is ignored: systemd passes the listening sockets (the .socket unit's ListenStream= sets them)",
+                key=key,
+            )
+        for key in ignored:
+            log.warning(
+                f"reload cannot change {key}: restart the gateway to apply it",
+                key=key,
+                running=_setting_text(getattr(old, key)),
+                new=_setting_text(getattr(new.settings, key)),
+            )
+        if new.settings.max_connections != old.max_connections:
+            self.check_limits(new.settings)
+        if changed:
+            kept = {key: getattr(old, key) for key in changed}
+            new = dataclasses.replace(new, settings=dataclasses.replace(new.settings, **kept))
+        return new, ignored
+
+    def reloaded(self, cfg: Config, ignored: list[str], main: bool, **fields: object) -> None:
+        """Say that a reload is done; ``ignored`` names what it did not change. ``main``: to systemd too."""
+        if ignored:
+            fields["ignored"] = ignored
+        self.log.info("config reloaded", http_routes=len(cfg.http_routes), https_routes=len(cfg.https_routes), **fields)
+        if main:
+            status = f"config reloaded; a restart would apply {', '.join(ignored)}" if ignored else "config reloaded"
+            self.notify(f"READY=1\nSTATUS={status}")
+
+    def file_changed(self, path: str) -> None:
+        """watch_config saw the file or a symlink leading to it change: a reload follows, as on SIGHUP."""
+        self.log.info("config file changed, reloading", config=path)
+
+
+def _setting_text(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def pack(cfg: Config, *extra: object) -> bytes:
@@ -184,7 +274,7 @@ def _start_loader(load: Callable[[], Config]) -> tuple[int, int]:
             except BaseException as exc:
                 traceback.print_exc()
                 message = b"E" + pickle.dumps([f"reading the config failed: {exc!r}"], pickle.HIGHEST_PROTOCOL)
-            view = memoryview(_LENGTH.pack(len(message)) + message)
+            view = memoryview(kiaframe.frame(message))  # framed: a cut answer is told from a whole one
             while view:
                 view = view[os.write(write_end, view) :]
             code = 0
@@ -196,9 +286,10 @@ def _start_loader(load: Callable[[], Config]) -> tuple[int, int]:
 
 def _answer(data: bytearray, cooperative: bool) -> Config:
     """The Config of a loader's whole answer; ConfigError for its errors or an answer cut short."""
-    if len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] != len(data) - _LENGTH.size:
+    messages = kiaframe.take(data)
+    if len(messages) != 1 or data:
         raise ConfigError(["reading the config failed: the loader process ended before its whole answer"])
-    body = memoryview(data)[_LENGTH.size :]
+    body = memoryview(messages[0])
     if body[:1] == b"E":
         raise ConfigError(pickle.loads(body[1:]))
     return unpack(body[1:], cooperative)[0]

@@ -258,6 +258,36 @@ def test_healthz_turns_503_while_draining(start_gateway, backends, workers):
     assert gw.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("kind", "healthy", "text", "request_head", "status", "body"),
+    [
+        ("metrics", True, b"metric 1\n", b"GET /metrics HTTP/1.1\r\n\r\n", 200, b"metric 1\n"),
+        ("metrics", True, b"", b"GET /metrics HTTP/1.1\r\n\r\n", 500, b"metrics failed\n"),
+        ("healthz", True, b"", b"GET /healthz HTTP/1.1\r\n\r\n", 200, b"ok\n"),
+        ("healthz", False, b"", b"GET /healthz HTTP/1.1\r\n\r\n", 503, b"draining\n"),
+        ("other", True, b"", b"GET / HTTP/1.1\r\n\r\n", 404, b"not found\n"),
+        ("other", True, b"", b"HEAD /healthz HTTP/1.1\r\n\r\n", 404, b""),  # a HEAD request: no body
+        ("bad", True, b"", b"GET /metrics\r\n\r\n", 400, b"bad request\n"),
+    ],
+)
+def test_each_kind_of_request_gets_its_answer(kind, healthy, text, request_head, status, body):
+    answer = kiametrics.respond(kind, healthy, text, request_head)
+    fields, _, sent = answer.partition(b"\r\n\r\n")
+    assert fields.startswith(b"HTTP/1.1 %d " % status) and sent == body
+    content_type = kiametrics.CONTENT_TYPE if status == 200 and kind == "metrics" else "text/plain; charset=us-ascii"
+    assert f"\r\nContent-Type: {content_type}\r\n".encode() in fields
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_head_request_gets_a_404_with_no_body(start_gateway, backends, workers):
+    gw = start_gateway(metrics_toml(backends), f"--workers={workers}")
+    answer = exchange(gw.listening["metrics"][0], b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    fields, _, body = answer.partition(b"\r\n\r\n")
+    assert fields.startswith(b"HTTP/1.1 404 Not Found\r\n") and body == b""
+    assert b"\r\nContent-Length: 10\r\n" in fields  # what a GET's body ("not found\n") would have been
+    assert gw.stop() == 0
+
+
 def test_metrics_listen_needs_the_extra(tmp_path, backends):
     hidden = tmp_path / "hidden" / "prometheus_client"
     hidden.mkdir(parents=True)
