@@ -1,6 +1,6 @@
 """Print the set-up commands of the README's first code block, one a line, comments cut.
 
-CI runs exactly these lines, and tests/test_packaging.py reads them through this
+CI runs exactly these lines, and tests/behaviour/test_packaging.py reads them through this
 script too, so the README cannot drift from what is tested. Standard library only:
 it runs before anything is installed.
 """

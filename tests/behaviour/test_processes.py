@@ -88,7 +88,7 @@ def test_pid_1_serves_and_reaps_orphans(in_pid_namespace, start_gateway, backend
     assert sum(line.get("message") == "stopped" for line in gw.seen) == len(started) + 1
 
 
-PORTABLE = str(Path(__file__).parent / "portable")  # its sitecustomize deletes the Linux-only calls
+PORTABLE = str(Path(__file__).parents[1] / "portable")  # its sitecustomize deletes the Linux-only calls
 PORTABLE_ENV = {"PYTHONPATH": os.pathsep.join(filter(None, [PORTABLE, os.environ.get("PYTHONPATH")]))}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from conftest import TIMEOUT, Backend, exchange
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONTRIB = REPO / "contrib"
 SYSTEM_PYTHON = "/usr/bin/python3"  # what a small VPS host has: no venv, no pip
 BUILD_TIMEOUT = 300  # seconds for a pip/shiv build; downloads on a loaded 2-core machine

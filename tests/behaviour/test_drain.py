@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import TIMEOUT, read_all
 from test_errors import blackhole  # noqa: F401 - a fixture
-from test_relay import HEAD, RawBackend, recv_exactly
+from test_relaying import HEAD, RawBackend, recv_exactly
 
 import kiaconfig
 

@@ -22,7 +22,7 @@ import time
 import pytest
 from conftest import TIMEOUT, gateway_command, read_all
 from test_errors import blackhole  # noqa: F401 - a fixture
-from test_relay import cpu_seconds
+from test_relaying import cpu_seconds
 from test_traffic import fill_descriptors
 
 LARGE = 3 * 1024 * 1024  # a response bigger than every socket buffer on the way: still in flight when 421 waits

@@ -385,7 +385,7 @@ def test_urgent_data_neither_spins_nor_loses_bytes(raw_gateway):
 
     The contract: the urgent byte is not part of the stream (a plain recv, without
     SO_OOBINLINE, steps over it), every other byte arrives in order. (A strict
-    request body: tests/test_strict.py.)
+    request body: tests/behaviour/test_strict.py.)
     """
     before, after = os.urandom(1 << 20), os.urandom(256 << 10)
     head = b"POST /up HTTP/1.1\r\nHost: raw.example\r\nContent-Length: %d\r\n\r\n" % (len(before) + len(after))
@@ -449,7 +449,7 @@ def clock_shift(tmp_path):
     if cc is None or not sys.platform.startswith("linux"):
         pytest.skip("needs cc and Linux's LD_PRELOAD to shift a process's wall clock")
     shim, offset = tmp_path / "clockshift.so", tmp_path / "clockshift"
-    source = os.path.join(os.path.dirname(__file__), "clockshift.c")
+    source = os.path.join(os.path.dirname(os.path.dirname(__file__)), "clockshift.c")
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), source, "-ldl"], check=True, timeout=TIMEOUT * 3)
     offset.write_text("0")
     return {"LD_PRELOAD": str(shim), "CLOCKSHIFT_FILE": str(offset)}, lambda seconds: offset.write_text(str(seconds))

@@ -12,7 +12,7 @@ import textwrap
 import gevent
 import pytest
 from conftest import TIMEOUT, exchange, routes_toml
-from test_relay import HEAD
+from test_relaying import HEAD
 
 import kiaconfig
 import kiagateway

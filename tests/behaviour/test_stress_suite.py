@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONG_SUITE_LIMIT = 1800  # seconds: the long version takes about 12 minutes on 2 cores; issue 13 allows 30
 
 

@@ -327,8 +327,8 @@ def test_a_dual_stack_listeners_ipv4_client_gets_the_ipv4_listeners_answers(star
     bound to ::ffff:127.0.0.1 to stay on loopback) it is 127.0.0.1 as on an IPv4 listener, for the log, the
     allow-lists (::/0 admits it on neither, ::ffff:127.0.0.0/104 on both) and the PROXY header sent on."""
     from conftest import gateway_command
-    from test_kiaupgrade import FirstClient, activator
     from test_proxy_input import Recorder
+    from test_upgrade import FirstClient, activator
 
     recorder = Recorder()
     ports = [free_closed_port(), free_closed_port()]

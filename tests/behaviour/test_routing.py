@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 from conftest import TIMEOUT, exchange, read_all, routes_toml
-from test_relay import HEAD, RawBackend
+from test_relaying import HEAD, RawBackend
 
 import proxyproto
 

@@ -18,7 +18,7 @@ from conftest import TIMEOUT, Gateway, free_closed_port, gateway_command, routes
 import kiacli
 import kiagateway
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

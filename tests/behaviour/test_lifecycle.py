@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TIMEOUT, read_all
-from test_relay import HEAD, RawBackend, recv_exactly
+from test_relaying import HEAD, RawBackend, recv_exactly
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
