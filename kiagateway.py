@@ -60,10 +60,7 @@ class _Server(gevent.server.StreamServer):
         self.name = name
         self.family = listener.family  # read once: the property builds an enum each time
         self.gateway = gateway
-
-    def full(self) -> bool:
-        """Asked before each accept; True pauses accepting until ``resume`` is called."""
-        return self.gateway.full()
+        self.full = gateway.full  # asked before each accept; True pauses accepting until ``resume`` is called
 
     def resume(self) -> None:
         if self.started:
@@ -303,11 +300,13 @@ class Connection:
             strict = self.frame_first_request()
             table = self.gateway.routes[self.listener]  # read once: a reload during the connect changes no entry
             self.backend = self.route(table)
-            self.backend_sock = self.connect()
+            self.header = self.proxy_header()
+            self.backend_sock = self.gateway.backends.connect(
+                self.backend, self.domain, self.settings.connect_timeout, self.tried
+            )
             if metrics is not None:
                 metrics.connected(self.listener, connecting)
             self.send_first_bytes(strict)
-            self.start_relay(strict, table)
         except GatewayError as exc:
             self.refuse(exc)
         except _ClientGone as exc:
@@ -321,6 +320,12 @@ class Connection:
         except BaseException:
             self.result.outcome = "error"
             raise
+        else:
+            try:
+                self.start_relay(strict, table)
+            except BaseException:
+                self.result.outcome = "error"
+                raise
         finally:
             if self.relay is None:
                 self.close()
@@ -412,17 +417,15 @@ class Connection:
             raise kiaerrors.Forbidden(f"client {self.peer[0]} is outside the allow-list of {self.domain}'s route")
         return backend
 
-    def connect(self) -> socket.socket:
-        """A connection to the route's backend, the PROXY header it asks for prepared."""
-        sock = self.gateway.backends.connect(self.backend, self.domain, self.settings.connect_timeout, self.tried)
-        if self.backend.proxy_protocol:
-            try:
-                local = client_address(self.client.getsockname()) if self.proxied_to is None else self.proxied_to
-            except OSError:
-                sock.close()
-                raise _ClientGone("client_reset") from None
-            self.header = proxyproto.proxy_header(self.backend.proxy_protocol, self.peer, local)
-        return sock
+    def proxy_header(self) -> bytes:
+        """The PROXY header the route's backend asks for (b"": none), made before connecting to it."""
+        if not self.backend.proxy_protocol:
+            return b""
+        try:
+            local = client_address(self.client.getsockname()) if self.proxied_to is None else self.proxied_to
+        except OSError:
+            raise _ClientGone("client_reset") from None
+        return proxyproto.proxy_header(self.backend.proxy_protocol, self.peer, local)
 
     def send_first_bytes(self, strict: tuple | None) -> None:
         """Forward what the client sent so far (in strict mode, the first head only), after the PROXY header."""
@@ -457,6 +460,9 @@ class Connection:
                 connect=self.connect_again,
             )
         self.gateway.relays.add(self.relay)
+        # The relay owns the sockets now, and this object lives as long as it, for the log line: let go of what
+        # only the stages needed (the sniffer holds the whole preamble), so an idle connection costs no more.
+        self.sniffer = self.client = self.backend_sock = None
 
     def refuse(self, error: GatewayError) -> None:
         """Answer a refused client: its reply, or a clean close; one refusal per client at its limit lingers."""
@@ -497,7 +503,7 @@ class Connection:
         The first connect's path (pool order, cooldown, ``connect_timeout``, names
         resolved now), so the log line names the addresses of the connect that serves.
         """
-        timeout = self.settings.connect_timeout
+        timeout = self.gateway.config.settings.connect_timeout
         self.tried = []
         sock = self.gateway.backends.connect(self.backend, domain, timeout, self.tried)
         try:

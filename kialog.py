@@ -59,10 +59,11 @@ import weakref
 
 import gevent
 
+from kiasocket import WRITE
+
 QUEUE_LIMIT = 1 << 20  # bytes waiting for a slow reader, per process: ~4,000 connection lines, 16 pipe buffers
 CLOSE_TIMEOUT = 1.0  # seconds close() waits at exit for a slow reader to take what is queued
 PRIORITIES = {"error": "<3>", "warning": "<4>", "info": "<6>"}  # syslog severities journald reads at line start
-_EV_WRITE = 2  # libev's (and gevent's) flag for an io watcher that waits until the fd is writable
 _REOPEN = "/proc/self/fd/{}"  # Linux: opening it opens fd's file anew, with an open file description of its own
 
 
@@ -250,7 +251,7 @@ class Log:
         """Have the event loop drain the queue once the fd is writable."""
         try:
             if self._watcher is None:
-                self._watcher = gevent.get_hub().loop.io(self.fd, _EV_WRITE)
+                self._watcher = gevent.get_hub().loop.io(self.fd, WRITE)
             if not self._watcher.active:
                 self._watcher.start(self._writable)
         except (OSError, ValueError):  # an fd the loop cannot watch: the next line or close() drains instead

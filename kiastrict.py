@@ -368,7 +368,7 @@ class StrictRelay(relay.Relay):
         """Go on with a new backend: new directions, the held request passed on first, then the client read again."""
         reset_on_close(backend)  # as in Relay.__init__: a kill -9 must reset it
         old, old_up, old_down = self.backend, self.up, self.down
-        self.backend = backend  # from here _end closes it
+        self.backend = backend  # from here end closes it
         self.touch()
         up = self.up_class(self, self.client, backend, True)
         up.received, up.forwarded, up.held = old_up.received, old_up.forwarded, old_up.held  # and the parser

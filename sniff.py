@@ -28,7 +28,6 @@ from typing import Union
 from kiaerrors import (
     BadClientHello,
     BadRequest,
-    GatewayError,
     HeadTooLarge,
     HttpOnTlsPort,
     NotTls,
@@ -40,7 +39,6 @@ __all__ = [
     "NEED_MORE",
     "BadClientHello",
     "BadRequest",
-    "GatewayError",
     "HeadTooLarge",
     "HttpOnTlsPort",
     "HttpSniffer",

@@ -67,3 +67,26 @@ def test_kiaerrors_imports_nothing_of_the_project():
         node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
     }
     assert not (imported - {"__future__"}) & ours
+
+
+@pytest.mark.parametrize(
+    ("error", "http_status", "tls_alert", "outcome_word"),
+    [
+        (kiaerrors.BadRequest, 400, 50, "bad_request"),
+        (kiaerrors.BadClientHello, 400, 50, "bad_request"),
+        (kiaerrors.UnexpectedTlsMessage, 400, 10, "bad_request"),
+        (kiaerrors.TlsRecordOverflow, 400, 22, "bad_request"),
+        (kiaerrors.HeadTooLarge, 431, 40, "too_large"),
+        (kiaerrors.PreambleTimeout, 408, None, "preamble_timeout"),
+        (kiaerrors.NoRoute, 421, 112, "no_route"),
+        (kiaerrors.BackendUnreachable, 502, 80, "backend_unreachable"),
+        (kiaerrors.BackendTimeout, 504, 80, "backend_timeout"),
+        (kiaerrors.LocalShortage, 503, 80, "local_error"),
+        (kiaerrors.NotTls, 400, None, "not_tls"),
+        (kiaerrors.HttpOnTlsPort, 400, None, "http_on_tls_port"),
+    ],
+)
+def test_error_replies(error, http_status, tls_alert, outcome_word):
+    exc = error("why")
+    assert isinstance(exc, kiaerrors.GatewayError)
+    assert (exc.http_status, exc.tls_alert, exc.outcome, exc.reason) == (http_status, tls_alert, outcome_word, "why")

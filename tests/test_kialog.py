@@ -233,13 +233,6 @@ def journal_stream(fd: int) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def started(lines: list[str], workers: str) -> bool:
-    """Every process has said it serves: "ready", and "worker started" from each worker."""
-    return any('"ready"' in line for line in lines) and (
-        workers == "1" or sum('"worker started"' in line for line in lines) == int(workers)
-    )
-
-
 def test_a_pools_tried_addresses_are_in_both_formats():
     fields = {**CONNECTION, "backend": "127.0.0.1:7", "tried": ["127.0.0.1:6", "127.0.0.1:7"], "reason": "x y"}
     r, w = os.pipe()

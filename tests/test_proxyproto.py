@@ -14,7 +14,15 @@ import pytest
 from hellos import bytewise, outcome
 
 import kiaerrors
-from proxyproto import NEED_MORE, BadProxyHeader, ProxyHeader, ProxyHeaderReader, proxy_header, read_proxy_header
+from proxyproto import (
+    NEED_MORE,
+    V2_SIGNATURE,
+    BadProxyHeader,
+    ProxyHeader,
+    ProxyHeaderReader,
+    proxy_header,
+    read_proxy_header,
+)
 
 SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 REQUEST = b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n"
@@ -197,3 +205,14 @@ def test_reads_what_the_gateway_sends(version, client, local):
     """The outgoing header and the incoming parser agree: a chain of gateways keeps the client."""
     header = proxy_header(version, client, local)
     assert read_proxy_header(header) == ProxyHeader(client, local, len(header))
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_an_ipv4_client_behind_an_ipv6_destination_is_written_in_its_ipv6_form(version):
+    """One header holds one family: an IPv4 client that reached the proxy over IPv6 goes as ::ffff:a.b.c.d, as
+    HAProxy writes it."""
+    header = proxy_header(version, ("10.1.1.1", 5), ("2001:db8::1", 80))
+    assert header.startswith(b"PROXY TCP6 ::ffff:10.1.1.1 2001:db8::1 5 80\r\n" if version == "v1" else V2_SIGNATURE)
+    read = read_proxy_header(header)
+    assert (ipaddress.ip_address(read.source[0]), read.source[1]) == (ipaddress.ip_address("::ffff:10.1.1.1"), 5)
+    assert (read.destination, read.length) == (("2001:db8::1", 80), len(header))

@@ -30,7 +30,6 @@ from hellos import (
     vector,
 )
 
-import kiaerrors
 import sniff
 from sniff import (
     NEED_MORE,
@@ -64,33 +63,6 @@ def http(data: bytes, max_preamble: int = sniff.MAX_PREAMBLE):
 
 
 EXAMPLE = Preamble("example.com")
-
-
-# --------------------------------------------------------------------------
-# The error family carries the reply
-
-
-@pytest.mark.parametrize(
-    ("error", "http_status", "tls_alert", "outcome_word"),
-    [
-        (kiaerrors.BadRequest, 400, 50, "bad_request"),
-        (kiaerrors.BadClientHello, 400, 50, "bad_request"),
-        (kiaerrors.UnexpectedTlsMessage, 400, 10, "bad_request"),
-        (kiaerrors.TlsRecordOverflow, 400, 22, "bad_request"),
-        (kiaerrors.HeadTooLarge, 431, 40, "too_large"),
-        (kiaerrors.PreambleTimeout, 408, None, "preamble_timeout"),
-        (kiaerrors.NoRoute, 421, 112, "no_route"),
-        (kiaerrors.BackendUnreachable, 502, 80, "backend_unreachable"),
-        (kiaerrors.BackendTimeout, 504, 80, "backend_timeout"),
-        (kiaerrors.LocalShortage, 503, 80, "local_error"),
-        (kiaerrors.NotTls, 400, None, "not_tls"),
-        (kiaerrors.HttpOnTlsPort, 400, None, "http_on_tls_port"),
-    ],
-)
-def test_error_replies(error, http_status, tls_alert, outcome_word):
-    exc = error("why")
-    assert isinstance(exc, kiaerrors.GatewayError)
-    assert (exc.http_status, exc.tls_alert, exc.outcome, exc.reason) == (http_status, tls_alert, outcome_word, "why")
 
 
 def test_need_more_is_a_distinct_sentinel():

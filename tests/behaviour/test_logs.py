@@ -20,55 +20,8 @@ import time
 
 import pytest
 from conftest import TIMEOUT, exchange, gateway_command, read_all
+from test_kialog import Reader, journal_stream, pipe_size, small_pipe
 from test_relaying import HEAD, RawBackend, recv_exactly
-
-SMALL_PIPE = 4096  # the smallest pipe Linux allows: a few log lines fill it, so a test need not make thousands
-
-
-def small_pipe() -> tuple[int, int]:
-    """A pipe (read end, write end) made as small as the platform allows; its size is pipe_size(r)."""
-    r, w = os.pipe()
-    try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, SMALL_PIPE)
-    except (AttributeError, OSError):  # not Linux: the default size, which pipe_size() gives, and tests write more
-        pass
-    return r, w
-
-
-def pipe_size(fd: int) -> int:
-    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) if hasattr(fcntl, "F_GETPIPE_SZ") else 65536
-
-
-class Reader:
-    """Reads a pipe or socket to EOF in a thread, once ``start()`` is called (or after TIMEOUT, to end a hang)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.data = bytearray()
-        self.go = threading.Event()
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        self.go.wait(TIMEOUT)
-        while chunk := os.read(self.fd, 65536):
-            self.data += chunk
-
-    def start(self) -> None:
-        self.go.set()
-
-    def lines(self) -> list[str]:
-        """The whole lines read so far."""
-        return bytes(self.data).decode().split("\n")[:-1]
-
-    def finish(self, *write_ends: int) -> list[str]:
-        """Close the write ends, read to EOF, return the lines."""
-        for fd in write_ends:
-            os.close(fd)
-        self.start()
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive()
-        return self.lines()
 
 
 @pytest.mark.parametrize("reopen", ["/proc/self/fd/{}", "/nonexistent/{}"])  # Linux, and where /proc is not
@@ -186,11 +139,6 @@ class LoggedGateway:
         if self.r >= 0:
             os.close(self.r)
             self.r = -1
-
-
-def journal_stream(fd: int) -> str:
-    st = os.fstat(fd)
-    return f"{st.st_dev}:{st.st_ino}"
 
 
 def started(lines: list[str], workers: str) -> bool:
