@@ -79,8 +79,12 @@ class Policy:
         self.notify = notify
         self.check_limits = check_limits
 
+    def begin(self) -> None:
+        """A reload begins: the service manager hears so now, with the time, however long the loading takes."""
+        self.notify("RELOADING=1")
+
     def reload(
-        self, load: Callable[[], Config], running: Config, systemd: bool = False
+        self, load: Callable[[], Config], running: Config, systemd: bool = False, begun: bool = False
     ) -> tuple[Config, list[str]] | None:
         """The new config and the changed keys it could not apply, or None (logged) if the running one must stay.
 
@@ -89,10 +93,12 @@ class Policy:
         keeps its running value in the config returned, so that a change not
         applied is reported again at every reload, never forgotten. With
         ``systemd`` passing the sockets, a restart would not apply the listen
-        lists either: the warning says so instead.
+        lists either: the warning says so instead. ``begun``: ``begin`` was
+        called when the loading started (the supervisor loads off its loop).
         """
         log = self.log
-        self.notify("RELOADING=1")
+        if not begun:
+            self.begin()
         try:
             new = load()
         except ConfigError as exc:

@@ -243,9 +243,8 @@ def supervise(
             metrics.handle(readable, writable)
         if loading is not None and loading.fd in readable and loading.read():
             systemd = upgrade is not None and upgrade.systemd
-            reloaded = policy.reload(loading.result, cfg, systemd)
-            loading = kiareload.Loader(load) if load_again and not stopping else None
-            load_again = False
+            reloaded = policy.reload(loading.result, cfg, systemd, begun=True)
+            loading = None
             if metrics is not None:
                 metrics.reloaded(reloaded is not None)
             if reloaded is not None:
@@ -254,6 +253,10 @@ def supervise(
                 for child in children.values():
                     child.hand(kiaframe.frame(body))
                 policy.reloaded(cfg, ignored, True, workers=len(children))
+            if load_again and not stopping:  # a SIGHUP came while it loaded: the file may have changed since
+                policy.begin()
+                loading = kiareload.Loader(load)
+            load_again = False
         for signum in received:
             if signum == signal.SIGCHLD:
                 for child in _reap(children, respawn, log, stopping):
@@ -263,6 +266,7 @@ def supervise(
                 if loading is not None:
                     load_again = True
                 elif not stopping:
+                    policy.begin()
                     loading = kiareload.Loader(load)
             elif signum == signal.SIGUSR2:
                 if upgrade is not None and not stopping and upgrade.ready() and upgrade.starts(cooperative=False):
