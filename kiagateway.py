@@ -258,6 +258,7 @@ class Connection:
         "sniffer",
         "started",
         "tried",
+        "used",
     )
 
     def __init__(self, gateway: Gateway, client: socket.socket, address: tuple, listener: str) -> None:
@@ -278,7 +279,8 @@ class Connection:
         self.backend: Backend | None = None
         self.backend_sock: socket.socket | None = None
         self.header = b""  # the PROXY header sent to the backend, if its route asks for one
-        self.tried: list[Address] = []  # every backend address tried; the last one serves
+        self.used: Address | None = None  # the backend address tried last: the one that serves
+        self.tried: list[Address] | None = None  # every address tried, when a pool tried more than one
         self.counted: str | None = None  # the key the client policy counted this connection under
         self.reason: str | None = None
         self.result = relay.RelayResult()
@@ -301,9 +303,7 @@ class Connection:
             table = self.gateway.routes[self.listener]  # read once: a reload during the connect changes no entry
             self.backend = self.route(table)
             self.header = self.proxy_header()
-            self.backend_sock = self.gateway.backends.connect(
-                self.backend, self.domain, self.settings.connect_timeout, self.tried
-            )
+            self.backend_sock = self.connect(self.domain, self.settings.connect_timeout)
             if metrics is not None:
                 metrics.connected(self.listener, connecting)
             self.send_first_bytes(strict)
@@ -417,6 +417,15 @@ class Connection:
             raise kiaerrors.Forbidden(f"client {self.peer[0]} is outside the allow-list of {self.domain}'s route")
         return backend
 
+    def connect(self, domain: str | None, timeout: float) -> socket.socket:
+        """Connect to the route's backend; ``used`` and ``tried`` say where, for the log line, however it ends."""
+        attempts: list[Address] = []
+        try:
+            return self.gateway.backends.connect(self.backend, domain, timeout, attempts)
+        finally:
+            self.used = attempts[-1] if attempts else None
+            self.tried = attempts if len(attempts) > 1 else None
+
     def proxy_header(self) -> bytes:
         """The PROXY header the route's backend asks for (b"": none), made before connecting to it."""
         if not self.backend.proxy_protocol:
@@ -504,8 +513,7 @@ class Connection:
         resolved now), so the log line names the addresses of the connect that serves.
         """
         timeout = self.gateway.config.settings.connect_timeout
-        self.tried = []
-        sock = self.gateway.backends.connect(self.backend, domain, timeout, self.tried)
+        sock = self.connect(domain, timeout)
         try:
             sendall(sock, self.header, timeout)
         except TimedOut:
@@ -540,7 +548,7 @@ class Connection:
             fields["proxy"] = format_address(self.proxy)
         fields |= {
             "domain": self.domain,
-            "backend": str(self.tried[-1]) if self.tried else None,
+            "backend": str(self.used) if self.used else None,
             "outcome": result.outcome,
             "bytes_up": result.bytes_up,
             "bytes_down": result.bytes_down,
@@ -548,7 +556,7 @@ class Connection:
         }
         if self.reason:
             fields["reason"] = self.reason
-        if len(self.tried) > 1:
+        if self.tried:
             fields["tried"] = [str(address) for address in self.tried]
         if gateway.config.settings.log_connections:
             gateway.log.connection(fields)
