@@ -374,7 +374,13 @@ class Process:
             self.upgrading = False
             return
         self.log.flush()  # the child starts with an empty queue: what waits is written by hand_over
-        child = gevent.os.fork_gevent()
+        try:
+            child = gevent.os.fork_gevent()
+        except OSError as exc:  # no process or memory to spare for the drain: nothing is handed over yet
+            self.log.error("upgrade aborted, the running program goes on: cannot fork the drain", cause=str(exc))
+            upgrade.cancel()
+            self.upgrading = False
+            return
         if child:
             upgrade.hand_over([child, *kiasupervisor.still_running(upgrade.previous)])
         upgrade.cancel()  # the new program's metrics socket, if bound for it: only the new program holds it now
