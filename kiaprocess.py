@@ -26,6 +26,7 @@ import gevent.os
 
 import kiaconfig
 import kiametrics
+import kiapipes
 import kiareload
 import kiasupervisor
 import kiaupgrade
@@ -151,7 +152,7 @@ def raise_nofile() -> int | None:
 
 def check_nofile(log: Log, settings: kiaconfig.Settings, nofile: int | None) -> None:
     """Warn when the descriptor limit, which counts per process, is below what max_connections needs in a worker."""
-    pipes = 2 * relay.PIPES_KEPT if relay.HAVE_SPLICE else 0  # splice pipes in flight: two descriptors each
+    pipes = 2 * kiapipes.PIPES_KEPT if relay.HAVE_SPLICE else 0  # splice pipes in flight: two descriptors each
     listeners = len(settings.http_listen) + len(settings.https_listen)
     needed = 2 * settings.max_connections + pipes + listeners + SPARE_FDS
     if nofile is not None and nofile < needed:
@@ -312,7 +313,7 @@ class Process:
         self.reloading = gevent.lock.Semaphore()  # one loader child at a time; a SIGHUP meanwhile waits its turn
         self.upgrading = False  # ready() and starts() wait on the loop for their children: a SIGUSR2 then waits not
         self.watch: kiareload.Watch | None = None  # kept while serving
-        relay.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipes
+        kiapipes.configure_pipes(kiaconfig.resolve_workers(cfg.settings.workers))  # this process's share of the pipes
         self.gateway = make_server(cfg, log, connection_id_prefix())
 
     def serve(self, lifeline: int | None = None) -> int:

@@ -46,8 +46,9 @@ import gevent
 import httpstream
 import relay
 from kiaerrors import BadRequest, GatewayError, HostChanged
+from kiapipes import PIPE_SIZE
 from kiasocket import reset_on_close
-from relay import CHUNK, HAVE_SPLICE, PIPE_SIZE
+from relay import CHUNK, HAVE_SPLICE
 
 __all__ = ["StrictRelay"]
 

@@ -9,8 +9,8 @@ direction whose reads fill a whole chunk switches to ``os.splice`` through a
 pipe borrowed from a pool for as long as data is in flight (Linux, Python
 3.10+), so bulk data never enters Python; when splices turn small again it
 goes back to copying, which is cheaper for small messages. The pool is
-bounded (``MAX_PIPES``, and a share of the user's pipe quota, see
-``configure_pipes``) and lends only pipes of ``PIPE_SIZE``: a direction that
+bounded (``MAX_PIPES``, and a share of the user's pipe quota: kiapipes.py)
+and lends only pipes of ``PIPE_SIZE``: a direction that
 gets none copies. TCP urgent data is not part of the stream: like a plain
 ``recv`` (no ``SO_OOBINLINE``), the relay drops the urgent byte and passes on
 every other byte in order, on both paths.
@@ -55,6 +55,7 @@ from typing import Callable
 
 import gevent
 
+from kiapipes import PIPE_SIZE, PIPES
 from kiasocket import LINGER_BYTES, LINGER_SECONDS, READ, REPLY_SECONDS, WRITE, reset_on_close
 
 try:
@@ -64,12 +65,6 @@ except ImportError:  # a Python built without it: no send-queue ioctl either
 
 CHUNK = 65536  # bytes per recv: the default socket buffer, one syscall per 64 KiB
 SPLICE_BELOW = 4096  # a splice that moves less than a page costs more than recv + send: copy again
-PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ for pooled pipes: 1 MiB moves bulk data in few syscalls
-PIPES_KEPT = 64  # free pipes kept for reuse; creating and sizing a pipe costs more than a small connection
-# Pipes a process may have open, lent and kept (HAProxy's maxpipes); beyond it directions
-# copy. Each pins up to PIPE_SIZE of kernel memory behind a stalled reader: 256 MiB at most.
-# KIAGATEWAY_MAX_PIPES overrides it (0 turns splicing off; tests use a small one).
-MAX_PIPES = 256
 # TCP_NOTSENT_LOWAT on each destination: send() and writability stop once this much is
 # queued unsent, so a reader that takes nothing pins about this much in its socket's send
 # queue instead of the autotuned send buffer (tcp_wmem's max, 4 MiB: 3.9 MB measured, 2.1
@@ -77,7 +72,6 @@ MAX_PIPES = 256
 # drains in one splice; at one pipe's worth drains went partial and bulk cost 15-20 % more
 # CPU per GiB, at two the CPU and throughput of bulk downloads did not change measurably.
 NOTSENT_LOWAT = 2 * PIPE_SIZE
-PIPE_QUOTA_SHARE = 0.75  # of the user's pipe quota, for all workers' pools; the rest for its other pipes
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
 IDLE_LOOKS = 4  # the idle timer looks at the send queues this often per idle_timeout (see Relay.on_timer)
 
@@ -88,8 +82,6 @@ if HAVE_SPLICE:
     # Linux's values where a Python build does not name them.
     _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
     _splice = os.splice
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux; named in fcntl only from Python 3.10
-_CAP_SYS_ADMIN, _CAP_SYS_RESOURCE = 21, 24  # capability bits: either lifts the per-user pipe quota
 
 # Linux's value where a Python build does not name it; None where there is no such option (OpenBSD).
 _NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if _LINUX else None)
@@ -98,122 +90,12 @@ _NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if _LINUX else None)
 _OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
 _now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
 
-if os.environ.get("KIAGATEWAY_MAX_PIPES"):
-    try:
-        MAX_PIPES = int(os.environ["KIAGATEWAY_MAX_PIPES"])
-    except ValueError:
-        raise ValueError(f"KIAGATEWAY_MAX_PIPES={os.environ['KIAGATEWAY_MAX_PIPES']!r} is not a whole number") from None
-
 
 @dataclass
 class RelayResult:
     bytes_up: int = 0  # client -> backend
     bytes_down: int = 0  # backend -> client
     outcome: str = "ok"  # ok | idle_timeout | client_reset | backend_reset | error
-
-
-class PipePool:
-    """Empty pipes of PIPE_SIZE lent to directions while they splice; at most ``limit`` open."""
-
-    def __init__(self, limit: int | None = None, keep: int = PIPES_KEPT) -> None:
-        self.limit = limit  # pipes open at most, lent and kept; None: pipe_limit(1) when first needed
-        self.keep = keep
-        self.free: list[tuple[int, int]] = []
-        self.open = 0
-
-    def get(self) -> tuple[int, int] | None:
-        """A pipe, or None: then the direction copies. Never one smaller than PIPE_SIZE, which
-        would make splicing slower than copying."""
-        if self.free:
-            return self.free.pop()
-        if self.limit is None:
-            self.limit = pipe_limit(1)
-        if self.open >= self.limit:
-            return None
-        try:
-            pipe = _pipe()
-        except OSError:  # out of descriptors
-            return None
-        try:
-            size = fcntl.fcntl(pipe[1], _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:  # EPERM: over the user's pipe quota or fs.pipe-max-size
-            size = 0
-        if size < PIPE_SIZE:
-            os.close(pipe[0])
-            os.close(pipe[1])
-            self.limit = self.open  # the quota is spent: stop paying four syscalls per try
-            return None
-        self.open += 1
-        return pipe
-
-    def put(self, pipe: tuple[int, int], empty: bool = True) -> None:
-        if empty and len(self.free) < self.keep:
-            self.free.append(pipe)
-        else:
-            os.close(pipe[0])
-            os.close(pipe[1])
-            self.open -= 1
-
-
-def _pipe() -> tuple[int, int]:
-    if hasattr(os, "pipe2"):
-        return os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    read_end, write_end = os.pipe()  # not inheritable already
-    os.set_blocking(read_end, False)
-    os.set_blocking(write_end, False)
-    return read_end, write_end
-
-
-def pipe_limit(workers: int) -> int:
-    """How many pipes one of ``workers`` processes may open: MAX_PIPES, within its share of the user's quota.
-
-    Without CAP_SYS_RESOURCE, Linux refuses to grow a pipe (F_SETPIPE_SZ fails
-    with EPERM) once all the pipes of the user, in every process, hold
-    fs.pipe-user-pages-soft pages (16384 by default: 64 pipes of 1 MiB), and
-    new pipes get 8 KiB. Root in a container usually lacks the capability too.
-    """
-    limit = MAX_PIPES
-    if not _LINUX or _capable(_CAP_SYS_RESOURCE) or _capable(_CAP_SYS_ADMIN):
-        return limit
-    quotas = [_read_int(f"/proc/sys/fs/pipe-user-pages-{kind}") for kind in ("soft", "hard")]
-    quotas = [q for q in quotas if q]  # 0 or unreadable: no such limit
-    if quotas:
-        try:
-            page = os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            page = 4096
-        pages_per_pipe = max(1, PIPE_SIZE // page)
-        limit = min(limit, int(min(quotas) * PIPE_QUOTA_SHARE) // max(1, workers) // pages_per_pipe)
-    return limit
-
-
-def configure_pipes(workers: int) -> int:
-    """Share the user's pipe quota among ``workers`` processes; call in each, after dropping privileges."""
-    PIPES.limit = pipe_limit(workers)
-    return PIPES.limit
-
-
-def _read_int(path: str) -> int:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _capable(bit: int) -> bool:
-    """Whether this process holds a capability, from /proc/self/status (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> bit & 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return False
-
-
-PIPES = PipePool()
 
 
 class Direction:
@@ -307,13 +189,41 @@ class Direction:
         return data
 
     def copy_once(self) -> bool:
-        """recv one chunk and send it; False when this callback should stop."""
-        data = self.read()
-        if data is None:
+        """recv one chunk and send it; False when this callback should stop.
+
+        ``read`` and ``send`` written out: this runs per message, and two calls
+        fewer per message are measurable on keep-alive requests.
+        """
+        relay = self.relay
+        try:
+            data = self.src.recv(CHUNK)
+        except BlockingIOError:
             return False
+        except OSError:
+            relay.abort(f"{self.name[0]}_reset")
+            return False
+        if not data:
+            self.on_eof()
+            return False
+        relay.last_activity = _now()
         size = len(data)
         self.bulk = HAVE_SPLICE and size == CHUNK
-        return self.send(data) and size == CHUNK  # a short read drained the socket
+        try:
+            sent = self.dst.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            relay.abort(f"{self.name[1]}_reset")
+            return False
+        if self.up:
+            relay.result.bytes_up += sent
+        else:
+            relay.result.bytes_down += sent
+        if sent < size:
+            self.pending = memoryview(data)[sent:]
+            self._wait_writable()
+            return False
+        return size == CHUNK  # a short read drained the socket
 
     def send(self, data: bytes) -> bool:
         """Pass ``data`` on to dst; False if some of it waits for dst to take it (reading stops meanwhile), or the

@@ -682,47 +682,6 @@ def test_an_unprivileged_gateway_never_splices_through_a_small_pipe(start_gatewa
         assert all(size >= 1 << 20 for size in sizes.values()), f"pipe sizes: {sorted(sizes.values())}"
 
 
-@pytest.mark.parametrize(
-    ("capable", "soft", "hard", "workers", "expected"),
-    [
-        (False, 16384, 0, 1, 48),  # 3/4 of the default quota, in 256-page pipes
-        (False, 16384, 0, 4, 12),  # shared by the workers
-        (False, 16384, 8192, 1, 24),  # the smaller of the two quotas
-        (False, 0, 0, 4, 256),  # no quota: MAX_PIPES
-        (False, 16384, 0, 64, 0),  # too many workers for the quota: copy only
-        (True, 16384, 0, 1, 256),  # CAP_SYS_RESOURCE: the quota does not apply
-    ],
-)
-def test_pipe_limit_shares_the_users_pipe_quota(monkeypatch, capable, soft, hard, workers, expected):
-    import relay
-
-    quotas = {"/proc/sys/fs/pipe-user-pages-soft": soft, "/proc/sys/fs/pipe-user-pages-hard": hard}
-    monkeypatch.setattr(relay, "_LINUX", True)
-    monkeypatch.setattr(relay, "MAX_PIPES", 256)
-    monkeypatch.setattr(relay, "_capable", lambda bit: capable)
-    monkeypatch.setattr(relay, "_read_int", quotas.get)
-    monkeypatch.setattr(relay.os, "sysconf", lambda name: 4096)
-    assert relay.pipe_limit(workers) == expected
-
-
-@pytest.mark.skipif(not HAVE_SPLICE_HERE, reason="pipes are sized only on Linux")
-def test_pipe_pool_lends_only_full_pipes_and_counts_them(monkeypatch):
-    import relay
-
-    pool = relay.PipePool(limit=2, keep=1)
-    first, second = pool.get(), pool.get()
-    assert fcntl.fcntl(first[1], 1032) >= relay.PIPE_SIZE  # F_GETPIPE_SZ
-    assert pool.get() is None and pool.open == 2  # the cap: copy instead
-    pool.put(first)
-    pool.put(second)  # beyond what is kept: closed
-    assert (pool.open, pool.free) == (1, [first])
-    assert pool.get() == first
-    monkeypatch.setattr(relay, "_F_SETPIPE_SZ", 1032)  # F_GETPIPE_SZ: "sizing" leaves the default 64 KiB
-    assert pool.get() is None and pool.limit == 1  # a pipe that could not be sized is never lent
-    pool.put(first, empty=False)
-    assert pool.open == 0
-
-
 def skmem(local: tuple, peer: tuple) -> dict[str, int]:
     """The kernel memory of the TCP socket local -> peer as ``ss -tmn`` shows it (r: receive queue,
     w: send queue, rb/tb: the sizes they may grow to, in bytes); {} when ss finds no such socket."""
