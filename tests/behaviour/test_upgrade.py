@@ -140,7 +140,7 @@ def test_socket_activation_leaves_sockets_meant_for_another_process(start_gatewa
 
 
 class ClientLoop:
-    """A thread making HTTP requests through the gateway one after another until stopped, keeping every failure."""
+    """A thread making requests through the gateway one after another until stopped, keeping every failure."""
 
     def __init__(self, address: tuple[str, int]) -> None:
         self.address = address
@@ -150,14 +150,22 @@ class ClientLoop:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def ask(self) -> bytes:
+        return ask(self.address)
+
+    def answered(self, answer: bytes) -> bool:
+        return answer.endswith(b"alpha http a.example")
+
     def _run(self) -> None:
-        while not self.stopping.is_set():
+        deadline = time.monotonic() + 6 * TIMEOUT  # bounded even if stop() is never called
+        while not self.stopping.is_set() and time.monotonic() < deadline:
             try:
-                answer = ask(self.address)
+                answer = self.ask()
             except OSError as exc:
                 self.failures.append(repr(exc))
+                time.sleep(0.01)
                 continue
-            if answer.endswith(b"alpha http a.example"):
+            if self.answered(answer):
                 self.done += 1
             else:
                 self.failures.append(repr(answer[:80]))
@@ -476,41 +484,17 @@ def healthz(port: int, timeout: float = TIMEOUT) -> bytes:
         return read_all(sock, timeout)
 
 
-class HealthLoop:
+class HealthLoop(ClientLoop):
     """A thread asking /healthz on ``port`` one request after another until stopped, keeping every failure."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.done = 0
-        self.failures: list[str] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(("127.0.0.1", port))
 
-    def _run(self) -> None:
-        deadline = time.monotonic() + 6 * TIMEOUT  # bounded even if stop() is never called
-        while not self.stopping.is_set() and time.monotonic() < deadline:
-            try:
-                answer = healthz(self.port)
-            except OSError as exc:
-                self.failures.append(repr(exc))
-                time.sleep(0.01)
-                continue
-            if answer.startswith(b"HTTP/1.1 200"):
-                self.done += 1
-            else:
-                self.failures.append(repr(answer[:80]))
+    def ask(self) -> bytes:
+        return healthz(self.address[1])
 
-    def wait_for(self, count: int) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        while self.done < count:
-            assert time.monotonic() < deadline, f"only {self.done} probes done; failures {self.failures[:3]}"
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.thread.join(TIMEOUT)
-        assert not self.thread.is_alive()
+    def answered(self, answer: bytes) -> bool:
+        return answer.startswith(b"HTTP/1.1 200")
 
 
 def metrics_upgrade_toml(backends: dict, workers: int, port: int) -> str:
