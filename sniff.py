@@ -22,8 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
 
 from kiaerrors import (
     BadClientHello,
@@ -73,9 +72,9 @@ class NeedMore:
 NEED_MORE = NeedMore()
 
 
-@dataclass(frozen=True)
-class Preamble:
-    """What the first bytes say: the normalised domain, or None if none was named."""
+class Preamble(NamedTuple):
+    """What the first bytes say: the normalised domain, or None if none was named. (A tuple: immutable, and
+    built faster than a frozen dataclass, once per connection.)"""
 
     domain: str | None
 
@@ -119,6 +118,20 @@ def normalize_domain(name: str | bytes) -> str:
     if not _NAME.fullmatch(lowered):  # checked in C; _why_not_a_name only explains
         raise ValueError(_why_not_a_name(lowered, raw))
     return lowered.decode("ascii")
+
+
+# Names as clients send them -> normalised, for the parsers: a gateway sees the same few names again and again,
+# and a hit costs a dict lookup instead of the checks. Only valid names go in; cleared when full, so a client
+# sending endless new names costs what it did without the cache.
+_NAMES: dict[bytes, str] = {}
+NAMES_CACHED = 4096
+
+
+def _cached_name(raw: bytes, name: str) -> str:
+    if len(_NAMES) >= NAMES_CACHED:
+        _NAMES.clear()
+    _NAMES[raw] = name
+    return name
 
 
 def _why_not_a_name(lowered: bytes, raw: bytes) -> str:
@@ -180,6 +193,18 @@ class TlsSniffer:
     def feed(self, data: bytes) -> SniffResult:
         if self.result is not None:
             return self.result
+        if not self.buffer and len(data) > 9 and data[0] == TLS_CONTENT_HANDSHAKE and data[1] == 3:
+            # The common case: one record holding exactly the ClientHello, all of it in the first read.
+            length = (data[3] << 8) | data[4]
+            if (
+                data[5] == TLS_HANDSHAKE_CLIENT_HELLO
+                and 4 + int.from_bytes(data[6:9], "big") == length
+                and 0 < length <= TLS_MAX_FRAGMENT
+                and TLS_RECORD_HEADER + length <= min(len(data), self.max_preamble)
+            ):
+                self.buffer += data
+                self.result = Preamble(_parse_client_hello(data[9 : TLS_RECORD_HEADER + length]))
+                return self.result
         self.buffer += data
         if not self.buffer:
             return NEED_MORE
@@ -280,6 +305,23 @@ class _Reader:
 
 
 def _parse_client_hello(body: bytes) -> str | None:
+    """The SNI of a ClientHello body. A well-formed one is walked by offsets; anything else by ``_Reader``, whose
+    checks say what is wrong."""
+    n = len(body)
+    if n > 38 and body[0] == 3 and body[34] <= 32:  # legacy_version 3.x; random; a session id of at most 32
+        pos = 35 + body[34]
+        if pos + 2 <= n:
+            suites = (body[pos] << 8) | body[pos + 1]
+            pos += 2 + suites
+            if suites and not suites % 2 and pos < n and body[pos]:  # a compression method
+                pos += 1 + body[pos]
+                if pos + 2 <= n and pos + 2 + ((body[pos] << 8) | body[pos + 1]) == n:
+                    return _extensions(body, pos + 2, n)
+    return _parse_client_hello_checked(body)
+
+
+def _parse_client_hello_checked(body: bytes) -> None:
+    """A ClientHello the offset walk did not take: one without extensions (None), or what is wrong with it."""
     hello = _Reader(body)
     version = hello.integer(2, "legacy_version")
     if version >> 8 != 3:
@@ -294,13 +336,14 @@ def _parse_client_hello(body: bytes) -> str | None:
         raise BadClientHello("no compression method")
     if hello.at_end():
         return None  # no extensions at all (TLS 1.0-style hello)
-    extensions = hello.vector(2, "extensions")
-    if not hello.at_end():
-        raise BadClientHello("bytes after the extensions")
-    # Walked by offset rather than with _Reader: a hello carries 10-20 extensions.
+    hello.vector(2, "extensions")
+    raise BadClientHello("bytes after the extensions")  # extensions up to the end took the offset walk above
+
+
+def _extensions(extensions: bytes, pos: int, end: int) -> str | None:
+    """Walk the extensions in ``extensions[pos:end]`` by offset (a hello carries 10-20); return the SNI."""
     seen = set()
     server_name = None
-    pos, end = 0, len(extensions)
     while pos < end:
         if pos + 4 > end:
             raise BadClientHello("extension header runs past the ClientHello")
@@ -318,6 +361,15 @@ def _parse_client_hello(body: bytes) -> str | None:
 
 
 def _parse_server_name(data: bytes) -> str | None:
+    """The host_name of a server_name extension: one entry, read by offsets; any other shape by ``_Reader``."""
+    size = len(data)
+    if size > 5 and data[2] == SNI_HOST_NAME and (data[0] << 8) | data[1] == size - 2 == ((data[3] << 8) | data[4]) + 3:
+        name = data[5:]
+        return _NAMES.get(name) or _sni_name(name)
+    return _parse_server_names(data)
+
+
+def _parse_server_names(data: bytes) -> str | None:
     outer = _Reader(data)
     names = _Reader(outer.vector(2, "server_name_list"))
     if not outer.at_end():
@@ -330,13 +382,18 @@ def _parse_server_name(data: bytes) -> str | None:
             continue  # unknown name types are skipped (RFC 6066 section 3)
         if host_name is not None:
             raise BadClientHello("two host_name entries in server_name")
-        try:
-            host_name = normalize_domain(name)
-        except ValueError as exc:
-            raise BadClientHello(f"invalid SNI: {exc}") from None
-        if host_name.startswith("[") or _is_ipv4(host_name):
-            raise BadClientHello("IP literal in SNI")  # RFC 6066 section 3 forbids it
+        host_name = _NAMES.get(name) or _sni_name(name)
     return host_name
+
+
+def _sni_name(name: bytes) -> str:
+    try:
+        host_name = normalize_domain(name)
+    except ValueError as exc:
+        raise BadClientHello(f"invalid SNI: {exc}") from None
+    if host_name.startswith("[") or _is_ipv4(host_name):
+        raise BadClientHello("IP literal in SNI")  # RFC 6066 section 3 forbids it
+    return _cached_name(name, host_name)
 
 
 def _is_ipv4(name: str) -> bool:
@@ -536,6 +593,9 @@ class HttpSniffer:
         return host
 
     def _domain(self) -> str | None:
+        if self._target_host is None and len(self._hosts) == 1:  # the common case: one Host, an origin-form target
+            host = self._hosts[0]
+            return _HOSTS.get(host) or _cached_host(host, self._host(host, "Host header"))
         if len(self._hosts) > 1:
             raise BadRequest("more than one Host header")
         if not self._hosts and self._version == b"HTTP/1.1":
@@ -546,6 +606,19 @@ class HttpSniffer:
         if self._target_host is not None and header_host and _normalize_or_400(header_host) != domain:
             raise BadRequest("Host header disagrees with the request target")
         return domain
+
+
+_HOSTS: dict[bytes, str] = {}  # Host header values -> normalised domain, like _NAMES
+
+
+def _cached_host(raw: bytes, host: bytes) -> str | None:
+    if not host:
+        return None
+    domain = _normalize_or_400(host)
+    if len(_HOSTS) >= NAMES_CACHED:
+        _HOSTS.clear()
+    _HOSTS[raw] = domain
+    return domain
 
 
 def field_line(line: bytes) -> tuple[bytes, bytes]:

@@ -915,3 +915,37 @@ def test_framing_fields_and_head_end_for_the_request_stream(quick):
     plain = HttpSniffer()  # the first-request path does not collect them
     assert outcome(plain, pieces) == Preamble("a.test")
     assert plain.framing_fields == []
+
+
+# --------------------------------------------------------------------------
+# The fast paths: a ClientHello whole in its first record, names seen before
+
+
+def test_a_long_session_id_cut_short_is_refused_like_any_short_hello():
+    body = b"\x03\x03" + bytes(32) + b"\x20" + bytes(8)  # a 32-byte session id of which 8 bytes came
+    assert tls(record(handshake(body))) is BadClientHello
+    with pytest.raises(BadClientHello, match="legacy_session_id"):
+        TlsSniffer().feed(record(handshake(body)))
+
+
+def test_a_hello_with_bytes_after_its_extensions_is_refused():
+    body = hello_body([sni(b"example.com")]) + b"\x00"
+    assert tls(record(handshake(body))) is BadClientHello
+    with pytest.raises(BadClientHello, match="bytes after the extensions"):
+        TlsSniffer().feed(record(handshake(body)))
+
+
+@pytest.mark.parametrize("listener", ["tls", "http"])
+def test_the_names_cache_stays_within_its_bound_and_answers_as_without_it(monkeypatch, listener):
+    monkeypatch.setattr(sniff, "NAMES_CACHED", 3)
+    monkeypatch.setattr(sniff, "_NAMES", {})
+    monkeypatch.setattr(sniff, "_HOSTS", {})
+    cache = sniff._NAMES if listener == "tls" else sniff._HOSTS
+    for _ in range(2):  # the second round meets the names in the cache, or cleared from it
+        for i in range(7):
+            name = f"Host-{i}.Example"
+            if listener == "tls":
+                assert tls(real_hello(name)) == Preamble(name.lower())
+            else:
+                assert http(f"GET / HTTP/1.1\r\nHost: {name}:8080\r\n\r\n".encode()) == Preamble(name.lower())
+            assert len(cache) <= 3
