@@ -62,6 +62,9 @@ import gevent
 from kiasocket import WRITE
 
 QUEUE_LIMIT = 1 << 20  # bytes waiting for a slow reader, per process: ~4,000 connection lines, 16 pipe buffers
+# Connection lines are written together this long after the first of them (sooner when they fill PIPE_BUF): one
+# write per batch, not per connection. What a process killed outright had batched is lost, as with a syslog socket.
+FLUSH_SECONDS = 0.05
 CLOSE_TIMEOUT = 1.0  # seconds close() waits at exit for a slow reader to take what is queued
 PRIORITIES = {"error": "<3>", "warning": "<4>", "info": "<6>"}  # syslog severities journald reads at line start
 _REOPEN = "/proc/self/fd/{}"  # Linux: opening it opens fd's file anew, with an open file description of its own
@@ -78,8 +81,9 @@ class Log:
         self._broken = False  # a write failed otherwise than "would block": no warning would get through
         self._second = -1
         self._stamp = ""
-        self._batch: list[str] = []  # connection lines waiting for the end of this event-loop turn
+        self._batch: list[str] = []  # connection lines waiting for the flush timer
         self._batched = 0  # their length, newlines included
+        self._timer = None  # gevent timer: flushes the batch FLUSH_SECONDS after its first line
         self._queue: collections.deque[bytes] = collections.deque()  # whole lines the fd could not take yet
         self._queued = 0  # their length
         self._watcher = None  # gevent io watcher, started while the queue holds lines
@@ -110,7 +114,7 @@ class Log:
     def connection(self, fields: dict) -> None:
         """The per-connection line: formatted directly, since it is written for every connection.
 
-        Lines finished in one event-loop turn go out in one write of at most
+        Lines finished within FLUSH_SECONDS go out in one write of at most
         PIPE_BUF bytes, so workers sharing a pipe never interleave inside a line.
         """
         f = fields
@@ -131,14 +135,16 @@ class Log:
         size = (len(line) if line.isascii() else len(line.encode())) + 1
         if self._batched + size > select.PIPE_BUF:
             self.flush()
-        if not self._batch:
-            gevent.get_hub().loop.run_callback(self.flush)
+        if not self._batch:  # a timer of its own: libev restarts an expired one at its old, past due time
+            self._timer = gevent.get_hub().loop.timer(FLUSH_SECONDS, ref=False)
+            self._timer.start(self.flush)
         self._batch.append(line)
         self._batched += size
 
     def flush(self) -> None:
         """Write the batched connection lines."""
         if self._batch:
+            self._timer.close()
             self._batch.append("")
             text = "\n".join(self._batch)
             self._batch.clear()
@@ -369,6 +375,7 @@ def _after_fork_in_child() -> None:
     for log in _logs:
         log._batch.clear()
         log._batched = 0
+        log._timer = None  # the parent's event loop's
         log._queue.clear()
         log._queued = 0
         log._reported = log.lost  # the parent reports its own losses

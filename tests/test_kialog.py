@@ -92,7 +92,6 @@ def test_lines_reach_a_pipe_whole_and_in_order():
         log.connection({**CONNECTION, "id": i})
     log.warning("two")  # the connection lines batched before it go first
     log.connection(CONNECTION)
-    gevent.sleep(0)  # the end of the event-loop turn writes the batch
     log.close()
     lines = [json.loads(line) for line in reader.finish(w)]
     os.close(r)
