@@ -11,6 +11,7 @@ logs: the caller's log line names the addresses tried.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -93,6 +94,59 @@ class Backends:
             return sock
         raise type(error)(f"{error.reason} (the last of {len(order)} pool addresses tried)")
 
+    def connect_at_once(self, backend: Backend, domain: str | None, first: bytes) -> tuple[socket.socket, int] | None:
+        """The connect of most connections, with no wait: a route's one IP address, ``first`` sent with it.
+
+        Sending is how the connect is checked: a connect still in progress takes
+        nothing (EAGAIN), a refused one fails the send, so no syscall asks. Returns
+        the socket and how many bytes of ``first`` it took; fewer than all and
+        ``finish_connect`` waits for the connect. None when it would need a wait
+        of another kind (a pool's failover, a name to resolve): then ``connect``.
+        Raises as ``connect`` does.
+        """
+        addresses = backend.addresses
+        if len(addresses) != 1 or addresses[0].ip is None:
+            return None
+        address = addresses[0]
+        try:
+            sock = _socket.socket(
+                socket.AF_INET6 if address.ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM | _NONBLOCK
+            )
+        except OSError as exc:
+            raise _connect_failed(address, domain, exc) from None
+        try:
+            if not _NONBLOCK:
+                sock.setblocking(False)
+            error = sock.connect_ex((address.host, address.port))
+            if error and error != errno.EINPROGRESS:
+                raise OSError(error, os.strerror(error))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sent = sock.send(first)
+            except BlockingIOError:
+                sent = 0
+        except OSError as exc:
+            sock.close()
+            raise _connect_failed(address, domain, exc) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock, sent
+
+    def finish_connect(self, sock: socket.socket, backend: Backend, domain: str | None, timeout: float) -> None:
+        """Wait up to ``timeout`` for the connect ``connect_at_once`` left in progress; raises as ``connect`` does."""
+        address = backend.addresses[0]
+        try:
+            with gevent.Timeout(timeout, TimedOut):
+                wait(sock, WRITE)
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+        except TimedOut:
+            raise BackendTimeout(f"connect to {address} for {domain} timed out after {timeout:g}s") from None
+        except OSError as exc:
+            raise _connect_failed(address, domain, exc) from None
+
     def _connect_to(self, address: Address, domain: str | None, timeout: float) -> socket.socket:
         """Connect to one address within ``timeout``; BackendUnreachable or BackendTimeout says why not,
         LocalShortage if the gateway itself lacks a descriptor, a buffer or memory for it."""
@@ -119,12 +173,7 @@ class Backends:
                 raise LocalShortage(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
             raise BackendUnreachable(f"cannot resolve {address.host} for {domain}: {exc.strerror}") from None
         except OSError as exc:
-            if exc.errno in _SHORTAGE:
-                raise LocalShortage(
-                    f"connect to {address} for {domain}: {errno.errorcode[exc.errno]} ({exc.strerror}): "
-                    "the gateway's own shortage, not the backend's"
-                ) from None
-            raise BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}") from None
+            raise _connect_failed(address, domain, exc) from None
 
     def _resolve(self, host: str, port: int) -> list:
         """getaddrinfo for a backend name, with one lookup in flight per name that later callers join.
@@ -154,6 +203,16 @@ class Backends:
             del self._lookups[key]
 
 
+def _connect_failed(address: Address, domain: str | None, exc: OSError) -> LocalShortage | BackendUnreachable:
+    """Whose fault a failed connect is: the gateway's own shortage, or the backend's."""
+    if exc.errno in _SHORTAGE:
+        return LocalShortage(
+            f"connect to {address} for {domain}: {errno.errorcode[exc.errno]} ({exc.strerror}): "
+            "the gateway's own shortage, not the backend's"
+        )
+    return BackendUnreachable(f"connect to {address} for {domain}: {exc.strerror or exc}")
+
+
 class _Pool:
     """A pool's state in one worker: where its next connection starts round the addresses."""
 
@@ -166,7 +225,7 @@ class _Pool:
 
 def open_connection(family: int, sockaddr: tuple, timeout: float | None) -> socket.socket:
     """Connect; wait (under ``timeout`` if given, else the caller's) only if the connect is still in progress."""
-    sock = socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
+    sock = _socket.socket(family, socket.SOCK_STREAM | _NONBLOCK)
     try:
         if not _NONBLOCK:
             sock.setblocking(False)

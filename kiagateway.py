@@ -12,14 +12,16 @@ which hands ``Gateway`` to kiaprocess.py to run.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import itertools
 import socket
+import sys
 import time
+from typing import Callable
 
 import gevent
 import gevent.event
-import gevent.server
 
 import httpstream
 import kiaconfig
@@ -34,60 +36,89 @@ from kiaclients import Clients, client_address, in_networks
 from kiaconfig import Address, Backend, Config
 from kiaerrors import GatewayError
 from kialog import Log, format_address
-from kiasocket import READ, TimedOut, answer, reset_on_close, sendall, wait
+from kiasocket import READ, TimedOut, answer, arm_listener, reset_on_close, sendall, wait
 
 __version__ = "0.3.0"
 
 READ_SIZE = 16384  # one recv while reading the preamble; most heads and hellos fit whole
 IDLE_GREENLETS = 64  # connection greenlets kept parked for reuse
 NAMES_KEPT = 16  # per strict connection, names known to route to its entry: a client sending many costs lookups only
+_LINUX = sys.platform.startswith("linux")
+ACCEPT_RETRY = (0.01, 1.0)  # seconds before accepting again after a failed accept: first, and at most (doubling)
 CUT_WAIT = 5.0  # seconds connections reset at the end of the drain get to close and log; they need a moment
 
 
 # ---------------------------------------------------------------------------
-# Accepting: the listeners' StreamServers.
+# Accepting: one io watcher per listening socket.
 
 
-class _AcceptPaused(Exception):
-    """Raised from accept when the process is out of descriptors: gevent backs off and retries."""
+class _Listener:
+    """Accepts clients on one listening socket, from the event loop, and hands each to the gateway in the hub.
 
+    One accept per readiness: a second would mostly say EAGAIN, a syscall for
+    nothing, and the loop calls again at once while more clients wait. It asks
+    the gateway before each accept (``full``: max_connections) and stops until
+    ``resume``; an accept that fails (out of descriptors) stops it too, until a
+    connection closes or a back-off timer ends, whichever comes first.
+    """
 
-class _Server(gevent.server.StreamServer):
-    """StreamServer that asks the gateway before each accept and hands it each client as a plain socket."""
-
-    def __init__(self, listener: socket.socket, name: str, gateway: Gateway) -> None:
-        super().__init__(listener, gateway.dispatch)  # called by do_handle below, with the listener's name
+    def __init__(self, sock: socket.socket, name: str, gateway: Gateway) -> None:
+        sock.setblocking(False)
+        self.socket = sock
         self.name = name
-        self.family = listener.family  # read once: the property builds an enum each time
+        self.family = sock.family  # read once: the property builds an enum each time
+        self.address = sock.getsockname()
         self.gateway = gateway
-        self.full = gateway.full  # asked before each accept; True pauses accepting until ``resume`` is called
+        self.loop = gevent.get_hub().loop
+        self.watcher = self.loop.io(sock.fileno(), READ)
+        self.backoff: object | None = None  # the timer of a retry after a failed accept
+        self.delay = ACCEPT_RETRY[0]
+        self.closed = False
 
     def resume(self) -> None:
-        if self.started:
-            self.start_accepting()
+        if self.closed:
+            return
+        if self.backoff is not None:
+            self.backoff.close()
+            self.backoff = None
+        self.watcher.start(self.accept)
 
-    def do_read(self) -> tuple[socket.socket, tuple] | None:
-        """Accept one client as a plain non-blocking socket: the gateway waits on it itself."""
+    def accept(self) -> None:
+        gateway = self.gateway
+        if gateway.full():
+            self.watcher.stop()
+            return
         try:
             fd, address = self.socket._accept()
         except BlockingIOError:
-            return None
+            return
         except OSError as exc:
             if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                return None  # the client left before we accepted it
-            self.gateway.accept_failed(self.address, exc)
-            raise _AcceptPaused() from exc
-        client = socket.socket(self.family, socket.SOCK_STREAM, 0, fd)
+                return  # the client left before we accepted it
+            gateway.accept_failed(self.address, exc)
+            self.watcher.stop()
+            self.backoff = self.loop.timer(self.delay)
+            self.backoff.start(self.resume)
+            self.delay = min(self.delay * 2, ACCEPT_RETRY[1])
+            return
+        self.delay = ACCEPT_RETRY[0]
+        client = _socket.socket(self.family, socket.SOCK_STREAM, 0, fd)  # no Python-level wrapper to build
         client.setblocking(False)
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.gateway.accepted()  # counted here, before the next accept asks full()
-        return client, address
+        if not gateway.armed:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        gateway.accepted()
+        # Started once this loop turn's other events are handled: a connection of the same client whose close
+        # came in the same turn is released first, so a client at its limit that closes one and opens the next
+        # is not refused.
+        self.loop.run_callback(Connection(gateway, client, address, self.name).start)
 
-    def do_handle(self, client: socket.socket, address: tuple) -> None:
-        self.gateway.dispatch(client, address, self.name)
-
-    def do_close(self, *args: object) -> None:
-        """The gateway closes each client itself, or hands it to a relay that does."""
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (a process it was handed to keeps its own)."""
+        self.closed = True
+        self.watcher.close()
+        if self.backoff is not None:
+            self.backoff.close()
+        self.socket.close()
 
 
 # ---------------------------------------------------------------------------
@@ -108,10 +139,10 @@ class Gateway:
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
         self.backends = Backends(cfg.settings.backend_cooldown)
         self.clients = Clients(cfg.settings)
-        self.servers: list[_Server] = []
+        self.servers: list[_Listener] = []
         self.open = 0  # connections accepted and not yet closed, relays included
         self.paused = False  # accepting stopped at max_connections
-        self.starved = False  # an accept failed (out of descriptors): gevent retries after up to 1 s, a close at once
+        self.starved = False  # an accept failed (out of descriptors): retried after up to 1 s, or at the next close
         self.drained = gevent.event.Event()
         self._ids = itertools.count(1)
         self.id_prefix = id_prefix
@@ -119,13 +150,16 @@ class Gateway:
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
         self.metrics: kiametrics.Stats | None = None  # set by the life cycle when metrics_listen is set
+        # Linux: a listener's TCP_NODELAY and SO_LINGER pass to the sockets it accepts, so each client comes with
+        # no delay and armed to reset if the process is killed (relay.py); elsewhere each client gets its own.
+        self.armed = _LINUX
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
-        hub = gevent.get_hub()
-        hub.NOT_ERROR = (*hub.NOT_ERROR, _AcceptPaused)  # logged once by accept_failed, not as a traceback
         for name, sock in listeners:
-            server = _Server(sock, name, self)
-            server.start()
+            if self.armed:
+                arm_listener(sock)
+            server = _Listener(sock, name, self)
+            server.resume()
             self.servers.append(server)
 
     def next_id(self) -> str:
@@ -146,35 +180,32 @@ class Gateway:
         self.log.error("accept failed, pausing this listener", address=format_address(address), cause=str(exc))
         self.starved = True
 
-    def dispatch(self, client: socket.socket, address: tuple, listener: str) -> None:
-        """Give the new connection a greenlet: a parked one if there is one, else a new one."""
+    def spawn(self, step: Callable[[object], None], arg: object) -> None:
+        """Run ``step(arg)``, a connection's stages that may wait, in a greenlet: a parked one if there is one."""
         if self._idle:
-            gevent.get_hub().loop.run_callback(self._idle.pop().switch, (client, address, listener))
+            gevent.get_hub().loop.run_callback(self._idle.pop().switch, (step, arg))
         else:
-            gevent.spawn_raw(self._serve_connections, (client, address, listener))
+            gevent.spawn_raw(self._serve_connections, (step, arg))
 
-    def _serve_connections(self, connection: tuple) -> None:
-        """Body of a connection greenlet: handle one connection, then park for the next.
+    def _serve_connections(self, work: tuple) -> None:
+        """Body of a connection greenlet: run one connection's stages, then park for the next.
 
         A greenlet used again saves creating one and, on Python 3.11+, mapping and
         unmapping its frame stack (with its page faults): measured here, about a
         quarter of the CPU a short connection costs.
         """
         hub = gevent.get_hub()
+        greenlet = gevent.getcurrent()
         while True:
-            self.handle(*connection)
+            self.handling.add(greenlet)
+            try:
+                work[0](work[1])
+            finally:
+                self.handling.discard(greenlet)
             if len(self._idle) >= IDLE_GREENLETS:
                 return
-            self._idle.append(gevent.getcurrent())
-            connection = hub.switch()
-
-    def handle(self, client: socket.socket, address: tuple, listener: str) -> None:
-        greenlet = gevent.getcurrent()
-        self.handling.add(greenlet)
-        try:
-            Connection(self, client, address, listener).run()
-        finally:
-            self.handling.discard(greenlet)
+            self._idle.append(greenlet)
+            work = hub.switch()
 
     def reload(self, cfg: Config) -> None:
         self.config = cfg
@@ -222,7 +253,7 @@ class Gateway:
         self.open -= 1
         if self.paused:
             self._resume_if_room()
-        elif self.starved:  # a descriptor is free now: accept again without waiting for gevent's back-off
+        elif self.starved:  # a descriptor is free now: accept again without waiting for the back-off
             self.starved = False
             for server in self.servers:
                 server.resume()
@@ -234,13 +265,28 @@ class Gateway:
 # One connection's stages.
 
 
+# The stages a connection has reached, where a greenlet takes over from ``Connection.start``.
+ARRIVED = 0  # accepted: the client address may still come from a trusted proxy's PROXY header
+ADMITTED = 1  # the client is final and counted: the preamble is read next
+ROUTED = 2  # the backend is chosen: connect next
+CONNECTING = 3  # a connect in progress: the first bytes wait for it
+
+
 class Connection:
-    """One client connection, from accept until the relay takes over or it is refused; then its log line."""
+    """One client connection, from accept until the relay takes over or it is refused; then its log line.
+
+    It is also the relay's result (``bytes_up``, ``bytes_down``, ``outcome``):
+    one object per connection lives on with the relay, and what only the stages
+    needed is let go of at the hand-over.
+    """
 
     __slots__ = (
         "backend",
         "backend_sock",
+        "bytes_down",
+        "bytes_up",
         "client",
+        "connecting",
         "counted",
         "domain",
         "ended",
@@ -248,22 +294,26 @@ class Connection:
         "header",
         "id",
         "listener",
+        "outcome",
         "peer",
         "proxied_to",
         "proxy",
         "reason",
         "relay",
-        "result",
+        "reset",
         "settings",
         "sniffer",
         "started",
+        "strict",
+        "table",
         "tried",
+        "unsent",
         "used",
     )
 
     def __init__(self, gateway: Gateway, client: socket.socket, address: tuple, listener: str) -> None:
         self.gateway = gateway
-        self.settings = gateway.config.settings  # one connection, one set of settings, whatever a reload does
+        self.settings = settings = gateway.config.settings  # one connection, one set of settings, whatever a reload
         self.id = gateway.next_id()
         self.client = client
         self.listener = listener
@@ -272,72 +322,151 @@ class Connection:
         self.proxied_to: tuple | None = None  # where a trusted proxy's client connected to, from its PROXY header
         self.started = time.monotonic()
         if listener == "http":  # in strict mode the sniffer also collects the first request's framing
-            self.sniffer = sniff.HttpSniffer(self.settings.max_preamble, framing=self.settings.http_strict_host)
+            self.sniffer = sniff.HttpSniffer(settings.max_preamble, framing=settings.http_strict_host)
         else:
-            self.sniffer = sniff.TlsSniffer(self.settings.max_preamble)
+            self.sniffer = sniff.TlsSniffer(settings.max_preamble)
         self.domain: str | None = None
         self.backend: Backend | None = None
         self.backend_sock: socket.socket | None = None
         self.header = b""  # the PROXY header sent to the backend, if its route asks for one
+        self.strict: tuple | None = None  # strict mode: what the strict relay starts from (frame_first_request)
+        self.table: kiaconfig.RouteTable | None = None  # the route table the backend was looked up in
+        self.unsent = b""  # first bytes for the backend not sent yet
+        self.connecting = 0.0  # when the connect began, for the metrics
         self.used: Address | None = None  # the backend address tried last: the one that serves
         self.tried: list[Address] | None = None  # every address tried, when a pool tried more than one
         self.counted: str | None = None  # the key the client policy counted this connection under
         self.reason: str | None = None
-        self.result = relay.RelayResult()
+        self.bytes_up = 0  # the relay's result: client -> backend...
+        self.bytes_down = 0  # ...backend -> client
+        self.outcome = "ok"
         self.relay: relay.Relay | None = None
         self.ended = False
+        self.reset = False  # cut by the gateway: its close is a reset
         if gateway.metrics is not None:
             gateway.metrics.opened(listener)
 
-    def run(self) -> None:
-        """Sniff, route, allow, connect, PROXY header, relay; or refuse. One way out for what does not reach the
-        relay: its sockets closed and its line logged."""
+    def start(self) -> None:
+        """At accept, in the hub: the stages as far as they go without a wait; a greenlet (``run``) for the rest.
+
+        Most connections need none: the preamble came in with the accept, and a
+        local backend takes the first bytes at once. A trusted proxy's header, a
+        preamble still to come, a pool or a name to resolve, a connect in
+        progress and every refusal's reply are ``run``'s, from the stage reached.
+        """
+        gateway = self.gateway
+        stage = ARRIVED
         try:
-            first = self.read_proxy_header() if self.gateway.clients.is_trusted(self.peer[0]) else sniff.NEED_MORE
-            self.counted = self.gateway.clients.admit(self.peer[0])  # the client address is final now
-            preamble = self.read(self.sniffer, first)
-            metrics = self.gateway.metrics
-            connecting = metrics.preamble_read(self.listener, self.started) if metrics is not None else 0.0
-            self.domain = preamble.domain
-            strict = self.frame_first_request()
-            table = self.gateway.routes[self.listener]  # read once: a reload during the connect changes no entry
-            self.backend = self.route(table)
-            self.header = self.proxy_header()
-            self.backend_sock = self.connect(self.domain, self.settings.connect_timeout)
-            if metrics is not None:
-                metrics.connected(self.listener, connecting)
-            self.send_first_bytes(strict)
+            if gateway.clients.is_trusted(self.peer[0]):
+                gateway.spawn(self.run, stage)
+                return
+            self.counted = gateway.clients.admit(self.peer[0])
+            stage = ADMITTED
+            try:
+                data = self.client.recv(READ_SIZE)
+            except BlockingIOError:
+                gateway.spawn(self.run, stage)
+                return
+            except OSError:
+                raise _ClientGone("client_reset") from None
+            if not data:
+                raise _ClientGone("client_closed")
+            preamble = self.sniffer.feed(data)
+            if preamble is sniff.NEED_MORE:
+                gateway.spawn(self.run, stage)
+                return
+            self.decided(preamble)
+            stage = ROUTED
+            self.used = self.backend.addresses[0]  # a pool's is the one ``run`` connects to
+            at_once = gateway.backends.connect_at_once(self.backend, self.domain, self.unsent)
+            if at_once is None:
+                gateway.spawn(self.run, stage)
+                return
+            self.backend_sock, sent = at_once
+            if sent < len(self.unsent):
+                self.unsent = self.unsent[sent:]
+                gateway.spawn(self.run, CONNECTING)
+                return
+            self.bytes_up = len(self.unsent) - len(self.header)  # the client's bytes: the PROXY header is ours
+            self.unsent = b""
+            self.connected()
+        except GatewayError as exc:
+            gateway.spawn(self.refuse_and_close, exc)  # the reply may have to wait for the client
+            return
+        except _ClientGone as exc:
+            self.outcome = exc.outcome
+            self.close()
+            return
+        except BaseException:
+            self.outcome = "error"
+            self.close()
+            raise
+        try:
+            self.start_relay()
+        except BaseException:
+            self.outcome = "error"
+            if self.relay is None:
+                self.close()
+            raise
+
+    def run(self, stage: int = ARRIVED) -> None:
+        """Sniff, route, allow, connect, PROXY header, relay; or refuse: from ``stage`` on, in a greenlet. One way out
+        for what does not reach the relay: its sockets closed and its line logged."""
+        try:
+            first = sniff.NEED_MORE
+            if stage == ARRIVED:
+                if self.gateway.clients.is_trusted(self.peer[0]):
+                    first = self.read_proxy_header()
+                self.counted = self.gateway.clients.admit(self.peer[0])  # the client address is final now
+            if stage <= ADMITTED:
+                self.decided(self.read(self.sniffer, first))
+            if stage <= ROUTED:
+                self.backend_sock = self.connect(self.domain, self.settings.connect_timeout)
+            elif stage == CONNECTING:
+                self.gateway.backends.finish_connect(
+                    self.backend_sock, self.backend, self.domain, self.settings.connect_timeout
+                )
+            self.send_first_bytes()
+            self.connected()
         except GatewayError as exc:
             self.refuse(exc)
         except _ClientGone as exc:
-            self.result.outcome = exc.outcome
+            self.outcome = exc.outcome
         except _Drained:  # thrown in by Gateway._cut: the drain is over
-            self.result.outcome = "drain_timeout"
+            self.outcome = "drain_timeout"
             self.cut()
         except OSError as exc:  # the backend broke before the relay began
-            self.result.outcome = "backend_reset"
+            self.outcome = "backend_reset"
             self.reason = str(exc)
         except BaseException:
-            self.result.outcome = "error"
+            self.outcome = "error"
             raise
         else:
             try:
-                self.start_relay(strict, table)
+                self.start_relay()
             except BaseException:
-                self.result.outcome = "error"
+                self.outcome = "error"
                 raise
         finally:
             if self.relay is None:
                 self.close()
+
+    def refuse_and_close(self, error: GatewayError) -> None:
+        """In a greenlet: a refusal decided in the hub, whose reply may have to wait for the client."""
+        try:
+            self.refuse(error)
+        except _Drained:
+            self.cut()
+        finally:
+            self.close()
 
     def read(
         self, sniffer: sniff.HttpSniffer | sniff.TlsSniffer | proxyproto.ProxyHeaderReader, result: object
     ) -> sniff.Preamble | proxyproto.ProxyHeader:
         """Feed ``sniffer`` until it decides, under one deadline counted from accept.
 
-        The deadline's timer is started only if a read would block: most preambles
-        are whole in the first read. ``result`` is the answer to the bytes fed
-        already (those after a PROXY header), if any.
+        The deadline's timer is started only if a read would block. ``result`` is
+        the answer to the bytes fed already (those after a PROXY header), if any.
         """
         client, deadline = self.client, None
         try:
@@ -395,6 +524,21 @@ class Connection:
         rest = bytes(reader.buffer[header.length :])
         return self.sniffer.feed(rest) if rest else sniff.NEED_MORE
 
+    def decided(self, preamble: sniff.Preamble) -> None:
+        """The preamble is in: route it, and make the first bytes for the backend (PROXY header, then the client's)."""
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            self.connecting = metrics.preamble_read(self.listener, self.started)
+        self.domain = preamble.domain
+        self.strict = self.frame_first_request()
+        self.table = self.gateway.routes[self.listener]  # read once: a reload during the connect changes no entry
+        self.backend = self.route(self.table)
+        self.header = self.proxy_header()
+        buffered = bytes(self.sniffer.buffer)
+        if self.strict is not None:  # only the first head goes with the connect: the strict relay checks the rest
+            buffered = buffered[: self.strict[1].end]
+        self.unsent = self.header + buffered if self.header else buffered
+
     def frame_first_request(self) -> tuple | None:
         """Strict mode: frame the first request as every later one will be (ambiguous framing is a 400 now).
 
@@ -436,46 +580,51 @@ class Connection:
             raise _ClientGone("client_reset") from None
         return proxyproto.proxy_header(self.backend.proxy_protocol, self.peer, local)
 
-    def send_first_bytes(self, strict: tuple | None) -> None:
-        """Forward what the client sent so far (in strict mode, the first head only), after the PROXY header."""
-        buffered = bytes(self.sniffer.buffer)
-        if strict is not None:
-            buffered = buffered[: strict[1].end]
+    def send_first_bytes(self) -> None:
+        """Send the backend what it has not taken yet of the first bytes: PROXY header, then the client's."""
         timeout = self.settings.connect_timeout
         try:
-            sendall(self.backend_sock, self.header + buffered, timeout)
+            sendall(self.backend_sock, self.unsent, timeout)
         except TimedOut:
             raise kiaerrors.BackendTimeout(f"backend {self.backend} took no data for {timeout:g}s") from None
-        self.result.bytes_up = len(buffered)  # the client's bytes: the PROXY header is ours
+        self.bytes_up = len(self.sniffer.buffer) if self.strict is None else self.strict[1].end
+        self.unsent = b""
 
-    def start_relay(self, strict: tuple | None, table: kiaconfig.RouteTable) -> None:
+    def connected(self) -> None:
+        metrics = self.gateway.metrics
+        if metrics is not None:
+            metrics.connected(self.listener, self.connecting)
+
+    def start_relay(self) -> None:
         """Hand both sockets over to the relay, which calls ``done`` when it ends."""
         idle_timeout = self.settings.idle_timeout
-        if strict is None:
-            self.relay = relay.Relay(self.client, self.backend_sock, idle_timeout, self.done, self.result)
+        armed = self.gateway.armed
+        if self.strict is None:
+            self.relay = relay.Relay(self.client, self.backend_sock, idle_timeout, self.done, self, armed)
         else:
-            parser, first, leftover = strict
+            parser, first, leftover = self.strict
             self.relay = kiastrict.StrictRelay(
                 self.client,
                 self.backend_sock,
                 idle_timeout,
                 self.done,
-                self.result,
+                self,
                 parser=parser,
                 first=first,
                 leftover=leftover,
-                allows=_SameEntry(self.gateway, table, self.domain),
+                allows=_SameEntry(self.gateway, self.table, self.domain),
                 refuse=self.refuse_later,
                 connect=self.connect_again,
+                client_armed=armed,
             )
         self.gateway.relays.add(self.relay)
         # The relay owns the sockets now, and this object lives as long as it, for the log line: let go of what
         # only the stages needed (the sniffer holds the whole preamble), so an idle connection costs no more.
-        self.sniffer = self.client = self.backend_sock = None
+        self.sniffer = self.client = self.backend_sock = self.strict = self.table = None
 
     def refuse(self, error: GatewayError) -> None:
         """Answer a refused client: its reply, or a clean close; one refusal per client at its limit lingers."""
-        self.result.outcome = error.outcome
+        self.outcome = error.outcome
         self.reason = error.reason
         reply = kiaerrors.reply(error, self.listener, self.sniffer.buffer)
         if not reply and not error.clean_close:
@@ -487,23 +636,26 @@ class Connection:
         try:
             answer(self.client, reply, linger)
         except _Drained:  # the drain ended while the reply was on its way: cut it
-            reset_on_close(self.client)
+            self.cut()
         finally:
             if linger and isinstance(error, kiaerrors.ClientLimit):
                 clients.lingered(self.peer[0])
 
     def cut(self) -> None:
         """Make the coming close a reset: the gateway cuts this stream."""
+        self.reset = True
         reset_on_close(self.client)
         if self.backend_sock is not None:
             reset_on_close(self.backend_sock)
 
     def close(self) -> None:
-        """The connection ends before any relay: close its sockets and log it."""
+        """The connection ends before any relay: close its sockets (a FIN, unless it is cut) and log it."""
+        if self.gateway.armed and not self.reset:  # armed at accept for the relay: a refusal ends with a FIN
+            reset_on_close(self.client, False)
         self.client.close()
         if self.backend_sock is not None:
             self.backend_sock.close()
-        self.done(self.result)
+        self.done(self)
 
     def connect_again(self, domain: str | None) -> socket.socket:
         """Strict mode: a new connection to the connection's entry for a later Upgrade or CONNECT, the PROXY
@@ -543,23 +695,22 @@ class Connection:
             gateway.clients.release(self.counted)
         if gateway.metrics is not None:
             gateway.metrics.finished(self.listener, result.outcome, result.bytes_up, result.bytes_down)
+        if not gateway.config.settings.log_connections:
+            return
         fields = {"id": self.id, "listener": self.listener, "client": format_address(self.peer)}
         if self.proxy is not None:
             fields["proxy"] = format_address(self.proxy)
-        fields |= {
-            "domain": self.domain,
-            "backend": str(self.used) if self.used else None,
-            "outcome": result.outcome,
-            "bytes_up": result.bytes_up,
-            "bytes_down": result.bytes_down,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
-        }
+        fields["domain"] = self.domain
+        fields["backend"] = str(self.used) if self.used else None
+        fields["outcome"] = result.outcome
+        fields["bytes_up"] = result.bytes_up
+        fields["bytes_down"] = result.bytes_down
+        fields["duration_ms"] = round((time.monotonic() - self.started) * 1000, 1)
         if self.reason:
             fields["reason"] = self.reason
         if self.tried:
             fields["tried"] = [str(address) for address in self.tried]
-        if gateway.config.settings.log_connections:
-            gateway.log.connection(fields)
+        gateway.log.connection(fields)
 
 
 class _SameEntry:

@@ -40,6 +40,13 @@ def reset_on_close(sock: socket.socket, reset: bool = True) -> None:
         pass
 
 
+def arm_listener(listener: socket.socket) -> None:
+    """Give a listener what each socket it accepts needs: no Nagle delay, and a reset on close until a relay ends
+    gracefully. Linux passes both on to the accepted sockets: two setsockopt fewer per connection."""
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
 class TimedOut(Exception):
     """Raised by the timer of a deadline that a caller of ``sendall`` or ``wait`` set."""
 

@@ -298,6 +298,7 @@ class StrictRelay(relay.Relay):
         allows: Callable[[str | None], bool],
         refuse: Callable[[GatewayError, bytes], bytes],
         connect: Callable[[str | None], socket.socket],
+        client_armed: bool = False,
     ) -> None:
         self.parser = parser
         self.first_end = first.end
@@ -311,7 +312,7 @@ class StrictRelay(relay.Relay):
         # "websocket" or "connect" until the first response's status is read
         self.awaiting = first.upgrade if first.upgrade in _SWITCHED else ""
         self.down_open = True
-        super().__init__(client, backend, idle_timeout, on_done, result)
+        super().__init__(client, backend, idle_timeout, on_done, result, client_armed)
 
     def refused(self, error: GatewayError, rest: bytes) -> None:
         """A request will not be passed on; ``rest`` are the client's bytes from its first byte on."""

@@ -17,7 +17,8 @@ every other byte in order, on both paths.
 
 Behind a client that never reads, a relay pins kernel memory in three places:
 the client-facing socket's send queue, bounded by ``NOTSENT_LOWAT`` (2 MiB set
-on every destination: 2.1 MB measured, against 3.9 MB, the autotuned send
+on every destination once a direction has sent 1 MiB, so that short connections
+make no syscall for it: 2.1 MB measured, against 3.9 MB, the autotuned send
 buffer, without it); the pipe, at most ``PIPE_SIZE`` on the splice path; and
 the backend socket's receive queue, which the kernel's receive-buffer
 autotuning sizes during the first burst, before the relay sees the client
@@ -50,7 +51,6 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import gevent
@@ -72,6 +72,8 @@ SPLICE_BELOW = 4096  # a splice that moves less than a page costs more than recv
 # drains in one splice; at one pipe's worth drains went partial and bulk cost 15-20 % more
 # CPU per GiB, at two the CPU and throughput of bulk downloads did not change measurably.
 NOTSENT_LOWAT = 2 * PIPE_SIZE
+LOWAT_AFTER = NOTSENT_LOWAT // 2  # bytes a direction sends before its destination gets NOTSENT_LOWAT
+_NEVER = 1 << 62  # a byte count no direction reaches
 ROUNDS = 16  # transfers per readiness callback before other connections get their turn
 IDLE_LOOKS = 4  # the idle timer looks at the send queues this often per idle_timeout (see Relay.on_timer)
 
@@ -91,11 +93,16 @@ _OUTQ = 0x5411 if _LINUX else getattr(termios, "FIONWRITE", None)
 _now = time.monotonic  # every deadline: libev's loop.now() follows the wall clock and its steps
 
 
-@dataclass
 class RelayResult:
-    bytes_up: int = 0  # client -> backend
-    bytes_down: int = 0  # backend -> client
-    outcome: str = "ok"  # ok | idle_timeout | client_reset | backend_reset | error
+    """What a relay reports when it ends. Any object with these three attributes will do (the gateway's
+    Connection is its own result: one object fewer per connection)."""
+
+    __slots__ = ("bytes_down", "bytes_up", "outcome")
+
+    def __init__(self) -> None:
+        self.bytes_up = 0  # client -> backend
+        self.bytes_down = 0  # backend -> client
+        self.outcome = "ok"  # ok | idle_timeout | client_reset | backend_reset | error
 
 
 class Direction:
@@ -122,6 +129,7 @@ class Direction:
         "src",
         "src_fd",
         "taken",
+        "unbounded",
         "up",
         "writer",
     )
@@ -142,11 +150,9 @@ class Direction:
         # the bytes sent before the relay count as taken.
         self.taken = relay.result.bytes_up if up else relay.result.bytes_down
         self.looked = relay.last_activity
-        if _NOTSENT_LOWAT is not None:
-            try:  # one setsockopt per direction, none per message
-                dst.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, NOTSENT_LOWAT)
-            except OSError:  # a kernel without it: dst's send buffer alone bounds what it queues
-                pass
+        # Bytes sent before dst gets its NOTSENT_LOWAT: set once this many have gone, so a short connection
+        # makes no setsockopt for it, and dst's queue holds at most this much unsent before the bound applies.
+        self.unbounded = LOWAT_AFTER if _NOTSENT_LOWAT is not None else _NEVER
 
     def start(self) -> None:
         self.reader.start(self.on_readable)
@@ -219,11 +225,23 @@ class Direction:
             relay.result.bytes_up += sent
         else:
             relay.result.bytes_down += sent
+        self.unbounded -= sent
+        if self.unbounded < 0:
+            self.bound_dst()
         if sent < size:
             self.pending = memoryview(data)[sent:]
             self._wait_writable()
             return False
         return size == CHUNK  # a short read drained the socket
+
+    def bound_dst(self) -> None:
+        """Bound what dst queues unsent behind a slow reader (NOTSENT_LOWAT): once per direction, when it moves more
+        than a little."""
+        self.unbounded = _NEVER
+        try:
+            self.dst.setsockopt(socket.IPPROTO_TCP, _NOTSENT_LOWAT, NOTSENT_LOWAT)
+        except OSError:  # a kernel without it: dst's send buffer alone bounds what it queues
+            pass
 
     def send(self, data: bytes) -> bool:
         """Pass ``data`` on to dst; False if some of it waits for dst to take it (reading stops meanwhile), or the
@@ -240,6 +258,9 @@ class Direction:
             relay.result.bytes_up += sent
         else:
             relay.result.bytes_down += sent
+        self.unbounded -= sent
+        if self.unbounded < 0:
+            self.bound_dst()
         if sent < len(data):
             self.pending = memoryview(data)[sent:]
             self._wait_writable()
@@ -300,6 +321,9 @@ class Direction:
             self.relay.result.bytes_up += n
         else:
             self.relay.result.bytes_down += n
+        self.unbounded -= n
+        if self.unbounded < 0:
+            self.bound_dst()
 
     def _wait_writable(self) -> None:
         self.reader.stop()
@@ -402,12 +426,15 @@ class Relay:
         idle_timeout: float,
         on_done: Callable[[RelayResult], None],
         result: RelayResult | None = None,
+        client_armed: bool = False,
     ) -> None:
         self.loop = gevent.get_hub().loop
         self.client, self.backend = client, backend  # non-blocking, owned by the relay from now on
         # Armed until a graceful end: a process killed outright (kill -9, the OOM killer) runs no code of
         # ours, and the kernel's close of these sockets must then be a reset, never a FIN taken for the end.
-        reset_on_close(client)
+        # ``client_armed``: the client socket is armed already (Linux: inherited from its listener).
+        if not client_armed:
+            reset_on_close(client)
         reset_on_close(backend)
         self.idle_timeout = idle_timeout
         self.on_done = on_done

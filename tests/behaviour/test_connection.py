@@ -53,7 +53,7 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
     try:
         client.sendall(HEAD)
         with pytest.raises(Forced):
-            gateway.handle(accepted, peer, "http")
+            kiagateway.Connection(gateway, accepted, peer, "http").start()
         assert gateway.open == 0
         gevent.sleep(0.5)  # the idle timer (0.1 s) that did start has fired by now
         assert gateway.open == 0
@@ -104,7 +104,7 @@ SECOND_START_FAILS = textwrap.dedent(
     gateway.open = 1  # as accepting counts it
     client.sendall(sys.argv[1].encode())
     try:
-        gateway.handle(accepted, peer, "http")
+        kiagateway.Connection(gateway, accepted, peer, "http").start()
     except Forced:
         pass
     else:
