@@ -302,7 +302,8 @@ def table(results: list[dict], args) -> str:
     lines.append(
         f"N={args.n} connections per measurement after {args.warmup} of warm-up, {args.rounds} round(s) "
         f"interleaved: median [min-max]; CPU from /proc/PID/stat in ticks of {1000 / CLK_TCK:.0f} ms "
-        f"(±{tick:.1f} µs/conn); syscalls by strace -c -f over M={args.m} connections."
+        f"(±{tick:.1f} µs/conn)"
+        + ("." if args.no_strace else f"; syscalls by strace -c -f over M={args.m} connections.")
     )
     return "\n".join(lines)
 
@@ -386,10 +387,16 @@ def run(args, workdir: Path, processes: Processes) -> dict:
             gateway = gateways.ours(name, template, workdir, own, backends)
         else:
             gateway = gateways.PEER_MAKERS[name](workdir, own, backends)
-        proc = processes.start(gateway.argv, gateway.log, stdin=subprocess.DEVNULL, cwd=workdir)
+        try:
+            proc = processes.start(gateway.argv, gateway.log, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            raise SystemExit(f"{name}: cannot run {gateway.argv[0]}: {exc}") from None
         wait_listening(proc, list(gateway.ports.values()), name, gateway.log)
         started.append((gateway, proc))
     plan = [(gw, proc, mode) for gw, proc in started for mode in args.modes if mode in gw.ports]
+    for gateway, _ in started:
+        if "http" in args.modes and "http" not in gateway.ports:
+            skipped[f"{gateway.name} http"] = "its stream module cannot route plain HTTP by Host"
     rows = {(gw.name, mode): {"gateway": gw.name, "mode": mode, "rounds": []} for gw, _, mode in plan}
     for number in range(args.rounds):
         for gateway, proc, mode in plan:
