@@ -89,7 +89,10 @@ class Processes:
             self.stop(proc)
         for pid, started in self.seen.items():  # a worker its parent left behind
             if start_time(pid) == started:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
 
 
 def start_time(pid: int) -> str | None:
