@@ -36,7 +36,7 @@ from kiaclients import Clients, client_address, in_networks
 from kiaconfig import Address, Backend, Config
 from kiaerrors import GatewayError
 from kialog import Log, format_address
-from kiasocket import READ, TimedOut, answer, arm_listener, reset_on_close, sendall, wait
+from kiasocket import READ, TimedOut, answer, arm_if_queued_before, arm_listener, reset_on_close, sendall, wait
 
 __version__ = "0.3.0"
 
@@ -74,6 +74,7 @@ class _Listener:
         self.backoff: object | None = None  # the timer of a retry after a failed accept
         self.delay = ACCEPT_RETRY[0]
         self.closed = False
+        self.unsure = gateway.armed  # whether the next accepted socket may predate the arming of this listener
 
     def resume(self) -> None:
         if self.closed:
@@ -106,6 +107,8 @@ class _Listener:
         client.setblocking(False)
         if not gateway.armed:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif self.unsure:
+            self.unsure = not arm_if_queued_before(client)
         gateway.accepted()
         # Started once this loop turn's other events are handled: a connection of the same client whose close
         # came in the same turn is released first, so a client at its limit that closes one and opens the next

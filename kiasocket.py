@@ -47,6 +47,19 @@ def arm_listener(listener: socket.socket) -> None:
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
+def arm_if_queued_before(sock: socket.socket) -> bool:
+    """Arm an accepted socket as its listener would have: one whose handshake ended in the queue before the listener
+    was armed (a socket handed over with clients waiting, workers arming after the supervisor's listen) came without.
+
+    True if it came armed: the queue is first in, first out, so every later one did too.
+    """
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, len(_LINGER_RESET)) == _LINGER_RESET:
+        return True
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    return False
+
+
 class TimedOut(Exception):
     """Raised by the timer of a deadline that a caller of ``sendall`` or ``wait`` set."""
 

@@ -135,6 +135,57 @@ def test_socket_activation_leaves_sockets_meant_for_another_process(start_gatewa
     assert ask(gw.http).endswith(b"alpha http a.example")  # on the config's listener
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_client_queued_before_the_gateway_ran_is_reset_when_cut(start_gateway, workers):
+    """Its handshake ended in the listener's queue before the gateway armed the listener, so the client did not
+    inherit the reset-on-close from it (Linux): the gateway arms it itself, and a cut is still a reset."""
+    streaming = threading.Event()
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        try:
+            while not streaming.wait(0.05):
+                conn.sendall(b"." * 100)
+        except OSError:
+            pass
+
+    be = RawBackend(backend)
+    port = free_port()
+    command = [activator(), f"--listen=127.0.0.1:{port}", "--fdname=http", *conftest.gateway_command()]
+    queued: list[socket.socket] = []
+
+    def first_client() -> None:  # its connect starts the gateway: the handshake is done before the gateway runs
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+                continue
+            sock.sendall(HEAD)
+            queued.append(sock)
+            return
+
+    thread = threading.Thread(target=first_client, daemon=True)
+    thread.start()
+    try:
+        gw = start_gateway(
+            f"[gateway]\nhttp_listen = []\nhttps_listen = []\ndrain_timeout = 0.5\nworkers = {workers}\n"
+            f'[http_backends]\n"raw.example" = "{be.address}"\n',
+            command=command,
+        )
+        thread.join(TIMEOUT)
+        with queued[0] as sock:
+            assert sock.recv(100)
+            gw.proc.send_signal(signal.SIGTERM)
+            assert read_until_cut(sock) is ConnectionResetError  # not a clean EOF
+        assert gw.stop() == 0
+        assert gw.connection_log(domain="raw.example")["outcome"] == "drain_timeout"
+    finally:
+        streaming.set()
+        be.close()
+
+
 # ---------------------------------------------------------------------------
 # Upgrade in place
 
