@@ -53,6 +53,18 @@ def test_profile_of_ours_has_sane_figures_for_http_and_tls(tmp_path):
     assert not [pid for pid in os.listdir("/proc") if pid.isdigit() and str(scratch) in cmdline(pid)]
 
 
+def test_the_floor_yardstick_serves_http_and_tls_under_the_profile(tmp_path):
+    """floor_proxy.py relays real requests (the profile fails on a wrong answer or one stuck for 5 s)."""
+    floor = shlex.join([sys.executable, str(SCRIPT.with_name("floor_proxy.py"))]) + " {config}"
+    argv = [sys.executable, str(SCRIPT), "--gateways=floor", f"--ours=floor={floor}", "--modes=http,tls"]
+    argv += ["--n=300", "--warmup=50", "--rounds=1", "--no-strace", f"--json={tmp_path / 'floor.json'}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "floor.json").read_text())["results"]
+    assert [(row["gateway"], row["mode"]) for row in results] == [("floor", "http"), ("floor", "tls")]
+    assert all(row["user_us"] > 0 for row in results), results
+
+
 def cmdline(pid: str) -> str:
     """The command line of a process, '' once it is gone: every process the script started named its scratch."""
     try:
