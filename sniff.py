@@ -120,17 +120,18 @@ def normalize_domain(name: str | bytes) -> str:
     return lowered.decode("ascii")
 
 
-# Names as clients send them -> normalised, for the parsers: a gateway sees the same few names again and again,
-# and a hit costs a dict lookup instead of the checks. Only valid names go in; cleared when full, so a client
-# sending endless new names costs what it did without the cache.
+# Names as clients send them (SNI, Host header) -> normalised, for the parsers: a gateway sees the same few names
+# again and again, and a hit costs a dict lookup instead of the checks. Only valid names go in; cleared when full,
+# so a client sending endless new names costs what it did without the caches.
 _NAMES: dict[bytes, str] = {}
+_HOSTS: dict[bytes, str] = {}
 NAMES_CACHED = 4096
 
 
-def _cached_name(raw: bytes, name: str) -> str:
-    if len(_NAMES) >= NAMES_CACHED:
-        _NAMES.clear()
-    _NAMES[raw] = name
+def _remember(cache: dict[bytes, str], raw: bytes, name: str) -> str:
+    if len(cache) >= NAMES_CACHED:
+        cache.clear()
+    cache[raw] = name
     return name
 
 
@@ -393,7 +394,7 @@ def _sni_name(name: bytes) -> str:
         raise BadClientHello(f"invalid SNI: {exc}") from None
     if host_name.startswith("[") or _is_ipv4(host_name):
         raise BadClientHello("IP literal in SNI")  # RFC 6066 section 3 forbids it
-    return _cached_name(name, host_name)
+    return _remember(_NAMES, name, host_name)
 
 
 def _is_ipv4(name: str) -> bool:
@@ -608,17 +609,8 @@ class HttpSniffer:
         return domain
 
 
-_HOSTS: dict[bytes, str] = {}  # Host header values -> normalised domain, like _NAMES
-
-
 def _cached_host(raw: bytes, host: bytes) -> str | None:
-    if not host:
-        return None
-    domain = _normalize_or_400(host)
-    if len(_HOSTS) >= NAMES_CACHED:
-        _HOSTS.clear()
-    _HOSTS[raw] = domain
-    return domain
+    return _remember(_HOSTS, raw, _normalize_or_400(host)) if host else None
 
 
 def field_line(line: bytes) -> tuple[bytes, bytes]:

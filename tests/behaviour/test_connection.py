@@ -15,6 +15,7 @@ from conftest import TIMEOUT, exchange, routes_toml
 from test_relaying import HEAD
 
 import kiaconfig
+import kiaconnection
 import kiagateway
 import relay
 from kialog import Log
@@ -53,7 +54,7 @@ def test_a_relay_that_fails_to_start_ends_its_connection_once(monkeypatch):
     try:
         client.sendall(HEAD)
         with pytest.raises(Forced):
-            kiagateway.Connection(gateway, accepted, peer, "http").start()
+            kiaconnection.Connection(gateway, accepted, peer, "http").start()
         assert gateway.open == 0
         gevent.sleep(0.5)  # the idle timer (0.1 s) that did start has fired by now
         assert gateway.open == 0
@@ -74,7 +75,7 @@ SECOND_START_FAILS = textwrap.dedent(
     """
     import os, socket, sys
     import gevent
-    import kiaconfig, kiagateway, relay
+    import kiaconfig, kiaconnection, kiagateway, relay
     from kialog import Log
 
     class Forced(Exception):
@@ -104,7 +105,7 @@ SECOND_START_FAILS = textwrap.dedent(
     gateway.open = 1  # as accepting counts it
     client.sendall(sys.argv[1].encode())
     try:
-        kiagateway.Connection(gateway, accepted, peer, "http").start()
+        kiaconnection.Connection(gateway, accepted, peer, "http").start()
     except Forced:
         pass
     else:
