@@ -55,6 +55,20 @@ def start_activated(start_gateway, toml: str, *names: str) -> tuple[conftest.Gat
             first.thread.join(TIMEOUT)
 
 
+def endless_download(streaming: threading.Event) -> RawBackend:
+    """A backend whose answer has no end until ``streaming`` is set: only the drain's reset ends it."""
+
+    def backend(conn):
+        recv_exactly(conn, len(HEAD))
+        try:
+            while not streaming.wait(0.05):
+                conn.sendall(b"." * 100)
+        except OSError:
+            pass
+
+    return RawBackend(backend)
+
+
 def started_with(gw: conftest.Gateway, pid: int) -> list[dict]:
     """The start-up lines of the program run by ``pid``: one per program run in that process."""
     return [line for line in gw.seen if line.get("message", "").startswith("kiagateway ") and line["pid"] == pid]
@@ -140,16 +154,7 @@ def test_a_client_queued_before_the_gateway_ran_is_reset_when_cut(start_gateway,
     """Its handshake ended in the listener's queue before the gateway armed the listener, so the client did not
     inherit the reset-on-close from it (Linux): the gateway arms it itself, and a cut is still a reset."""
     streaming = threading.Event()
-
-    def backend(conn):
-        recv_exactly(conn, len(HEAD))
-        try:
-            while not streaming.wait(0.05):
-                conn.sendall(b"." * 100)
-        except OSError:
-            pass
-
-    be = RawBackend(backend)
+    be = endless_download(streaming)
     port = free_port()
     command = [activator(), f"--listen=127.0.0.1:{port}", "--fdname=http", *conftest.gateway_command()]
     queued: list[socket.socket] = []
@@ -451,16 +456,7 @@ def test_upgrade_into_a_program_that_cannot_start_is_aborted_and_the_old_program
 def test_stop_after_an_upgrade_waits_for_the_old_program_to_drain(start_gateway, workers):
     """The main process outlives the old generation: else systemd (KillMode=mixed) kills it mid-drain, with a FIN."""
     streaming = threading.Event()
-
-    def backend(conn):
-        recv_exactly(conn, len(HEAD))
-        try:
-            while not streaming.wait(0.05):  # a download with no end: only the drain's reset ends it
-                conn.sendall(b"." * 100)
-        except OSError:
-            pass
-
-    be = RawBackend(backend)
+    be = endless_download(streaming)
     gw = start_gateway(
         '[gateway]\nhttp_listen = ["127.0.0.1:0"]\nhttps_listen = []\ndrain_timeout = 3.0\n'
         f'workers = {workers}\n[http_backends]\n"raw.example" = "{be.address}"\n'
