@@ -77,6 +77,7 @@ class Connection:
         "tried",
         "unsent",
         "used",
+        "waiter",
     )
 
     def __init__(self, gateway: Any, client: socket.socket, address: tuple, listener: str) -> None:
@@ -100,6 +101,7 @@ class Connection:
         self.strict: tuple | None = None  # strict mode: what the strict relay starts from (frame_first_request)
         self.table: kiaconfig.RouteTable | None = None  # the route table the backend was looked up in
         self.unsent = b""  # first bytes for the backend not sent yet
+        self.waiter: tuple | None = None  # the io watcher and timer while the preamble comes in, in the hub
         self.connecting = 0.0  # when the connect began, for the metrics
         self.used: Address | None = None  # the backend address tried last: the one that serves
         self.tried: list[Address] | None = None  # every address tried, when a pool tried more than one
@@ -115,23 +117,38 @@ class Connection:
             gateway.metrics.opened(listener)
 
     def start(self) -> None:
-        """At accept, in the hub: the stages as far as they go without a wait; a greenlet (``run``) for the rest.
+        """At accept, in the hub: the stages as far as they go without a greenlet; one (``run``) for the rest.
 
-        Most connections need none: the preamble came in with the accept, and a
-        local backend takes the first bytes at once. A trusted proxy's header, a
-        preamble still to come, a pool or a name to resolve, a connect in
-        progress and every refusal's reply are ``run``'s, from the stage reached.
+        Most connections need none: the preamble comes in with the accept or
+        soon after (``on_preamble`` waits for it with an io watcher, not a
+        greenlet), and a local backend takes the first bytes at once. A trusted
+        proxy's header, a pool or a name to resolve, a connect in progress and
+        every refusal's reply are ``run``'s, from the stage reached.
         """
         gateway = self.gateway
+        if gateway.clients.is_trusted(self.peer[0]):
+            gateway.spawn(self.run, ARRIVED)
+            return
         try:
-            if gateway.clients.is_trusted(self.peer[0]):
-                gateway.spawn(self.run, ARRIVED)
-                return
             self.counted = gateway.clients.admit(self.peer[0])
+        except GatewayError as exc:
+            gateway.spawn(self.refuse_and_close, exc)  # the reply may have to wait for the client
+            return
+        except BaseException:
+            self.outcome = "error"
+            self.close()
+            raise
+        self.on_preamble()
+
+    def on_preamble(self) -> None:
+        """In the hub, at accept and then each time the client is readable until the preamble is whole: read it, then
+        route, connect and hand over to the relay."""
+        gateway = self.gateway
+        try:
             try:
                 data = self.client.recv(READ_SIZE)
             except BlockingIOError:
-                gateway.spawn(self.run, ADMITTED)
+                self.await_preamble()
                 return
             except OSError:
                 raise _ClientGone("client_reset") from None
@@ -139,19 +156,24 @@ class Connection:
                 raise _ClientGone("client_closed")
             preamble = self.sniffer.feed(data)
             if preamble is sniff.NEED_MORE:
-                gateway.spawn(self.run, ADMITTED)
+                self.await_preamble()
                 return
+            if self.waiter is not None:
+                self.stop_waiting()
             self.decided(preamble)
             if not self.connected_at_once():
                 return
         except GatewayError as exc:
+            self.stop_waiting()
             gateway.spawn(self.refuse_and_close, exc)  # the reply may have to wait for the client
             return
         except _ClientGone as exc:
+            self.stop_waiting()
             self.outcome = exc.outcome
             self.close()
             return
         except BaseException:
+            self.stop_waiting()
             self.outcome = "error"
             self.close()
             raise
@@ -162,6 +184,39 @@ class Connection:
             if self.relay is None:
                 self.close()
             raise
+
+    def await_preamble(self) -> None:
+        """Wait for more of the preamble with an io watcher and a timer, under the deadline counted from accept."""
+        if self.waiter is not None:
+            return
+        loop = self.gateway.loop
+        left = self.settings.preamble_timeout - (time.monotonic() - self.started)
+        self.waiter = (loop.io(self.client.fileno(), READ), loop.timer(max(0.0, left)))
+        self.waiter[0].start(self.on_preamble)
+        self.waiter[1].start(self.on_preamble_timeout)
+        self.gateway.waiting.add(self)
+
+    def stop_waiting(self) -> None:
+        if self.waiter is not None:
+            self.waiter[0].close()
+            self.waiter[1].close()
+            self.waiter = None
+            self.gateway.waiting.discard(self)
+
+    def on_preamble_timeout(self) -> None:
+        self.stop_waiting()
+        self.gateway.spawn(self.refuse_and_close, self.preamble_late())
+
+    def preamble_late(self) -> kiaerrors.PreambleTimeout:
+        what = "request head" if self.listener == "http" else "ClientHello"
+        return kiaerrors.PreambleTimeout(f"no complete {what} within {self.settings.preamble_timeout:g}s")
+
+    def drained(self) -> None:
+        """The drain is over while the preamble is still coming: reset the client."""
+        self.stop_waiting()
+        self.outcome = "drain_timeout"
+        self.cut()
+        self.close()
 
     def connected_at_once(self) -> bool:
         """Routed, in the hub: connected and the first bytes sent, or False and a greenlet goes on from there."""
@@ -259,10 +314,7 @@ class Connection:
         except gevent.Timeout as exc:
             if exc is not deadline:
                 raise
-            raise kiaerrors.PreambleTimeout(
-                f"no complete {'request head' if self.listener == 'http' else 'ClientHello'} "
-                f"within {self.settings.preamble_timeout:g}s"
-            ) from None
+            raise self.preamble_late() from None
         finally:
             if deadline is not None:
                 deadline.close()

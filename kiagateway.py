@@ -123,8 +123,8 @@ class _Listener:
 
 
 # ---------------------------------------------------------------------------
-# The gateway: a greenlet per connection until the backend is connected, then
-# a callback-driven relay (relay.py) that holds no greenlet.
+# The gateway: each connection's stages in the hub, a greenlet only where one must
+# wait (kiaconnection.py), then a callback-driven relay (relay.py) that holds none.
 
 
 class Gateway:
@@ -150,6 +150,8 @@ class Gateway:
         self._idle: list = []  # connection greenlets parked between connections
         self.relays: set[relay.Relay] = set()  # open relays, reset if still open when the drain ends
         self.handling: set = set()  # greenlets reading a preamble, connecting or answering
+        self.waiting: set[Connection] = set()  # connections whose preamble the hub waits for
+        self.loop = gevent.get_hub().loop
         self.metrics: kiametrics.Stats | None = None  # set by the life cycle when metrics_listen is set
         # Linux: a listener's TCP_NODELAY and SO_LINGER pass to the sockets it accepts, so each client comes with
         # no delay and armed to reset if the process is killed (relay.py); elsewhere each client gets its own.
@@ -246,6 +248,8 @@ class Gateway:
         for greenlet in list(self.handling):
             if greenlet in self.handling:  # still inside handle(): it waits on I/O there
                 greenlet.throw(Drained)
+        for connection in list(self.waiting):
+            connection.drained()
         for open_relay in list(self.relays):
             open_relay.abort("drain_timeout")
 
