@@ -29,11 +29,13 @@ __all__ = [
     "NoRoute",
     "NotTls",
     "PreambleTimeout",
+    "QuicProtocolViolation",
     "TlsRecordOverflow",
     "UnexpectedTlsMessage",
     "http_answer",
     "http_response",
     "metrics_response",
+    "quic_close_code",
     "reply",
     "tls_alert",
 ]
@@ -46,6 +48,11 @@ ALERT_ACCESS_DENIED = 49
 ALERT_DECODE_ERROR = 50
 ALERT_INTERNAL_ERROR = 80
 ALERT_UNRECOGNIZED_NAME = 112  # RFC 6066 section 3
+
+# QUIC transport error codes, RFC 9000 section 20.1.
+QUIC_CONNECTION_REFUSED = 0x02
+QUIC_PROTOCOL_VIOLATION = 0x0A
+QUIC_CRYPTO_ERROR = 0x100  # + the TLS alert
 
 
 class GatewayError(Exception):
@@ -63,6 +70,7 @@ class GatewayError(Exception):
     outcome: str = "error"
     detail: str | None = None
     answers_in_http = False  # on the TLS listener too
+    quic_error: int | None = None  # the QUIC listener's CONNECTION_CLOSE code, if not CRYPTO_ERROR + tls_alert
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -146,6 +154,7 @@ class ClientLimit(GatewayError):
     tls_alert = None
     outcome = "client_limit"
     clean_close = True
+    quic_error = QUIC_CONNECTION_REFUSED
 
 
 class BadClientHello(BadRequest):
@@ -158,6 +167,12 @@ class UnexpectedTlsMessage(BadClientHello):
 
 class TlsRecordOverflow(BadClientHello):
     tls_alert = ALERT_RECORD_OVERFLOW
+
+
+class QuicProtocolViolation(BadRequest):
+    """A QUIC client's Initial packet that decrypts but breaks the protocol: PROTOCOL_VIOLATION."""
+
+    quic_error = QUIC_PROTOCOL_VIOLATION
 
 
 class NotTls(GatewayError):
@@ -263,3 +278,13 @@ def reply(error: GatewayError, listener: str, preamble: bytes | bytearray = b"")
     if error.tls_alert is not None:
         return tls_alert(error.tls_alert)
     return b""
+
+
+def quic_close_code(error: GatewayError) -> int | None:
+    """The CONNECTION_CLOSE code a refused QUIC client gets: its own, else CRYPTO_ERROR with the TLS alert; None for
+    nothing (the client's own timeout ends it)."""
+    if error.quic_error is not None:
+        return error.quic_error
+    if error.tls_alert is not None:
+        return QUIC_CRYPTO_ERROR + error.tls_alert
+    return None

@@ -49,6 +49,7 @@ __all__ = [
     "UnexpectedTlsMessage",
     "field_line",
     "normalize_domain",
+    "parse_client_hello",
     "sniff_http",
     "sniff_tls",
     "split_host_port",
@@ -204,7 +205,7 @@ class TlsSniffer:
                 and TLS_RECORD_HEADER + length <= min(len(data), self.max_preamble)
             ):
                 self.buffer += data
-                self.result = Preamble(_parse_client_hello(data[9 : TLS_RECORD_HEADER + length]))
+                self.result = Preamble(parse_client_hello(data[9 : TLS_RECORD_HEADER + length]))
                 return self.result
         self.buffer += data
         if not self.buffer:
@@ -219,7 +220,7 @@ class TlsSniffer:
                 if len(self.buffer) >= self.max_preamble:
                     raise HeadTooLarge(f"no complete ClientHello in {self.max_preamble} bytes")
                 return NEED_MORE
-        self.result = Preamble(_parse_client_hello(bytes(self._handshake[4 : self._hello_length])))
+        self.result = Preamble(parse_client_hello(bytes(self._handshake[4 : self._hello_length])))
         return self.result
 
     def _not_tls(self, first: int) -> SniffResult:
@@ -305,9 +306,9 @@ class _Reader:
         return self.pos == len(self.data)
 
 
-def _parse_client_hello(body: bytes) -> str | None:
-    """The SNI of a ClientHello body. A well-formed one is walked by offsets; anything else by ``_Reader``, whose
-    checks say what is wrong."""
+def parse_client_hello(body: bytes) -> str | None:
+    """The SNI of a ClientHello body, from TLS records or QUIC CRYPTO frames. A well-formed one is walked by
+    offsets; anything else by ``_Reader``, whose checks say what is wrong."""
     n = len(body)
     if n > 38 and body[0] == 3 and body[34] <= 32:  # legacy_version 3.x; random; a session id of at most 32
         pos = 35 + body[34]
