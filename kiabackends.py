@@ -66,10 +66,27 @@ class Backends:
         gateway's own shortage ends the attempts at once: the next address would
         fail the same way, and neither is at fault.
         """
+        order = self.order(backend, backend.addresses)
+        for address in order:
+            tried.append(address)
+            try:
+                sock = self._connect_to(address, domain, timeout)
+            except (BackendUnreachable, BackendTimeout) as exc:
+                self.failed(address)
+                error = exc
+                continue
+            self.answered(address)
+            return sock
+        raise type(error)(f"{error.reason} (the last of {len(order)} pool addresses tried)")
+
+    def order(self, backend: Backend, addresses: tuple[Address, ...]) -> list[Address]:
+        """The order to try ``addresses`` of ``backend`` in: one further round the pool each time (round-robin, per
+        route entry and worker), addresses that failed within ``backend_cooldown`` last."""
+        if len(addresses) == 1:
+            return list(addresses)
         pool = self._pools.get(id(backend))
         if pool is None or pool.backend is not backend:  # a new entry, or a dead one's id reused
             pool = self._pools[id(backend)] = _Pool(backend)
-        addresses = backend.addresses
         start = pool.next
         pool.next = (start + 1) % len(addresses)
         order = addresses[start:] + addresses[:start]
@@ -79,20 +96,18 @@ class Backends:
             for address in order:
                 if cooling.get(address, now) < now:  # cooled down: forget it
                     del cooling[address]
-            order = [a for a in order if a not in cooling] + [a for a in order if a in cooling]
-        for address in order:
-            tried.append(address)
-            try:
-                sock = self._connect_to(address, domain, timeout)
-            except (BackendUnreachable, BackendTimeout) as exc:
-                if self.cooldown:
-                    cooling[address] = time.monotonic() + self.cooldown
-                error = exc
-                continue
-            if cooling:
-                cooling.pop(address, None)  # if it was cooling down: it answers again
-            return sock
-        raise type(error)(f"{error.reason} (the last of {len(order)} pool addresses tried)")
+            order = tuple(a for a in order if a not in cooling) + tuple(a for a in order if a in cooling)
+        return list(order)
+
+    def failed(self, address: Address) -> None:
+        """``address`` did not answer: try it last for ``backend_cooldown``."""
+        if self.cooldown:
+            self._cooling[address] = time.monotonic() + self.cooldown
+
+    def answered(self, address: Address) -> None:
+        """``address`` answers again: no longer last."""
+        if self._cooling:
+            self._cooling.pop(address, None)
 
     def connect_at_once(self, backend: Backend, domain: str | None, first: bytes) -> tuple[socket.socket, int] | None:
         """The connect of most connections, with no wait: a route's one IP address, ``first`` sent with it.
