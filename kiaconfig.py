@@ -58,6 +58,7 @@ class Backend:
     addresses: tuple[Address, ...]
     proxy_protocol: str | None = None
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
+    quic_addresses: tuple[Address, ...] | None = None  # where the QUIC listener sends this route's flows, if not there
 
     def __post_init__(self) -> None:
         # Not a field (so not in comparisons or asdict): ``allow`` as integers, which
@@ -69,6 +70,11 @@ class Backend:
     def address(self) -> Address:
         """The first address: the only one of a route that is not a pool."""
         return self.addresses[0]
+
+    @property
+    def udp_addresses(self) -> tuple[Address, ...]:
+        """Where QUIC flows of this route go: ``quic_address``, else the same hosts and ports over UDP."""
+        return self.addresses if self.quic_addresses is None else self.quic_addresses
 
     def __str__(self) -> str:
         return ", ".join(map(str, self.addresses))
@@ -172,6 +178,9 @@ class Settings:
     # Check every request of an HTTP keep-alive connection, not just the first. Left out of the file, it is
     # true while an [http_backends] route has an allow-list (validate() decides; Config.gateway_keys tells).
     http_strict_host: bool = False
+    quic_listen: tuple[Address, ...] = ()  # UDP: QUIC routed by the SNI of its Initial packets (kiaquic.py)
+    quic_idle_timeout: float = 60.0  # seconds without a datagram either way: the flow is forgotten
+    max_quic_flows: int = 10000  # beyond it a new flow is refused (CONNECTION_REFUSED)
 
 
 DEFAULT_LISTEN = {"http_listen": ["0.0.0.0:80"], "https_listen": ["0.0.0.0:443"]}
@@ -392,11 +401,11 @@ def _routes(table: Any, name: str, source: str, errors: list[str]) -> RouteTable
     return RouteTable(exact, wildcard, default)
 
 
-BACKEND_KEYS = ("address", "proxy_protocol", "allow")
+BACKEND_KEYS = ("address", "proxy_protocol", "allow", "quic_address")
 
 
 def _backend(value: Any, where: str, errors: list[str]) -> Backend | None:
-    proxy_protocol = allow = None
+    proxy_protocol = allow = quic = None
     count = len(errors)
     if isinstance(value, dict):
         for key in value:
@@ -409,6 +418,8 @@ def _backend(value: Any, where: str, errors: list[str]) -> Backend | None:
             )
         if "allow" in value:
             allow = _allow(value["allow"], f"{where} allow", errors)
+        if "quic_address" in value:
+            quic = _addresses(value["quic_address"], f"{where} quic_address", errors)
         if "address" not in value:
             errors.append(f"{where}: missing 'address'")
             return None
@@ -416,7 +427,7 @@ def _backend(value: Any, where: str, errors: list[str]) -> Backend | None:
     addresses = _addresses(value, where, errors)
     if len(errors) > count:
         return None
-    return Backend(addresses, proxy_protocol, allow)
+    return Backend(addresses, proxy_protocol, allow, quic)
 
 
 def _addresses(value: Any, where: str, errors: list[str]) -> tuple[Address, ...]:
@@ -577,6 +588,9 @@ _CHECKS = {
     "metrics_listen": _optional_listen,
     "watch_config": _boolean,
     "http_strict_host": _boolean,
+    "quic_listen": _listen,
+    "quic_idle_timeout": _positive,
+    "max_quic_flows": _int_range(1, 1 << 20),
 }
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "PreambleTimeout",
     "QuicProtocolViolation",
     "TlsRecordOverflow",
+    "TooManyFlows",
     "UnexpectedTlsMessage",
     "http_answer",
     "http_response",
@@ -167,6 +168,14 @@ class UnexpectedTlsMessage(BadClientHello):
 
 class TlsRecordOverflow(BadClientHello):
     tls_alert = ALERT_RECORD_OVERFLOW
+
+
+class TooManyFlows(GatewayError):
+    """The QUIC listener holds max_quic_flows flows: a new one is refused with CONNECTION_REFUSED."""
+
+    tls_alert = None
+    outcome = "max_flows"
+    quic_error = QUIC_CONNECTION_REFUSED
 
 
 class QuicProtocolViolation(BadRequest):

@@ -140,7 +140,8 @@ class Gateway:
         self.routes = {"http": cfg.http_routes, "https": cfg.https_routes}
         self.backends = Backends(cfg.settings.backend_cooldown)
         self.clients = Clients(cfg.settings)
-        self.servers: list[_Listener] = []
+        self.servers: list = []  # _Listener, and kiaquic.QuicListener for each UDP socket
+        self.quic: list = []  # the QUIC listeners: their flows are cut at the end of the drain
         self.open = 0  # connections accepted and not yet closed, relays included
         self.paused = False  # accepting stopped at max_connections
         self.starved = False  # an accept failed (out of descriptors): retried after up to 1 s, or at the next close
@@ -159,9 +160,15 @@ class Gateway:
 
     def serve(self, listeners: list[tuple[str, socket.socket]]) -> None:
         for name, sock in listeners:
-            if self.armed:
-                arm_listener(sock)
-            server = _Listener(sock, name, self)
+            if name == "quic":
+                import kiaquic  # only here: it needs the cryptography package, which the quic extra brings
+
+                server = kiaquic.QuicListener(sock, self)
+                self.quic.append(server)
+            else:
+                if self.armed:
+                    arm_listener(sock)
+                server = _Listener(sock, name, self)
             server.resume()
             self.servers.append(server)
 
@@ -252,6 +259,8 @@ class Gateway:
             connection.drained()
         for open_relay in list(self.relays):
             open_relay.abort("drain_timeout")
+        for listener in self.quic:
+            listener.cut()
 
     def closed(self) -> None:
         """One connection fewer: resume accepting if that frees a slot, wake a waiting stop."""

@@ -127,6 +127,8 @@ class Log:
                 + f" domain={f['domain'] or '-'} backend={f['backend'] or '-'} outcome={f['outcome']}"
                 f" bytes_up={f['bytes_up']} bytes_down={f['bytes_down']} duration_ms={f['duration_ms']}"
             )
+            if "datagrams_up" in f:  # a QUIC flow's
+                line += f" datagrams_up={f['datagrams_up']} datagrams_down={f['datagrams_down']}"
             if "tried" in f:  # a pool's addresses, when more than one was tried
                 line += f" tried={','.join(f['tried'])}"
             if "reason" in f:  # the only field that may hold spaces or client bytes

@@ -37,7 +37,7 @@ def check_serving(cfg: Config, sockets_given: bool = False) -> list[str]:
     """
     s = cfg.settings
     errors = []
-    if not s.http_listen and not s.https_listen and not sockets_given:
+    if not s.http_listen and not s.https_listen and not s.quic_listen and not sockets_given:
         errors.append(
             f"{cfg.source}: [gateway] http_listen and https_listen are both empty: nothing to listen on"
             " (only a gateway started by systemd socket activation, which passes the sockets, may leave them so)"
@@ -54,6 +54,30 @@ def check_serving(cfg: Config, sockets_given: bool = False) -> list[str]:
                 errors.append(f"{_where(cfg, 'user')}: {problem}")
     if s.metrics_listen:
         errors += _metrics_problems(cfg)
+    if s.quic_listen:
+        errors += _quic_problems(cfg)
+    return errors
+
+
+QUIC_EXTRA = (
+    "quic_listen needs the quic extra, the cryptography package: pip install 'kiagateway[quic]'"
+    " (Debian and Ubuntu: apt install python3-cryptography; OpenBSD: pkg_add py3-cryptography)"
+)
+
+
+def _quic_problems(cfg: Config) -> list[str]:
+    """quic_listen listing one port twice, or set without the cryptography package (it decrypts the Initials)."""
+    errors = []
+    seen: list[Address] = []
+    for address in cfg.settings.quic_listen:  # UDP: a TCP listener on the same port is no conflict
+        for other in seen:
+            if listeners_overlap(address, other):
+                errors.append(f"{_where(cfg, 'quic_listen')}: {address} overlaps {other}")
+        seen.append(address)
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        errors.append(f"{cfg.source}: {QUIC_EXTRA}")
     return errors
 
 

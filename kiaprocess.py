@@ -79,6 +79,22 @@ def bind_listener(address: Address) -> socket.socket:
     return sock
 
 
+def bind_quic(address: Address) -> socket.socket:
+    """A UDP socket for the QUIC listener."""
+    family = socket.AF_INET6 if address.ip and address.ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hint = _BIND_HINTS.get(exc.errno)
+        raise FatalError(f"cannot listen on {address} (UDP): {exc.strerror}" + (f" ({hint})" if hint else "")) from None
+    return sock
+
+
 def _bind_for_upgrade(metrics_listen: str) -> socket.socket:
     """Bind the metrics_listen of the program an upgrade runs, in the old one: ConfigError (abort) if it cannot."""
     try:
@@ -153,7 +169,9 @@ def raise_nofile() -> int | None:
 def check_nofile(log: Log, settings: kiaconfig.Settings, nofile: int | None) -> None:
     """Warn when the descriptor limit, which counts per process, is below what max_connections needs in a worker."""
     pipes = 2 * kiapipes.PIPES_KEPT if relay.HAVE_SPLICE else 0  # splice pipes in flight: two descriptors each
-    listeners = len(settings.http_listen) + len(settings.https_listen)
+    listeners = len(settings.http_listen) + len(settings.https_listen) + len(settings.quic_listen)
+    if settings.quic_listen:
+        listeners += settings.max_quic_flows  # a socket per flow
     needed = 2 * settings.max_connections + pipes + listeners + SPARE_FDS
     if nofile is not None and nofile < needed:
         log.warning(
@@ -183,6 +201,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     else:
         listeners = [("http", bind_listener(a)) for a in s.http_listen]
         listeners += [("https", bind_listener(a)) for a in s.https_listen]
+        listeners += [("quic", bind_quic(a)) for a in s.quic_listen]
     if not listeners:
         said = "LISTEN_FDS passed none" if inherited is not None else "http_listen and https_listen are both empty"
         raise FatalError(f"no listeners: {said}")
@@ -233,7 +252,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
             make_server,
             log,
             policy,
-            listeners,
+            listeners if worker == 0 else [(name, sock) for name, sock in listeners if name != "quic"],
             worker,
             metrics=scrapes.in_worker(worker) if scrapes is not None else None,
         ).serve(lifeline),

@@ -60,8 +60,17 @@ _READ_CHUNK = 1 << 20  # a pipe gives what it holds (64 KiB by default): a bigge
 
 
 # Used only at start-up.
-RESTART_ONLY = ("http_listen", "https_listen", "workers", "user", "log_format", "metrics_listen", "watch_config")
-LISTEN_KEYS = ("http_listen", "https_listen")  # ignored even at start-up while systemd passes the sockets
+RESTART_ONLY = (
+    "http_listen",
+    "https_listen",
+    "quic_listen",
+    "workers",
+    "user",
+    "log_format",
+    "metrics_listen",
+    "watch_config",
+)
+LISTEN_KEYS = ("http_listen", "https_listen", "quic_listen")  # ignored even at start-up while systemd passes the sockets
 
 
 class Policy:

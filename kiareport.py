@@ -30,6 +30,7 @@ class RouteRow:
     addresses: tuple[str, ...]
     proxy_protocol: str | None
     allow: tuple[str, ...] | None  # None: every client
+    quic_addresses: tuple[str, ...] | None = None  # the QUIC listener's, when not the same as ``addresses``
 
     def plain(self) -> dict[str, Any]:
         """The row as JSON values for scripts; every key is there even when it holds nothing."""
@@ -38,6 +39,7 @@ class RouteRow:
             "proxy_protocol": self.proxy_protocol,
             "allow": None if self.allow is None else list(self.allow),
             "unicode": self.unicode,
+            "quic_addresses": None if self.quic_addresses is None else list(self.quic_addresses),
         }
 
 
@@ -50,6 +52,7 @@ def route_row(pattern: str, backend: Backend) -> RouteRow:
         addresses=tuple(map(str, backend.addresses)),
         proxy_protocol=backend.proxy_protocol,
         allow=None if backend.allow is None else tuple(map(str, backend.allow)),
+        quic_addresses=None if backend.quic_addresses is None else tuple(map(str, backend.quic_addresses)),
     )
 
 
@@ -83,6 +86,8 @@ def print_routes(cfg: Config, out: TextIO) -> None:
     ):
         where = ", ".join(map(str, listen)) or "off"
         out.write(f"{name} listener: {where}; {len(table)} route{'s' if len(table) != 1 else ''}\n")
+        if name == "https" and s.quic_listen:
+            out.write(f"  quic listener (UDP, the same routes): {', '.join(map(str, s.quic_listen))}\n")
         if name == "http" and s.http_strict_host:
             why = "" if "http_strict_host" in cfg.gateway_keys else " (the default while a route has an allow-list)"
             out.write(f"  strict keep-alive routing: every request's Host is checked{why}\n")
@@ -104,6 +109,8 @@ def route_notes(row: RouteRow) -> list[str]:
         notes.append(f"proxy_protocol {row.proxy_protocol}")
     if row.allow is not None:
         notes.append(f"allow {', '.join(row.allow)}")
+    if row.quic_addresses is not None:
+        notes.append(f"QUIC to {', '.join(row.quic_addresses)}")
     return notes
 
 
@@ -114,10 +121,13 @@ def route_lookup(cfg: Config, name: str) -> dict[str, RouteRow | str]:
     the listener has no listen address. Both ``--route`` outputs are written from it.
     """
     found: dict[str, RouteRow | str] = {}
-    for listener, table, listen in (
+    listeners = [
         ("http", cfg.http_routes, cfg.settings.http_listen),
         ("https", cfg.https_routes, cfg.settings.https_listen),
-    ):
+    ]
+    if cfg.settings.quic_listen:  # shown only where it is on: QUIC is off by default
+        listeners.append(("quic", cfg.https_routes, cfg.settings.quic_listen))
+    for listener, table, listen in listeners:
         match = table.match(name) if listen else None
         found[listener] = route_row(*match) if match else "none" if listen else "off"
     return found
@@ -148,6 +158,7 @@ def route_report(cfg: Config, name: str) -> dict[str, object]:
                 "proxy_protocol": None,
                 "allow": None,
                 "unicode": None,
+                "quic_addresses": None,
             }
     return report
 

@@ -28,7 +28,8 @@ import kiareload
 from kiaconfig import Config, ConfigError, parse_address
 
 LISTEN_FDS_START = 3  # sd_listen_fds(3): the first descriptor handed over; the others follow it
-LISTENER_NAMES = ("http", "https")  # the names a handed-over socket may carry: which listener it is
+LISTENER_NAMES = ("http", "https", "quic")  # the names a handed-over socket may carry: which listener it is
+QUIC = "quic"  # the one a UDP socket carries
 METRICS = "metrics"  # the name of metrics_listen's socket, which only an upgrade in place hands over
 UPGRADED_FROM = "KIAGATEWAY_UPGRADED_FROM"  # set by the program that upgrades for the one it runs: its version
 SYSTEMD_SOCKETS = "KIAGATEWAY_SYSTEMD_SOCKETS"  # set by an upgrade whose sockets came from systemd: they still do
@@ -73,7 +74,7 @@ def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
         if name not in known:
             said = f"is named {name!r}" if name else "has no name"
             raise ActivationError(
-                f"inherited socket fd {fd} {said}: name each one http or https"
+                f"inherited socket fd {fd} {said}: name each one http, https or quic (UDP)"
                 " (FileDescriptorName= in its .socket unit, --fdname= of systemd-socket-activate)"
             )
         try:
@@ -81,7 +82,11 @@ def inherited_listeners() -> list[tuple[str, socket.socket]] | None:
         except OSError as exc:
             raise ActivationError(f"inherited fd {fd} ({name}) is not a socket: {exc.strerror}") from None
         accepting = socket.SO_ACCEPTCONN if hasattr(socket, "SO_ACCEPTCONN") else None  # elsewhere accept() tells
-        if (
+        if name == QUIC:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_DGRAM:
+                sock.detach()
+                raise ActivationError(f"inherited socket fd {fd} ({name}) is not a UDP socket")
+        elif (
             sock.family not in (socket.AF_INET, socket.AF_INET6)
             or sock.type != socket.SOCK_STREAM
             or (accepting is not None and not sock.getsockopt(socket.SOL_SOCKET, accepting))

@@ -21,4 +21,5 @@ def test_route_row_lists_every_address_and_network():
         "proxy_protocol": None,
         "allow": ["::1/128"],
         "unicode": None,
+        "quic_addresses": None,
     }

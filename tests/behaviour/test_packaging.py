@@ -66,7 +66,7 @@ def test_ci_runs_the_readme_commands_with_debians_python():
 BUILD_TIMEOUT = 300  # seconds for one build or install on 2 loaded cores; usually 2-15
 # The part of the test extra the suite imports or its pytest config names; the rest (ruff,
 # pytest-cov, the build tools) would only slow the install down.
-TEST_RUNTIME = ["pytest", "pytest-timeout", "trustme", "hypothesis", "prometheus_client"]
+TEST_RUNTIME = ["pytest", "pytest-timeout", "trustme", "hypothesis", "prometheus_client", "aioquic"]
 NOT_REQUIRED = {".gitignore", "bench/.gitignore"}  # version-control files: the sdist may leave them out
 
 

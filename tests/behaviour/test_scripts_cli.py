@@ -43,11 +43,18 @@ DEFAULT_ROUTE = {
     "proxy_protocol": "v1",
     "allow": ["127.0.0.0/8", "::1/128"],
     "unicode": None,
+    "quic_addresses": None,
 }
 
 
 def route(*addresses: str, proxy_protocol: str | None = None, allow: list | None = None, unicode=None) -> dict:
-    return {"addresses": list(addresses), "proxy_protocol": proxy_protocol, "allow": allow, "unicode": unicode}
+    return {
+        "addresses": list(addresses),
+        "proxy_protocol": proxy_protocol,
+        "allow": allow,
+        "unicode": unicode,
+        "quic_addresses": None,
+    }
 
 
 @pytest.fixture
@@ -205,7 +212,15 @@ def route_json(capfd, *args: str) -> tuple[int, dict]:
         ),
         (
             "example.org",
-            {"match": "none", "pattern": None, "addresses": [], "proxy_protocol": None, "allow": None, "unicode": None},
+            {
+                "match": "none",
+                "pattern": None,
+                "addresses": [],
+                "proxy_protocol": None,
+                "allow": None,
+                "unicode": None,
+                "quic_addresses": None,
+            },
             {"match": "default", "pattern": "*", **DEFAULT_ROUTE},
         ),
     ],
