@@ -70,7 +70,8 @@ RESTART_ONLY = (
     "metrics_listen",
     "watch_config",
 )
-LISTEN_KEYS = ("http_listen", "https_listen", "quic_listen")  # ignored even at start-up while systemd passes the sockets
+# Ignored even at start-up while systemd passes the sockets.
+LISTEN_KEYS = ("http_listen", "https_listen", "quic_listen")
 
 
 class Policy:
