@@ -7,7 +7,10 @@ held until the ClientHello is whole (``max_preamble`` bytes, within
 ``preamble_timeout``), then routed by the HTTPS route table: a socket of the
 flow's own, connected to the route's UDP address, sends them in their order,
 and every later datagram of the client follows. The backend's datagrams go
-back to the client from the listening socket. Nothing is rewritten.
+back to the client from the listening socket. Nothing is rewritten. The
+connection IDs the backend chooses, in the clear in its long headers, are
+learnt: a datagram from an unknown address that carries one belongs to that
+flow, whose client moved (a NAT rebinding), and the flow follows it.
 
 A refused flow (no route, an allow-list, the per-client limit,
 ``max_quic_flows``, a ClientHello that cannot become valid) gets one Initial
@@ -43,6 +46,7 @@ from kiasocket import READ
 ROUNDS = 64  # datagrams taken per readiness before other sockets get their turn
 DATAGRAM = 65535  # the largest UDP payload: a datagram is read whole or not at all
 IDLE_LOOKS = 4  # the idle timer looks this often per quic_idle_timeout
+CIDS_KEPT = 8  # connection IDs learnt per flow: a backend changing its own more often is not followed further
 _now = time.monotonic
 
 
@@ -62,6 +66,8 @@ class QuicListener:
         self.loop = gevent.get_hub().loop
         self.watcher = self.loop.io(sock.fileno(), READ)
         self.flows: dict[tuple, Flow] = {}  # by client address
+        self.by_cid: dict[bytes, Flow] = {}  # by a connection ID the backend chose, for clients that move
+        self.cid_lengths: set[int] = set()  # the lengths of those IDs: a short header does not say
         self.closed = False  # no new flows: the process stops
         self.dropped = 0  # datagrams that could not start a flow
 
@@ -79,6 +85,8 @@ class QuicListener:
             except OSError:  # an ICMP error reported on the listening socket: nothing to do with it
                 continue
             flow = self.flows.get(address)
+            if flow is None and self.by_cid:
+                flow = self.moved(data, address)
             if flow is not None:
                 flow.from_client(data)
             elif not self.closed:
@@ -112,6 +120,25 @@ class QuicListener:
         else:
             flow.route(result)
 
+    def moved(self, data: bytes, address: tuple) -> Flow | None:
+        """The flow of a client seen at a new address (its NAT rebound it), by the Destination Connection ID of its
+        datagram: one its backend chose. The flow follows it there."""
+        if not data:
+            return None
+        if data[0] & 0x80:  # a long header says the ID's length
+            flow = self.by_cid.get(data[6 : 6 + data[5]]) if len(data) > 6 else None
+        else:
+            flow = None
+            for length in self.cid_lengths:
+                flow = self.by_cid.get(data[1 : 1 + length])
+                if flow is not None:
+                    break
+        if flow is not None:
+            del self.flows[flow.client]
+            self.flows[address] = flow
+            flow.client = address
+        return flow
+
     def send(self, data: bytes, address: tuple) -> bool:
         try:
             self.socket.sendto(data, address)
@@ -122,6 +149,9 @@ class QuicListener:
     def forget(self, flow: Flow) -> None:
         if self.flows.get(flow.client) is flow:
             del self.flows[flow.client]
+        for cid in flow.cids:
+            if self.by_cid.get(cid) is flow:
+                del self.by_cid[cid]
         if self.closed and not self.flows:
             self._close_socket()
 
@@ -151,6 +181,7 @@ class Flow:
         "backend",
         "bytes_down",
         "bytes_up",
+        "cids",
         "client",
         "counted",
         "datagrams_down",
@@ -192,6 +223,7 @@ class Flow:
         self.sock: socket.socket | None = None
         self.reader = self.timer = None
         self.answered = False  # the backend sent a datagram: no failover from here on
+        self.cids: list[bytes] = []  # connection IDs the backend chose, learnt from its long headers
         self.bytes_up = self.bytes_down = self.datagrams_up = self.datagrams_down = 0
         self.outcome = "ok"
         self.reason: str | None = None
@@ -320,6 +352,8 @@ class Flow:
                 self.unreachable(exc)
                 return
             self.last = _now()
+            if data[0] & 0x80 and len(data) > 6:
+                self.learn(data)
             if not self.answered:
                 self.answered = True
                 self.gateway.backends.answered(self.used)
@@ -327,6 +361,17 @@ class Flow:
             if self.listener.send(data, self.client):
                 self.bytes_down += len(data)
                 self.datagrams_down += 1
+
+    def learn(self, data: bytes) -> None:
+        """Keep the Source Connection ID of a backend's long-header packet: the client's packets carry it."""
+        at = 6 + data[5]
+        if at >= len(data):
+            return
+        cid = data[at + 1 : at + 1 + data[at]]
+        if cid and cid not in self.cids and len(self.cids) < CIDS_KEPT and len(cid) <= quicsniff.MAX_CID:
+            self.cids.append(cid)
+            self.listener.by_cid[cid] = self
+            self.listener.cid_lengths.add(len(cid))
 
     def unreachable(self, exc: OSError) -> None:
         self.reason = f"QUIC backend {self.used}: {exc.strerror or exc}"

@@ -107,10 +107,13 @@ async def run_get(host: str, port: int, sni: str, path: str, cafile: str, port_c
                 raise asyncio.TimeoutError
             await handshake
             if port_change:  # a new local port: the gateway sees a new client address for the same connection
-                fresh = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                fresh.bind(("127.0.0.1", 0))
-                loop = asyncio.get_event_loop()
                 old = client._transport
+                family = old.get_extra_info("socket").family  # aioquic's is dual-stack IPv6
+                fresh = socket.socket(family, socket.SOCK_DGRAM)
+                if family == socket.AF_INET6:
+                    fresh.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                fresh.bind(("::" if family == socket.AF_INET6 else "127.0.0.1", 0))
+                loop = asyncio.get_event_loop()
                 transport, _ = await loop.create_datagram_endpoint(lambda: client, sock=fresh)
                 old.close()
                 client._transport = transport

@@ -235,3 +235,13 @@ def test_socket_activation_hands_over_a_udp_socket_named_quic(start_gateway, h3_
         waking.join(TIMEOUT)
     assert gw.listening["quic"] == [("127.0.0.1", port)]
     assert h3_get(("127.0.0.1", port), "a.example", "/activated", pki[2])["head"] == "alpha /activated"
+
+
+def test_a_client_whose_port_changes_keeps_its_connection(start_gateway, h3_backends, pki):
+    gw = start_gateway(quic_toml(h3_backends, gateway="quic_idle_timeout = 0.5"))
+    got = h3_get(gw.listening["quic"][0], "a.example", "/moved", pki[2], "--port-change")
+    assert (got.get("status"), got.get("head")) == (200, "alpha /moved"), got  # the answer found the new port
+    line = gw.connection_log(listener="quic", domain="a.example")
+    gw.stop()
+    assert [entry for entry in gw.seen if entry.get("message") == "connection"] == [line]  # one flow, not two
+    assert line["datagrams_down"] >= 4
