@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -245,3 +247,42 @@ def test_a_client_whose_port_changes_keeps_its_connection(start_gateway, h3_back
     gw.stop()
     assert [entry for entry in gw.seen if entry.get("message") == "connection"] == [line]  # one flow, not two
     assert line["datagrams_down"] >= 4
+
+
+def spki_hash(cert_pem: Path) -> str:
+    """What Chromium's --ignore-certificate-errors-spki-list takes: base64 of the SHA-256 of the key's SPKI."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    key = x509.load_pem_x509_certificate(cert_pem.read_bytes()).public_key()
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def test_chromium_fetches_a_page_over_http3_through_the_gateway(start_gateway, h3_backends, pki, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium not installed (Debian package chromium)")
+    gw = start_gateway(quic_toml(h3_backends, gateway="quic_idle_timeout = 0.5"))
+    port = gw.listening["quic"][0][1]
+    browser = subprocess.run(
+        [
+            chromium,
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-quic",
+            "--origin-to-force-quic-on=b.example:443",  # HTTP/3 from the first request: no TCP to fall back to
+            f"--host-resolver-rules=MAP b.example:443 127.0.0.1:{port}",
+            f"--ignore-certificate-errors-spki-list={spki_hash(pki[0])}",
+            "--dump-dom",
+            "https://b.example/from-chromium",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,  # a cold browser on a busy 2-core machine
+    )
+    assert "beta /from-chromium" in browser.stdout, browser.stderr[-2000:]
+    line = gw.connection_log(listener="quic", domain="b.example")
+    assert line["outcome"] == "ok" and line["datagrams_down"] >= 3
