@@ -79,6 +79,9 @@ def bind_listener(address: Address) -> socket.socket:
     return sock
 
 
+QUIC_RECEIVE_BUFFER = 8 << 20  # bytes asked for the QUIC socket's receive queue
+
+
 def bind_quic(address: Address) -> socket.socket:
     """A UDP socket for the QUIC listener."""
     family = socket.AF_INET6 if address.ip and address.ip.version == 6 else socket.AF_INET
@@ -86,6 +89,8 @@ def bind_quic(address: Address) -> socket.socket:
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        # Every flow's client datagrams queue here: as much as the system allows (net.core.rmem_max caps it).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUIC_RECEIVE_BUFFER)
         sock.bind((address.host, address.port))
         sock.setblocking(False)
     except OSError as exc:

@@ -1,7 +1,7 @@
 """A real HTTP/3 server and client (aioquic), each run as a process of its own by the QUIC tests.
 
-    python h3peer.py serve NAME CERT KEY          # prints its UDP port, then answers every GET with
-                                                  # "NAME PATH" (or SIZE bytes for /bytes/SIZE)
+    python h3peer.py serve NAME CERT KEY [--retry]  # prints its UDP port, then answers every GET with
+                                                    # "NAME PATH" (or SIZE bytes for /bytes/SIZE)
     python h3peer.py get HOST PORT SNI PATH CAFILE [--port-change]
 
 ``get`` prints one JSON line: the status, the body's length and sha256 and its
@@ -54,11 +54,11 @@ class H3Server(QuicConnectionProtocol):
         self.transmit()
 
 
-async def run_server(name: str, cert: str, key: str) -> None:
+async def run_server(name: str, cert: str, key: str, retry: bool) -> None:
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
     config.load_cert_chain(cert, key)
     H3Server.name = name.encode()
-    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=H3Server)
+    server = await serve("127.0.0.1", 0, configuration=config, create_protocol=H3Server, retry=retry)
     port = server._transport.get_extra_info("sockname")[1]
     print(port, flush=True)
     await asyncio.Future()
@@ -133,7 +133,7 @@ async def run_get(host: str, port: int, sni: str, path: str, cafile: str, port_c
 
 def main() -> None:
     if sys.argv[1] == "serve":
-        asyncio.run(run_server(*sys.argv[2:5]))
+        asyncio.run(run_server(*sys.argv[2:5], "--retry" in sys.argv))
     else:
         host, port, sni, path, cafile = sys.argv[2:7]
         result = asyncio.run(run_get(host, int(port), sni, path, cafile, "--port-change" in sys.argv))

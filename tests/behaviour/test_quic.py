@@ -27,10 +27,10 @@ CRYPTO_ERROR = 0x100
 class H3Backend:
     """An aioquic HTTP/3 server as a process of its own: it answers every GET with its name and the path."""
 
-    def __init__(self, name: str, cert: Path, key: Path) -> None:
+    def __init__(self, name: str, cert: Path, key: Path, *options: str) -> None:
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, str(PEER), "serve", name, str(cert), str(key)],
+            [sys.executable, str(PEER), "serve", name, str(cert), str(key), *options],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -286,3 +286,52 @@ def test_chromium_fetches_a_page_over_http3_through_the_gateway(start_gateway, h
     assert "beta /from-chromium" in browser.stdout, browser.stderr[-2000:]
     line = gw.connection_log(listener="quic", domain="b.example")
     assert line["outcome"] == "ok" and line["datagrams_down"] >= 3
+
+
+def test_a_retry_from_the_backend_passes_through(start_gateway, h3_backends, pki):
+    retrying = H3Backend("retrying", *pki[:2], "--retry")  # its first answer is a Retry: the client starts again
+    try:
+        routes = f'"c.example" = "{retrying.address}"'
+        gw = start_gateway(quic_toml(h3_backends, routes, gateway="quic_idle_timeout = 0.5"))
+        got = h3_get(gw.listening["quic"][0], "c.example", "/retried", pki[2])
+        assert (got.get("status"), got.get("head")) == (200, "retrying /retried"), got
+        line = gw.connection_log(listener="quic", domain="c.example")
+        assert line["outcome"] == "ok"  # the Initial after the Retry stayed in its flow
+    finally:
+        retrying.close()
+
+
+def test_a_flood_of_half_hellos_stays_within_max_quic_flows(start_gateway, h3_backends, pki):
+    """Chromium's first datagram holds half its ClientHello: each flow holds it until preamble_timeout."""
+    from quicpackets import capture
+
+    half = capture("chromium-pq")[0]
+    toml = quic_toml(h3_backends, gateway="max_quic_flows = 50\npreamble_timeout = 4.0\nquic_idle_timeout = 0.5")
+    gw = start_gateway(toml)
+    quic = gw.listening["quic"][0]
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(120)]
+    for sock in clients:
+        sock.setblocking(False)
+    try:
+        answered = set()
+        for start in range(0, len(clients), 20):  # in bursts a loopback UDP queue takes whole
+            for sock in clients[start : start + 20]:
+                sock.sendto(half, quic)
+            deadline = time.monotonic() + TIMEOUT
+            while len(answered) < max(0, start + 20 - 50) and time.monotonic() < deadline:
+                for index, sock in enumerate(clients):
+                    try:
+                        reply = sock.recv(2048)
+                    except BlockingIOError:
+                        continue
+                    assert reply[0] & 0xF0 == 0xC0  # a long-header Initial: the CONNECTION_CLOSE
+                    answered.add(index)
+                time.sleep(0.01)
+        assert answered == set(range(50, 120))  # beyond the 50 flows held, each new one is refused at once
+    finally:
+        for sock in clients:
+            sock.close()
+    gw.wait_for(lambda line: sum(entry.get("outcome") == "preamble_timeout" for entry in gw.seen) == 50)
+    outcomes = [line["outcome"] for line in gw.seen if line.get("message") == "connection"]
+    assert sorted(set(outcomes)) == ["max_flows", "preamble_timeout"] and outcomes.count("max_flows") == 70
+    assert h3_get(quic, "a.example", "/after", pki[2])["status"] == 200  # the table has room again
