@@ -62,41 +62,29 @@ _BIND_HINTS = {
 }
 
 
-def bind_listener(address: Address) -> socket.socket:
-    family = socket.AF_INET6 if address.ip and address.ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:  # "[::]:80" and "0.0.0.0:80" may both be listed
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address.host, address.port))
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        hint = _BIND_HINTS.get(exc.errno)
-        raise FatalError(f"cannot listen on {address}: {exc.strerror}" + (f" ({hint})" if hint else "")) from None
-    return sock
-
-
 QUIC_RECEIVE_BUFFER = 8 << 20  # bytes asked for the QUIC socket's receive queue
 
 
-def bind_quic(address: Address) -> socket.socket:
-    """A UDP socket for the QUIC listener."""
+def bind_listener(address: Address, udp: bool = False) -> socket.socket:
+    """A listening TCP socket, or with ``udp`` the QUIC listener's UDP socket."""
     family = socket.AF_INET6 if address.ip and address.ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     try:
-        if family == socket.AF_INET6:
+        if udp:  # every flow's client datagrams queue here: as much as net.core.rmem_max allows
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUIC_RECEIVE_BUFFER)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # "[::]:80" and "0.0.0.0:80" may both be listed
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        # Every flow's client datagrams queue here: as much as the system allows (net.core.rmem_max caps it).
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, QUIC_RECEIVE_BUFFER)
         sock.bind((address.host, address.port))
+        if not udp:
+            sock.listen(socket.SOMAXCONN)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
         hint = _BIND_HINTS.get(exc.errno)
-        raise FatalError(f"cannot listen on {address} (UDP): {exc.strerror}" + (f" ({hint})" if hint else "")) from None
+        where = f"{address} (UDP)" if udp else str(address)
+        raise FatalError(f"cannot listen on {where}: {exc.strerror}" + (f" ({hint})" if hint else "")) from None
     return sock
 
 
@@ -206,7 +194,7 @@ def run(cfg: Config, load: Load, make_server: MakeServer, log: Log, version: str
     else:
         listeners = [("http", bind_listener(a)) for a in s.http_listen]
         listeners += [("https", bind_listener(a)) for a in s.https_listen]
-        listeners += [("quic", bind_quic(a)) for a in s.quic_listen]
+        listeners += [("quic", bind_listener(a, udp=True)) for a in s.quic_listen]
     if not listeners:
         said = "LISTEN_FDS passed none" if inherited is not None else "http_listen and https_listen are both empty"
         raise FatalError(f"no listeners: {said}")

@@ -61,7 +61,6 @@ class QuicListener:
         sock.setblocking(False)
         self.socket = sock
         self.gateway = gateway
-        self.name = "quic"
         self.address = sock.getsockname()
         self.loop = gevent.get_hub().loop
         self.watcher = self.loop.io(sock.fileno(), READ)
@@ -69,7 +68,6 @@ class QuicListener:
         self.by_cid: dict[bytes, Flow] = {}  # by a connection ID the backend chose, for clients that move
         self.cid_lengths: set[int] = set()  # the lengths of those IDs: a short header does not say
         self.closed = False  # no new flows: the process stops
-        self.dropped = 0  # datagrams that could not start a flow
 
     def resume(self) -> None:
         if not self.closed:
@@ -91,16 +89,13 @@ class QuicListener:
                 flow.from_client(data)
             elif not self.closed:
                 self.start_flow(data, address)
-            else:
-                self.dropped += 1
 
     def start_flow(self, data: bytes, address: tuple) -> None:
         """A datagram from a client address with no flow: a flow if it is a client's first Initial."""
         flow = Flow(self, address)
         try:
             result = flow.sniffer.feed(data)
-        except (quicsniff.NotInitial, quicsniff.ClientClosed):
-            self.dropped += 1
+        except (quicsniff.NotInitial, quicsniff.ClientClosed):  # dropped: nothing to answer
             return
         except GatewayError as exc:
             flow.refuse(exc)
@@ -114,7 +109,7 @@ class QuicListener:
             flow.refuse(exc)
             return
         self.flows[address] = flow
-        flow.opened()
+        self.gateway.accepted()
         if result is sniff.NEED_MORE:
             flow.wait_for_hello()
         else:
@@ -229,9 +224,6 @@ class Flow:
         self.reason: str | None = None
         self.counted: str | None = None
         self.ended = False
-
-    def opened(self) -> None:
-        self.gateway.accepted()
 
     def wait_for_hello(self) -> None:
         left = self.settings.preamble_timeout - (_now() - self.started)

@@ -9,7 +9,9 @@ in two pieces must give the same answer.
 from __future__ import annotations
 
 import os
+import random
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
@@ -62,3 +64,36 @@ def corpus_dir_arg(default: str) -> str:
         sys.argv.append(default)
         return default
     return dirs[0]
+
+
+def fallback(test_one_input, seeds: list[bytes], name: str) -> None:
+    """Without atheris: the oracle over the files named on the command line, or over random mutations of the
+    seeds until -max_total_time (default 60 s; SEED picks the sequence)."""
+    budget = 60.0
+    for arg in sys.argv[1:]:
+        if arg.startswith("-max_total_time="):
+            budget = float(arg.split("=", 1)[1])
+    files = [arg for arg in sys.argv[1:] if not arg.startswith("-") and os.path.isfile(arg)]
+    if files:
+        for path in files:
+            with open(path, "rb") as f:
+                test_one_input(f.read())
+        return
+    rng = random.Random(int(os.environ.get("SEED", "0")))
+    deadline, runs = time.monotonic() + budget, 0
+    while time.monotonic() < deadline:
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(0, 4)):
+            at = rng.randrange(len(data) + 1)
+            roll = rng.random()
+            if roll < 0.4:
+                data[at:at] = bytes([rng.randrange(256)])
+            elif roll < 0.7 and at < len(data):
+                data[at] = rng.randrange(256)
+            elif roll < 0.85:
+                data[at:at] = rng.choice(seeds)
+            else:
+                del data[at : at + rng.randint(1, 8)]
+        test_one_input(bytes(data))
+        runs += 1
+    print(f"{name} fallback: {runs} inputs, no failure")

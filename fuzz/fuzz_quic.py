@@ -16,9 +16,7 @@ and random mutations of them until -max_total_time (default 60 s).
 from __future__ import annotations
 
 import os
-import random
 import sys
-import time
 
 try:
     import atheris
@@ -97,39 +95,9 @@ def test_one_input(data: bytes) -> None:
     run([pad(packet) for packet in reversed(packets)])
 
 
-def _fallback() -> None:
-    budget = 60.0
-    for arg in sys.argv[1:]:
-        if arg.startswith("-max_total_time="):
-            budget = float(arg.split("=", 1)[1])
-    files = [arg for arg in sys.argv[1:] if not arg.startswith("-") and os.path.isfile(arg)]
-    if files:
-        for path in files:
-            with open(path, "rb") as f:
-                test_one_input(f.read())
-        return
-    seeds = _seeds()
-    rng = random.Random(int(os.environ.get("SEED", "0")))
-    deadline, runs = time.monotonic() + budget, 0
-    while time.monotonic() < deadline:
-        data = bytearray(rng.choice(seeds))
-        for _ in range(rng.randint(0, 4)):
-            at = rng.randrange(len(data) + 1)
-            roll = rng.random()
-            if roll < 0.4:
-                data[at:at] = bytes([rng.randrange(256)])
-            elif roll < 0.7 and at < len(data):
-                data[at] = rng.randrange(256)
-            else:
-                del data[at : at + rng.randint(1, 8)]
-        test_one_input(bytes(data))
-        runs += 1
-    print(f"fuzz_quic fallback: {runs} inputs, no failure")
-
-
 def main() -> None:
     if atheris is None:
-        _fallback()
+        common.fallback(test_one_input, _seeds(), "fuzz_quic")
         return
     corpus = common.corpus_dir_arg(os.path.join(HERE, "work-quic"))
     common.seed(corpus, [(f"frames-{i}", seed) for i, seed in enumerate(_seeds())])
